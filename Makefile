@@ -1,0 +1,83 @@
+# inventory-monitor: every target creates or refreshes the virtual environment it needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-dev
+EXTRAS ?= dev
+
+# make run
+PROFILE ?= quick
+DATA_SOURCE ?= s3://aft-vbi-pds
+RUN_DIR ?= runs/local
+PIPELINE_YAML ?= build/inventory_pipeline.yaml
+KFP_HOST ?=
+# make test
+PYTEST_ARGS ?=
+# make images / deploy
+IMAGE_REPO ?= inventory-monitor
+IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
+CLUSTER ?= kind
+MODEL_DIR ?= $(RUN_DIR)/model
+
+.PHONY: help setup run test lint fmt compile submit bench-ingest bench-train bench-serve images \
+	deploy undeploy k8s-check clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	@touch $@
+
+setup: $(STAMP) ## create or refresh .venv with every extra (dev)
+
+run: $(STAMP) ## the whole pipeline locally with kfp.local (PROFILE=quick|full, DATA_SOURCE=s3://…|DIR)
+	$(PY) -m pipeline.run_local --profile $(PROFILE) --source $(DATA_SOURCE) --out $(RUN_DIR)
+
+test: $(STAMP) ## the test suite (starts its own S3, PostgreSQL, KServe and Docker servers)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check + format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+fmt: $(STAMP) ## ruff fix + format
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+compile: $(STAMP) ## write the pipeline YAML for the KFP UI
+	$(PY) -m pipeline.compile --profile $(PROFILE) --out $(PIPELINE_YAML)
+
+submit: $(STAMP) ## upload and start a run on a cluster: make submit KFP_HOST=http://…
+	@test -n "$(KFP_HOST)" || { echo "set KFP_HOST, e.g. make submit KFP_HOST=http://localhost:8080"; exit 2; }
+	$(PY) -m pipeline.submit --host $(KFP_HOST) --profile $(PROFILE)
+
+bench-ingest: $(STAMP) ## objects/s from a local S3 server -> bench/results/ingest.json
+	$(PY) bench/ingest.py
+
+bench-train: $(STAMP) ## training throughput and accuracy -> bench/results/train*.json
+	$(PY) bench/train.py
+
+bench-serve: $(STAMP) ## load test of the model server vs a naive baseline -> bench/results/serve.json
+	$(PY) bench/serve.py
+
+k8s-check: $(STAMP) ## offline checks of the kustomize overlays and Dockerfiles
+	$(PY) -m pytest tests/test_k8s.py
+
+images: ## build the components and serving images tagged with the git sha
+	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-0} docker build -f docker/components.Dockerfile -t $(IMAGE_REPO)/components:$(IMAGE_TAG) .
+	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-0} docker build -f docker/serving.Dockerfile -t $(IMAGE_REPO)/serving:$(IMAGE_TAG) .
+
+deploy: $(STAMP) ## deploy the model to kind/minikube (CLUSTER=kind|minikube) or PROFILE=sagemaker
+	bash k8s/deploy.sh
+
+undeploy: ## remove everything deploy created
+	bash k8s/undeploy.sh
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf build .pytest_cache .ruff_cache

@@ -1,0 +1,140 @@
+"""ResNet18 item counter: model construction, head decoding and ONNX export (needs torch).
+
+Three heads over the same backbone, because counts are ordered:
+
+* ``classification``: ``C`` logits, softmax;
+* ``ordinal``: ``C-1`` cumulative logits ``P(y > k)`` (CORAL-style), counts the thresholds passed;
+* ``regression``: one output on the class-index scale, rounded and clipped.
+
+:func:`decode_outputs` turns any head's raw output into the common ``(probabilities, index,
+expected)`` triple; :class:`ExportWrapper` bakes that into the ONNX graph (see
+:mod:`components.modelspec`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from components.common import ConfigError
+from components.modelspec import HEADS, INPUT_NAME, OUTPUT_NAMES
+
+
+def head_dim(head: str, num_classes: int) -> int:
+    """Number of raw outputs the head needs."""
+    if head == "classification":
+        return num_classes
+    if head == "ordinal":
+        return num_classes - 1
+    if head == "regression":
+        return 1
+    raise ConfigError(f"head must be one of {list(HEADS)}, got {head!r}")
+
+
+def build_model(num_classes: int, head: str = "classification", weights: str | None = None) -> nn.Module:
+    """torchvision ResNet18 with the head's output size.
+
+    ``weights="imagenet"`` loads torchvision's ImageNet weights (from the local cache or a download)
+    and replaces the final layer; any failure to get them is a :class:`ConfigError` that says how to
+    proceed. ``None`` trains from scratch.
+    """
+    out = head_dim(head, num_classes)
+    if weights in (None, "none"):
+        return torchvision.models.resnet18(weights=None, num_classes=out)
+    if weights == "imagenet":
+        try:
+            model = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+        except Exception as e:  # network, proxy, corrupt cache: all mean "no weights"
+            raise ConfigError(
+                "could not get torchvision's ImageNet weights for resnet18 "
+                f"({type(e).__name__}: {e}); put them in $TORCH_HOME/hub/checkpoints "
+                "or use --weights none to train from scratch"
+            ) from e
+        model.fc = nn.Linear(model.fc.in_features, out)
+        return model
+    path = Path(str(weights))
+    if not path.is_file():
+        raise ConfigError(f"--weights {weights!r}: expected imagenet, none or a path to a state dict")
+    model = torchvision.models.resnet18(weights=None, num_classes=out)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    missing, _ = model.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False
+    )
+    if any(not k.startswith("fc.") for k in missing):
+        raise ConfigError(f"{path} does not hold a resnet18 backbone (missing {missing[:3]}...)")
+    return model
+
+
+def decode_outputs(raw: torch.Tensor, head: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw head output -> ``(probabilities [N,C], class index [N] int64, expected index [N] float)``."""
+    idx_values = torch.arange(num_classes, dtype=raw.dtype, device=raw.device)
+    if head == "classification":
+        probs = torch.softmax(raw, dim=1)
+        index = probs.argmax(dim=1)
+    elif head == "ordinal":
+        gt = torch.sigmoid(raw)  # P(y > k), k = 0..C-2
+        ones = torch.ones_like(gt[:, :1])
+        zeros = torch.zeros_like(gt[:, :1])
+        upper = torch.cat([ones, gt], dim=1)  # P(y >= k)
+        lower = torch.cat([gt, zeros], dim=1)  # P(y > k)
+        probs = (upper - lower).clamp_min(0)
+        probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        index = (gt > 0.5).sum(dim=1)
+    elif head == "regression":
+        r = raw[:, 0].clamp(0, num_classes - 1)
+        probs = (1 - (r[:, None] - idx_values[None, :]).abs()).clamp_min(0)
+        probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        index = torch.round(r).long()
+    else:
+        raise ConfigError(f"head must be one of {list(HEADS)}, got {head!r}")
+    expected = (probs * idx_values[None, :]).sum(dim=1)
+    return probs, index.long(), expected
+
+
+class ExportWrapper(nn.Module):
+    """Model + head decoding, producing the contract's outputs in count units."""
+
+    def __init__(self, model: nn.Module, head: str, classes: tuple[int, ...] | list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.num_classes = len(classes)
+        self.first_class = int(classes[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs, index, expected = decode_outputs(self.model(x), self.head, self.num_classes)
+        return probs, index + self.first_class, expected + self.first_class
+
+
+def export_onnx(
+    model: nn.Module,
+    head: str,
+    classes: tuple[int, ...] | list[int],
+    image_size: int,
+    path: str | os.PathLike[str],
+    opset: int = 17,
+) -> Path:
+    """Export to ONNX with a dynamic batch axis; written atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = ExportWrapper(model, head, classes).eval().to("cpu").float()
+    dummy = torch.zeros(2, 3, image_size, image_size)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (dummy,),
+            str(tmp),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    os.replace(tmp, path)
+    return path
