@@ -70,7 +70,9 @@ def build_model(num_classes: int, head: str = "classification", weights: str | N
     return model
 
 
-def decode_outputs(raw: torch.Tensor, head: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_outputs(
+    raw: torch.Tensor, head: str, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw head output -> ``(probabilities [N,C], class index [N] int64, expected index [N] float)``."""
     idx_values = torch.arange(num_classes, dtype=raw.dtype, device=raw.device)
     if head == "classification":

@@ -12,6 +12,7 @@ The input is ``input``: float32 ``[N, 3, S, S]`` from :func:`components.preproce
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ def validate_classes(classes: list[int] | tuple[int, ...]) -> tuple[int, ...]:
     cls = tuple(int(c) for c in classes)
     if len(cls) < 2:
         raise ConfigError(f"need at least two classes, got {list(cls)}")
-    if any(b - a != 1 for a, b in zip(cls, cls[1:], strict=False)):
+    if any(b - a != 1 for a, b in itertools.pairwise(cls)):
         raise ConfigError(f"classes must be consecutive increasing counts like 1,2,3,4,5; got {list(cls)}")
     if cls[0] < 0:
         raise ConfigError(f"counts cannot be negative, got {list(cls)}")

@@ -75,9 +75,7 @@ class PreprocessSpec:
         return cls(**kw)
 
 
-def open_image(
-    data: bytes | str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Image.Image:
+def open_image(data: bytes | str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open (header only) an image from bytes or a path, rejecting non-images and bombs early."""
     if isinstance(data, bytes | bytearray | memoryview):
         if len(data) == 0:
