@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.data",
     "tests.fixtures.aws",
+    "tests.fixtures.s3data",
     "tests.fixtures.models",
     "tests.fixtures.postgres",
     "tests.fixtures.docker",

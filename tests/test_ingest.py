@@ -1,0 +1,256 @@
+"""components.ingest against a real S3 API (moto_server over HTTP) and the local ABID sample."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from components.common import ConfigError, sha256_file
+from components.ingest import REPORT_FILE, STATE_FILE, ingest, main, stem_of
+from components.manifest import load_labelled, read_manifest
+from tests.fixtures.aws import free_port
+from tests.fixtures.s3data import (
+    ABSENT_ID,
+    CORRUPT_ID,
+    NO_IMAGE_ID,
+    UNLABELED_ID,
+    AbidBucket,
+    AbidSample,
+    upload,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / REPORT_FILE).read_text())
+
+
+def _check_images_are_originals(out: Path, abid_dir: Path) -> None:
+    """Every manifest row points at the original bytes, with the right label, size and hash."""
+    rows, paths = load_labelled(out / "manifest.csv")
+    for row, path in zip(rows, paths, strict=True):
+        assert row.path == f"images/{row.id}.jpg"
+        original = abid_dir / "bin-images" / f"{row.id}.jpg"
+        assert path.read_bytes() == original.read_bytes()
+        assert row.sha256 == sha256_file(original)
+        with Image.open(path) as img:
+            assert (row.width, row.height) == img.size
+        meta = json.loads((abid_dir / "metadata" / f"{row.id}.json").read_text())
+        assert row.count == meta["EXPECTED_QUANTITY"]
+        assert (out / "metadata" / f"{row.id}.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------- S3 source
+
+
+def test_s3_file_list_skips_and_reports_every_problem(
+    abid_bucket: AbidBucket, abid_dir: Path, tmp_path: Path
+):
+    sample = abid_bucket.sample
+    out = tmp_path / "data"
+    # No --file-list and no --per-class: the bucket's own file_list.json is used.
+    result = ingest(abid_bucket.url, out, endpoint_url=abid_bucket.endpoint, workers=8, progress=False)
+
+    report = _report(out)
+    assert report["selection"]["mode"] == "file_list"
+    skipped = {reason: v["ids"] for reason, v in report["skipped"].items() if v["count"]}
+    assert skipped == {
+        "missing": [ABSENT_ID],
+        "corrupt": [CORRUPT_ID],
+        "missing_image": [NO_IMAGE_ID],
+        "unlabeled": [UNLABELED_ID],
+        "label_mismatch": [sample.mismatch_id],
+    }
+    assert "does not decode" in report["details"][CORRUPT_ID]
+    # Listed as 4, EXPECTED_QUANTITY 5: kept with the metadata's label and reported.
+    assert report["relabelled"] == [{"id": sample.relabelled_id, "listed": 4, "label": 5}]
+    rows = read_manifest(result.manifest_path)
+    assert sorted(r.id for r in rows) == sample.valid_ids
+    assert {r.id: r.count for r in rows}[sample.relabelled_id] == 5
+    assert result.counts == {c: len(sample.ids[c]) for c in (1, 2, 3, 4, 5)}
+    assert all(r.source == f"{abid_bucket.url}/bin-images/{r.id}.jpg" for r in rows)
+    _check_images_are_originals(out, abid_dir)
+
+
+def test_s3_per_class_fills_past_bad_objects_like_a_local_mirror(
+    abid_bucket: AbidBucket, abid_dir: Path, tmp_path: Path
+):
+    sample = abid_bucket.sample
+    s3_out = tmp_path / "s3"
+    result = ingest(
+        abid_bucket.url, s3_out, endpoint_url=abid_bucket.endpoint, per_class=3, workers=4, progress=False
+    )
+    # The planted corrupt (class 2) and image-less (class 3) objects come first in key order; the
+    # class is filled with the next valid ids instead.
+    rows = read_manifest(result.manifest_path)
+    assert sorted(r.id for r in rows) == sorted(i for c in (1, 2, 3, 4, 5) for i in sample.ids[c][:3])
+    assert not set(sample.other_ids) & {r.id for r in rows}  # counts 0 and 7 are not in --classes
+    assert result.skipped == {
+        "corrupt": [CORRUPT_ID],
+        "missing_image": [NO_IMAGE_ID],
+        "unlabeled": [UNLABELED_ID],
+    }
+    _check_images_are_originals(s3_out, abid_dir)
+
+    # The same objects as a local directory give the same dataset.
+    local_out = tmp_path / "local"
+    ingest(str(sample.write_dir(tmp_path / "mirror")), local_out, per_class=3, workers=4, progress=False)
+    local_rows = read_manifest(local_out / "manifest.csv")
+    strip = [(r.id, r.count, r.path, r.sha256, r.width, r.height) for r in rows]
+    assert strip == [(r.id, r.count, r.path, r.sha256, r.width, r.height) for r in local_rows]
+
+
+def test_s3_public_bucket_without_credentials(
+    abid_bucket: AbidBucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup on a dev box
+    # No credentials anywhere: requests go unsigned, which a public-read bucket accepts.
+    result = ingest(
+        abid_bucket.url, tmp_path / "out", endpoint_url=abid_bucket.endpoint, per_class=1, progress=False
+    )
+    assert result.n_images == 5
+
+    # A private bucket refuses unsigned reads: one clear error, before any download.
+    upload(abid_bucket.endpoint, "private-abid", "", abid_bucket.sample.objects, public=False)
+    with pytest.raises(ConfigError, match=r"access to s3://private-abid denied.*configure credentials"):
+        ingest("s3://private-abid", tmp_path / "out2", endpoint_url=abid_bucket.endpoint, per_class=1)
+
+
+def test_s3_configuration_errors_are_one_line(
+    abid_bucket: AbidBucket, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    ep = abid_bucket.endpoint
+    cases = [
+        (["--source", "s3://no-such-bucket", "--endpoint-url", ep], "bucket 'no-such-bucket' not found"),
+        (["--source", f"s3://{abid_bucket.bucket}/wrong", "--endpoint-url", ep], "check the prefix"),
+        (["--source", abid_bucket.url, "--endpoint-url", f"http://127.0.0.1:{free_port()}"], "cannot reach"),
+        (
+            ["--source", abid_bucket.url, "--endpoint-url", ep, "--file-list", "s3://abid-mirror/nope.json"],
+            "cannot read --file-list",
+        ),
+    ]
+    for args, message in cases:
+        assert main([*args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+# ------------------------------------------------------------------------------------- local source
+
+
+def test_local_file_list_with_missing_ids(abid_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "data"
+    code = main(
+        [
+            "--source",
+            str(abid_dir),
+            "--out",
+            str(out),
+            "--file-list",
+            str(abid_dir / "file_list.json"),
+            "--limit",
+            "30",
+            "--workers",
+            "4",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "manifest:" in printed and "missing" in printed
+    listed = json.loads((abid_dir / "file_list.json").read_text())
+    # --limit takes ids round-robin across classes: 6 of each, in file order.
+    selected = {stem_of(k): int(c) for c, keys in listed.items() for k in keys[:6]}
+    report = _report(out)
+    assert report["n_selected"] == 30
+    absent = sorted(i for i in selected if not (abid_dir / "metadata" / f"{i}.json").exists())
+    assert absent, "the shared sample is a partial mirror: some listed ids are absent"
+    assert report["skipped"]["missing"]["ids"] == absent
+    rows = read_manifest(out / "manifest.csv")
+    assert sorted(r.id for r in rows) == sorted(set(selected) - set(absent))
+    assert all(r.count == selected[r.id] for r in rows)
+    _check_images_are_originals(out, abid_dir)
+
+
+def test_resume_after_a_killed_run(abid_dir: Path, tmp_path: Path):
+    out = tmp_path / "data"
+    args = f"--source {abid_dir} --out {out} --per-class 20 --workers 1 --no-progress".split()
+    cmd = [sys.executable, "-m", "components.ingest", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / STATE_FILE
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.csv").exists()
+    done = [json.loads(line)["id"] for line in journal.read_text().splitlines()[:8]]
+    # Damage one completed image (as a full disk would) and leave a stale temp file behind.
+    damaged = out / "images" / f"{done[0]}.jpg"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    (out / "images" / f".{done[1]}.jpg.x.tmp").write_bytes(b"partial")
+
+    result = ingest(str(abid_dir), out, per_class=20, workers=4, progress=False)
+    assert result.n_images == 100
+    assert result.n_resumed >= 7  # the completed objects were not fetched again...
+    assert (
+        damaged.read_bytes() == (abid_dir / "bin-images" / damaged.name).read_bytes()
+    )  # ...the damaged one was
+    assert not list((out / "images").glob(".*.tmp"))
+
+    fresh = ingest(str(abid_dir), tmp_path / "fresh", per_class=20, workers=4, progress=False)
+    assert fresh.manifest_path.read_text() == result.manifest_path.read_text()
+    again = ingest(str(abid_dir), out, per_class=20, workers=4, progress=False)
+    assert again.n_resumed == 100 and _report(out)["n_downloaded"] == 0
+
+
+def test_validation_errors(abid_dir: Path, abid_sample: AbidSample, tmp_path: Path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        ingest(str(abid_dir), a_file, per_class=1)
+    with pytest.raises(ConfigError, match="inside the source"):
+        ingest(str(abid_dir), abid_dir / "out", per_class=1)
+    with pytest.raises(ConfigError, match="--workers"):
+        ingest(str(abid_dir), tmp_path / "o", per_class=1, workers=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="bucket layout"):
+        ingest(str(tmp_path / "empty"), tmp_path / "o", per_class=1)
+    with pytest.raises(ConfigError, match="does not exist"):
+        ingest(str(tmp_path / "nowhere"), tmp_path / "o", per_class=1)
+    mirror = abid_sample.write_dir(tmp_path / "mirror")
+    (mirror / "file_list.json").unlink()
+    with pytest.raises(ConfigError, match="--per-class"):
+        ingest(str(mirror), tmp_path / "o")
+    with pytest.raises(ConfigError, match="no images were ingested"):
+        ingest(str(mirror), tmp_path / "o", per_class=1, classes=[42])
+    with pytest.raises(SystemExit):  # argparse: the two selections are exclusive
+        main(["--source", str(mirror), "--out", str(tmp_path / "o"), "--per-class", "1", "--file-list", "f"])
+
+
+def test_one_ingest_per_output_directory(abid_dir: Path, tmp_path: Path):
+    out = tmp_path / "data"
+    out.mkdir()
+    with (out / ".ingest.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another ingest is writing"):
+            ingest(str(abid_dir), out, per_class=1, progress=False)
+    assert ingest(str(abid_dir), out, per_class=1, progress=False).n_images == 5
+    assert os.listdir(out / "images")
