@@ -14,12 +14,14 @@ DATA_SOURCE ?= s3://aft-vbi-pds
 RUN_DIR ?= runs/local
 PIPELINE_YAML ?= build/inventory_pipeline.yaml
 KFP_HOST ?=
+SUBMIT_ARGS ?=
 # make test
 PYTEST_ARGS ?=
 # make images / deploy
 IMAGE_REPO ?= inventory-monitor
 IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 CLUSTER ?= kind
+COMPONENTS_IMAGE ?= $(IMAGE_REPO)/components:$(IMAGE_TAG)
 MODEL_DIR ?= $(RUN_DIR)/model
 
 .PHONY: help setup run test lint fmt compile submit bench-ingest bench-train bench-serve images \
@@ -51,11 +53,11 @@ fmt: $(STAMP) ## ruff fix + format
 	$(PY) -m ruff format .
 
 compile: $(STAMP) ## write the pipeline YAML for the KFP UI
-	$(PY) -m pipeline.compile --profile $(PROFILE) --out $(PIPELINE_YAML)
+	$(PY) -m pipeline.compile --profile $(PROFILE) --image $(COMPONENTS_IMAGE) --out $(PIPELINE_YAML)
 
 submit: $(STAMP) ## upload and start a run on a cluster: make submit KFP_HOST=http://…
 	@test -n "$(KFP_HOST)" || { echo "set KFP_HOST, e.g. make submit KFP_HOST=http://localhost:8080"; exit 2; }
-	$(PY) -m pipeline.submit --host $(KFP_HOST) --profile $(PROFILE)
+	$(PY) -m pipeline.submit --host $(KFP_HOST) --profile $(PROFILE) --image $(COMPONENTS_IMAGE) $(SUBMIT_ARGS)
 
 bench-ingest: $(STAMP) ## objects/s from a local S3 server -> bench/results/ingest.json
 	$(PY) bench/ingest.py

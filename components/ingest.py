@@ -345,6 +345,11 @@ def stem_of(key: str) -> str:
     return name[: -len(".json")] if name.endswith(".json") else name
 
 
+def standard_file_list() -> Path:
+    """The widely used 10,441-image, 5-class ABID subset (ids only), shipped with the package."""
+    return Path(__file__).resolve().parent / "resources" / "abid_file_list.json"
+
+
 def load_file_list(
     file_list: str | os.PathLike[str],
     *,
@@ -699,12 +704,12 @@ def ingest(
     out_dir = validate_out_dir(Path(out_dir), source)
     src = open_source(source, endpoint_url=endpoint_url, no_sign_request=no_sign_request, workers=workers)
     if file_list is None and per_class is None:
-        if not src.exists(FILE_LIST):
-            raise ConfigError(
-                f"{src.url(FILE_LIST)} does not exist: pass --per-class N (first N images per class) "
-                "or --file-list PATH"
-            )
-        file_list = src.url(FILE_LIST) if isinstance(src, S3Source) else Path(src.url(FILE_LIST))
+        if src.exists(FILE_LIST):
+            file_list = src.url(FILE_LIST) if isinstance(src, S3Source) else Path(src.url(FILE_LIST))
+        else:
+            # The public bucket has no file_list.json: use the standard 10,441-image subset we ship.
+            file_list = standard_file_list()
+            log.info("%s has no %s: selecting the standard subset %s", source, FILE_LIST, file_list)
 
     with _exclusive(out_dir):
         _clean_stale_temp_files(out_dir)

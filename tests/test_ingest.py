@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from components.common import ConfigError, sha256_file
-from components.ingest import REPORT_FILE, STATE_FILE, ingest, main, stem_of
+from components.ingest import REPORT_FILE, STATE_FILE, ingest, main, standard_file_list, stem_of
 from components.manifest import load_labelled, read_manifest
 from tests.fixtures.aws import free_port
 from tests.fixtures.s3data import (
@@ -236,9 +236,6 @@ def test_validation_errors(abid_dir: Path, abid_sample: AbidSample, tmp_path: Pa
     with pytest.raises(ConfigError, match="does not exist"):
         ingest(str(tmp_path / "nowhere"), tmp_path / "o", per_class=1)
     mirror = abid_sample.write_dir(tmp_path / "mirror")
-    (mirror / "file_list.json").unlink()
-    with pytest.raises(ConfigError, match="--per-class"):
-        ingest(str(mirror), tmp_path / "o")
     with pytest.raises(ConfigError, match="no images were ingested"):
         ingest(str(mirror), tmp_path / "o", per_class=1, classes=[42])
     with pytest.raises(SystemExit):  # argparse: the two selections are exclusive
@@ -254,3 +251,21 @@ def test_one_ingest_per_output_directory(abid_dir: Path, tmp_path: Path):
             ingest(str(abid_dir), out, per_class=1, progress=False)
     assert ingest(str(abid_dir), out, per_class=1, progress=False).n_images == 5
     assert os.listdir(out / "images")
+
+
+def test_source_without_file_list_uses_the_standard_subset(abid_dir: Path, tmp_path: Path):
+    # Like the public bucket: no file_list.json, so the shipped 10,441-id subset is selected.
+    standard = json.loads(standard_file_list().read_text())
+    assert sum(len(v) for v in standard.values()) == 10_441
+    listed = {Path(k).stem for keys in standard.values() for k in keys}
+    present = sorted(p.stem for p in (abid_dir / "bin-images").glob("*.jpg") if p.stem in listed)[:3]
+    outside = next(p.stem for p in (abid_dir / "metadata").glob("*.json") if p.stem not in listed)
+    mirror = tmp_path / "mirror"
+    for stem in [*present, outside]:
+        for sub, ext in (("bin-images", "jpg"), ("metadata", "json")):
+            (mirror / sub).mkdir(parents=True, exist_ok=True)
+            (mirror / sub / f"{stem}.{ext}").write_bytes((abid_dir / sub / f"{stem}.{ext}").read_bytes())
+    result = ingest(str(mirror), tmp_path / "o", progress=False)
+    assert sorted(r.id for r in read_manifest(result.manifest_path)) == present
+    assert len(result.skipped["missing"]) == 10_441 - 3
+    assert _report(tmp_path / "o")["selection"]["file_list"] == str(standard_file_list())

@@ -55,6 +55,7 @@ def test_common_helpers(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "a.json", {"b": 1})
     assert json.loads((tmp_path / "a.json").read_text()) == {"b": 1}
     assert not list(tmp_path.glob(".*tmp"))
+    assert (tmp_path / "a.json").stat().st_mode & 0o044 == 0o044  # readable by other users
     with pytest.raises(ConfigError, match="--ratios"):
         parse_float_list("0.7,x", name="--ratios")
     table = format_table([["a", 0.123456]], ["name", "value"])

@@ -1,0 +1,427 @@
+"""Training benchmarks: throughput (images/s) and quality on the 1-5 subset of the ABID sample.
+
+``python bench/train.py`` (``make bench-train``)
+    CPU throughput of the real train step at 224 px -> ``bench/results/train_cpu.json``; on a machine
+    with CUDA also the GPU throughput and an accuracy run (as ``--gpu`` does).
+``python bench/train.py pack --out .gpu/abid_224_q90.npz``
+    Decodes the subset (file_list.json classes 1-5 present in ../shared/abid) once with
+    ``components.preprocess.load_uint8`` at 224 px and re-encodes it as JPEG q90 into one compact file,
+    small enough to take to a GPU machine that cannot reach the raw images.
+``python bench/train.py gpu --pack .gpu/abid_224_q90.npz --out RESULTS_DIR``
+    On the GPU machine: throughput at 224 px (bf16, channels_last), then the accuracy run(s) on a fixed
+    stratified 70/15/15 split (seed 0; selection on val only), the chosen model evaluated on test through
+    the exported ONNX model (``components.evaluate``). Writes ``train_gpu.json``.
+
+The re-encoding (JPEG q90 of the already resized 224 px frames) is a second lossy step that the
+training path from raw images does not have; results note it.
+
+Recorded runs (bench/results/, one NVIDIA H200, torch 2.11):
+``train_gpu.json``: ``gpu --bench-batch 256 512 --epochs 150 --runs ordinal "classification:lr=0.1"
+"ordinal:lr=0.1,aug_strength=1.5,weight_decay=0.001" --budget-s 290``;
+``train_gpu_tta.json``: ``gpu --bench-batch --epochs 150 --tta --ensemble --runs "ordinal:seed=1"
+"ordinal:lr=0.1,aug_strength=1.5,weight_decay=0.001,seed=2" "ordinal:seed=3" --budget-s 200``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from components.common import atomic_write_json  # noqa: E402
+from components.manifest import ManifestRow, write_manifest  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+ABID = Path(os.environ.get("ABID_DIR", REPO.parent / "shared" / "abid"))
+LOG = logging.getLogger("bench.train")
+
+
+def subset_ids(abid: Path, classes: tuple[int, ...] = (1, 2, 3, 4, 5)) -> list[tuple[str, int]]:
+    """(id, count) of file_list.json entries in ``classes`` whose image is present, sorted by id."""
+    file_list = json.loads((abid / "file_list.json").read_text())
+    out = []
+    for c in classes:
+        for meta in file_list.get(str(c), []):
+            i = Path(meta).stem
+            if (abid / "bin-images" / f"{i}.jpg").is_file():
+                out.append((i, c))
+    return sorted(out)
+
+
+def pack(out: Path, image_size: int = 224, quality: int = 90, workers: int = 4) -> dict[str, Any]:
+    """Resize the subset once (the training decode) and store it as JPEG bytes in one .npz."""
+    from PIL import Image
+
+    from components.preprocess import load_uint8
+
+    items = subset_ids(ABID)
+
+    def enc(item: tuple[str, int]) -> bytes:
+        arr = load_uint8(ABID / "bin-images" / f"{item[0]}.jpg", image_size)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+        return buf.getvalue()
+
+    with ThreadPoolExecutor(workers) as pool:
+        blobs = list(pool.map(enc, items))
+    offsets = np.zeros(len(blobs) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in blobs])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.npz")
+    np.savez(
+        tmp,
+        ids=np.array([i for i, _ in items]),
+        labels=np.array([c for _, c in items], np.int64),
+        offsets=offsets,
+        data=np.frombuffer(b"".join(blobs), np.uint8),
+        image_size=np.int64(image_size),
+        quality=np.int64(quality),
+    )
+    os.replace(tmp, out)
+    return {"path": str(out), "n": len(items), "mib": out.stat().st_size / 2**20}
+
+
+def unpack(pack_path: Path, data_root: Path, limit: int | None = None) -> list[ManifestRow]:
+    """Write the packed JPEGs as data_root/images/<id>.jpg and return manifest rows for them."""
+    from components.common import sha256_bytes
+
+    z = np.load(pack_path)
+    ids, labels, offsets, data = z["ids"], z["labels"], z["offsets"], z["data"]
+    n = len(ids) if limit is None else min(limit, len(ids))
+    pick = np.sort(np.random.default_rng(1).permutation(len(ids))[:n])
+    (data_root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in pick:
+        blob = data[offsets[i] : offsets[i + 1]].tobytes()
+        rel = f"images/{ids[i]}.jpg"
+        (data_root / rel).write_bytes(blob)
+        s = int(z["image_size"])
+        rows.append(ManifestRow(str(ids[i]), int(labels[i]), rel, sha256_bytes(blob), s, s, "abid-pack"))
+    return rows
+
+
+def stratified_split(
+    rows: list[ManifestRow], seed: int = 0, ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+) -> dict[str, list[ManifestRow]]:
+    """Per-class shuffle and cut (same idea as components.split), fixed seed."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[ManifestRow]] = {"train": [], "val": [], "test": []}
+    for c in sorted({r.count for r in rows}):
+        group = [r for r in rows if r.count == c]
+        group = [group[i] for i in rng.permutation(len(group))]
+        n_val, n_test = round(len(group) * ratios[1]), round(len(group) * ratios[2])
+        out["val"] += group[:n_val]
+        out["test"] += group[n_val : n_val + n_test]
+        out["train"] += group[n_val + n_test :]
+    return out
+
+
+def env_info() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "load_average_1m": os.getloadavg()[0],
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def cpu_bench(threads: int, image_size: int, batch_size: int, steps: int) -> dict[str, Any]:
+    from components.train import benchmark_throughput
+
+    r = benchmark_throughput(image_size, batch_size, steps, warmup=2, device="cpu", num_threads=threads)
+    return {
+        "benchmark": "train_throughput_cpu",
+        **r,
+        "env": env_info(),
+        "command": f"python bench/train.py cpu --threads {threads} --image-size {image_size}",
+    }
+
+
+def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput + accuracy run(s) on one device; results dict (also written as it goes)."""
+    import torch
+
+    from components.train import TrainConfig, benchmark_throughput, train
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "benchmark": "train_gpu",
+        "env": env_info(),
+        "args": vars(args) | {"out": str(out)},
+    }
+
+    def save() -> None:
+        result["elapsed_s"] = time.perf_counter() - t0
+        atomic_write_json(out / "train_gpu.json", result)
+
+    work = Path(args.work)
+    rows = unpack(Path(args.pack), work / "data", args.limit)
+    split = stratified_split(rows, seed=0)
+    for name, r in split.items():
+        write_manifest(work / f"{name}.csv", r)
+    result["data"] = {
+        "source": f"{args.pack}: the 1-5 subset of ../shared/abid, resized to 224 px by "
+        "components.preprocess.load_uint8, re-encoded as JPEG q90",
+        "split": {k: len(v) for k, v in split.items()},
+        "split_seed": 0,
+        "test_majority_rate": max(np.bincount([r.count for r in split["test"]])) / len(split["test"]),
+        "unpack_s": time.perf_counter() - t0,
+    }
+    save()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    result["throughput"] = []
+    for bs in args.bench_batch:
+        try:
+            r = benchmark_throughput(
+                args.bench_size,
+                bs,
+                args.bench_steps,
+                warmup=args.bench_warmup,
+                device=dev,
+                num_threads=args.threads,
+            )
+        except Exception as e:
+            LOG.exception("throughput benchmark failed")
+            r = {"batch_size": bs, "error": f"{type(e).__name__}: {e}", "images_per_s": 0.0}
+        result["throughput"].append(r)
+        print(json.dumps(r), flush=True)
+        save()
+    best_eager = max((r["images_per_s"] for r in result["throughput"]), default=float("inf"))
+    if args.compile_bench or (args.compile_below and best_eager < args.compile_below):
+        try:
+            r = benchmark_throughput(
+                args.bench_size,
+                args.bench_batch[-1],
+                args.bench_steps,
+                warmup=args.bench_warmup,
+                device=dev,
+                compile=True,
+                num_threads=args.threads,
+            )
+        except Exception as e:
+            LOG.exception("compiled throughput benchmark failed")
+            r = {"compile": True, "error": f"{type(e).__name__}: {e}", "images_per_s": 0.0}
+        result["throughput"].append(r)
+        print(json.dumps(r), flush=True)
+        save()
+
+    result["runs"] = []
+    for i, spec in enumerate(args.runs):
+        head, _, extra = spec.partition(":")
+        overrides = {
+            k: type(getattr(args, k))(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)
+        }
+        if i > 0 and time.perf_counter() - t0 > args.budget_s:
+            result["runs"].append({"run": spec, "skipped": "time budget"})
+            break
+        mdir = (out if args.keep_models else work) / f"model_{i}_{head}"
+        kw = dict(vars(args)) | overrides
+        cfg = TrainConfig(
+            train_csv=work / "train.csv",
+            val_csv=work / "val.csv",
+            test_csv=work / "test.csv",
+            out_dir=mdir,
+            data_root=work / "data",
+            head=head,
+            image_size=kw["image_size"],
+            epochs=kw["epochs"],
+            batch_size=kw["batch_size"],
+            lr=kw["lr"],
+            weight_decay=kw["weight_decay"],
+            ema=kw["ema"],
+            aug_strength=kw["aug_strength"],
+            label_smoothing=kw["label_smoothing"],
+            device=dev,
+            seed=kw["seed"],
+            num_threads=args.threads,
+            cache_dir=work / "cache",
+            checkpoint_every=args.checkpoint_every,
+            progress=False,
+            max_steps_per_epoch=args.max_steps_per_epoch,
+            tta=args.tta,
+        )
+        t1 = time.perf_counter()
+        try:
+            res = train(cfg)
+        except Exception as e:  # keep the other runs' figures
+            LOG.exception("run %s failed", spec)
+            result["runs"].append({"run": spec, "error": f"{type(e).__name__}: {e}"})
+            save()
+            continue
+        m = res.metrics
+        run = {
+            "model_dir": str(mdir),
+            "run": spec,
+            "head": head,
+            "overrides": overrides,
+            "seconds": time.perf_counter() - t1,
+            "best_epoch": res.best_epoch,
+            "epochs_run": res.epochs_run,
+            "train_images_per_s_median_epoch": m["train_images_per_s"],
+            "val": {k: m["val"][k] for k in ("accuracy", "rmse", "mae", "n")},
+            "test": {
+                k: m["test"][k]
+                for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy", "confusion_matrix")
+            },
+            "history": [{k: round(v, 4) for k, v in h.items()} for h in res.history],
+        }
+        result["runs"].append(run)
+        print(json.dumps({k: run[k] for k in ("run", "seconds", "best_epoch", "val", "test")}), flush=True)
+        save()
+    done = [r for r in result["runs"] if "val" in r]
+    if args.ensemble and len(done) >= 2:
+        try:
+            result["ensemble"] = ensemble(done, work, args)
+            done.append(result["ensemble"])
+        except Exception as e:
+            LOG.exception("ensemble failed")
+            result["ensemble"] = {"error": f"{type(e).__name__}: {e}"}
+        save()
+    if done:
+        best = max(done, key=lambda r: (r["val"]["accuracy"], -r["val"]["rmse"]))  # chosen on val only
+        result["selected"] = {
+            "run": best["run"],
+            "selected_on": "val accuracy (tie-break val rmse)",
+            "test_accuracy": best["test"]["accuracy"],
+            "test_rmse": best["test"]["rmse"],
+            "val_accuracy": best["val"]["accuracy"],
+            "val_rmse": best["val"]["rmse"],
+        }
+    save()
+    return result
+
+
+def ensemble(runs: list[dict[str, Any]], work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Average the runs of the best run's head (and the 4 flips) in one exported graph; score via ONNX."""
+    import torch
+
+    from components.evaluate import evaluate
+    from components.model import build_model, export_onnx
+    from components.modelspec import ModelSpec, load_model_spec
+    from components.train import AverageModel
+
+    head = max(runs, key=lambda r: (r["val"]["accuracy"], -r["val"]["rmse"]))["head"]
+    members = [r for r in runs if r["head"] == head]
+    spec = load_model_spec(members[0]["model_dir"])
+    models = []
+    for r in members:
+        m = build_model(len(spec.classes), head)
+        m.load_state_dict(torch.load(Path(r["model_dir"]) / "model.pt", weights_only=True))
+        models.append(m.eval())
+    out = work / "model_ensemble"
+    t0 = time.perf_counter()
+    export_onnx(
+        AverageModel(models, flips=True), head, spec.classes, spec.preprocess.image_size, out / "model.onnx"
+    )
+    ModelSpec(
+        classes=spec.classes,
+        head=head,
+        preprocess=spec.preprocess,
+        training_data_sha256=spec.training_data_sha256,
+        params={"ensemble_of": [r["run"] for r in members], "tta": True},
+    ).save(out)
+    val = evaluate(out, work / "val.csv", out / "val_eval", data_root=work / "data", progress=False)
+    test = evaluate(out, work / "test.csv", out / "test_eval", data_root=work / "data", progress=False)
+    keys = ("accuracy", "rmse", "mae", "n")
+    res = {
+        "run": f"ensemble of {len(members)} {head} runs + 4 flips",
+        "members": [r["run"] for r in members],
+        "seconds": time.perf_counter() - t0,
+        "val": {k: val[k] for k in keys},
+        "test": {k: test[k] for k in (*keys, "per_class_accuracy", "confusion_matrix")},
+    }
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd")
+    pk = sub.add_parser("pack")
+    pk.add_argument("--out", type=Path, default=REPO / ".gpu" / "abid_224_q90.npz")
+    pk.add_argument("--image-size", type=int, default=224)
+    pk.add_argument("--quality", type=int, default=90)
+    c = sub.add_parser("cpu")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--image-size", type=int, default=224)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--steps", type=int, default=5)
+    g = sub.add_parser("gpu")
+    g.add_argument("--pack", type=Path, default=REPO / ".gpu" / "abid_224_q90.npz")
+    g.add_argument("--out", type=Path, default=RESULTS)
+    g.add_argument("--work", type=Path, default=Path("/tmp/bench_train"))
+    g.add_argument("--limit", type=int, default=None)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--bench-size", type=int, default=224)
+    g.add_argument("--bench-batch", type=int, nargs="*", default=[256, 512])
+    g.add_argument("--bench-steps", type=int, default=60)
+    g.add_argument("--bench-warmup", type=int, default=15)
+    g.add_argument("--compile-bench", action="store_true")
+    g.add_argument(
+        "--compile-below", type=float, default=10000, help="also time torch.compile if eager is slower"
+    )
+    g.add_argument("--runs", nargs="+", default=["ordinal"], help="HEAD[:key=value,...] per accuracy run")
+    g.add_argument("--image-size", type=int, default=224)
+    g.add_argument("--epochs", type=int, default=150)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=0.2)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--ema", type=float, default=0.998)
+    g.add_argument("--aug-strength", type=float, default=1.0)
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=20)
+    g.add_argument("--max-steps-per-epoch", type=int, default=None)
+    g.add_argument("--budget-s", type=float, default=300, help="start no further run after this many seconds")
+    g.add_argument("--keep-models", action="store_true")
+    g.add_argument("--tta", action="store_true", help="flip averaging in each run's exported graph")
+    g.add_argument("--ensemble", action="store_true", help="also score the average of the runs (one graph)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "pack":
+        print(json.dumps(pack(args.out, args.image_size, args.quality)))
+    elif args.cmd == "gpu":
+        r = gpu_run(args)
+        print(json.dumps(r.get("selected", {})))
+    else:
+        threads = getattr(args, "threads", 2)
+        r = cpu_bench(
+            threads,
+            getattr(args, "image_size", 224),
+            getattr(args, "batch_size", 32),
+            getattr(args, "steps", 5),
+        )
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(RESULTS / "train_cpu.json", r)
+        print(json.dumps(r))
+        import torch
+
+        if torch.cuda.is_available() and args.cmd is None:
+            return main(["gpu"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

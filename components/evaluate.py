@@ -1,0 +1,194 @@
+"""Evaluate an exported model on a labelled manifest, through the serving path.
+
+The figures come from the ONNX file run by onnxruntime on inputs made by
+:func:`components.preprocess.preprocess_batch`, the same code the server uses, so they are the served
+model's figures and not the training framework's. Writes ``metrics.json`` (accuracy, RMSE, MAE,
+per-class accuracy, confusion matrix), ``confusion_matrix.png`` and ``predictions.csv``.
+
+``python -m components.evaluate --model MODEL_DIR --manifest test.csv --out EVAL_DIR``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.common import ConfigError, atomic_write_json, atomic_write_text, format_table, setup_logging
+from components.manifest import load_labelled
+from components.modelspec import load_model_spec
+from components.preprocess import preprocess_batch
+
+LOG = logging.getLogger(__name__)
+METRICS_FILE = "metrics.json"
+CONFUSION_PNG = "confusion_matrix.png"
+PREDICTIONS_CSV = "predictions.csv"
+
+
+def count_metrics(
+    true_counts: Sequence[int] | np.ndarray,
+    pred_counts: Sequence[int] | np.ndarray,
+    classes: Sequence[int],
+    expected: Sequence[float] | np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Accuracy, RMSE/MAE (of the predicted count), per-class accuracy and the confusion matrix.
+
+    Rows of ``confusion_matrix`` are true classes, columns predicted, both in ``classes`` order. The
+    same function scores validation during training and the exported model here, so the numbers agree.
+    """
+    y = np.asarray(true_counts, dtype=np.int64)
+    p = np.asarray(pred_counts, dtype=np.int64)
+    if y.shape != p.shape or y.ndim != 1 or len(y) == 0:
+        raise ValueError(f"need two equal-length, non-empty 1-D arrays, got {y.shape} and {p.shape}")
+    labels = [int(c) for c in classes]
+    pos = {c: i for i, c in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for t, q in zip(y.tolist(), p.tolist(), strict=True):
+        if t not in pos or q not in pos:
+            raise ValueError(f"count {t if t not in pos else q} is outside the classes {labels}")
+        cm[pos[t], pos[q]] += 1
+    err = (p - y).astype(np.float64)
+    support = cm.sum(axis=1)
+    out: dict[str, Any] = {
+        "n": len(y),
+        "accuracy": float((p == y).mean()),
+        "rmse": float(np.sqrt((err**2).mean())),
+        "mae": float(np.abs(err).mean()),
+        "labels": labels,
+        "confusion_matrix": cm.tolist(),
+        "per_class_accuracy": {
+            str(c): (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(labels)
+        },
+        "support": {str(c): int(support[i]) for i, c in enumerate(labels)},
+        "within_one": float((np.abs(err) <= 1).mean()),
+    }
+    if expected is not None:
+        e = np.asarray(expected, dtype=np.float64) - y
+        out["rmse_expected"] = float(np.sqrt((e**2).mean()))
+    return out
+
+
+def predict_onnx(
+    model_dir: str | os.PathLike[str],
+    paths: Sequence[str | os.PathLike[str] | bytes],
+    *,
+    batch_size: int = 64,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Run the exported model on images (paths or bytes) the way the server does."""
+    import onnxruntime as ort
+    from tqdm.auto import tqdm
+
+    spec = load_model_spec(model_dir)
+    opts = ort.SessionOptions()
+    if num_threads:
+        opts.intra_op_num_threads = num_threads
+    sess = ort.InferenceSession(
+        str(Path(model_dir) / spec.onnx_file), opts, providers=["CPUExecutionProvider"]
+    )
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in spec.output_names}
+    for start in tqdm(range(0, len(paths), batch_size), desc="evaluate", disable=not progress, leave=False):
+        x = preprocess_batch(list(paths[start : start + batch_size]), spec.preprocess)
+        for name, value in zip(
+            spec.output_names, sess.run(list(spec.output_names), {spec.input_name: x}), strict=True
+        ):
+            outs[name].append(value)
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def evaluate(
+    model_dir: Path,
+    manifest: Path,
+    out_dir: Path,
+    *,
+    data_root: Path | None = None,
+    batch_size: int = 64,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score the exported model on ``manifest``; writes metrics.json, confusion_matrix.png, predictions."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    spec = load_model_spec(model_dir)
+    rows, paths = load_labelled(manifest, data_root)
+    outside = sorted({r.count for r in rows} - set(spec.classes))
+    if outside:
+        raise ConfigError(
+            f"{manifest} has counts {outside} that the model cannot predict (classes {list(spec.classes)}); "
+            "filter the manifest to the model's classes"
+        )
+    pred = predict_onnx(model_dir, paths, batch_size=batch_size, num_threads=num_threads, progress=progress)
+    true = [r.count for r in rows]
+    metrics = count_metrics(true, pred["count"], spec.classes, pred["expected"])
+    metrics.update({"model": spec.name, "model_version": spec.version, "manifest": str(manifest)})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "true", "pred", "expected"])
+    for r, c, e in zip(rows, pred["count"].tolist(), pred["expected"].tolist(), strict=True):
+        writer.writerow([r.id, r.count, c, f"{e:.4f}"])
+    atomic_write_text(out_dir / PREDICTIONS_CSV, buf.getvalue())
+    from components.plots import save_confusion_matrix
+
+    save_confusion_matrix(
+        metrics["confusion_matrix"],
+        metrics["labels"],
+        out_dir / CONFUSION_PNG,
+        title=f"{spec.name} on {Path(manifest).name}: accuracy {metrics['accuracy']:.3f}",
+    )
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
+    return metrics
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="exported model directory (model.json)")
+    p.add_argument("--manifest", required=True, type=Path, help="labelled manifest CSV, e.g. test.csv")
+    p.add_argument("--out", required=True, type=Path, help="output directory for metrics.json and plots")
+    p.add_argument("--data-root", type=Path, default=None, help="directory the manifest paths are under")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: prints a summary table, exits 2 on configuration errors."""
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        m = evaluate(
+            args.model,
+            args.manifest,
+            args.out,
+            data_root=args.data_root,
+            batch_size=args.batch_size,
+            num_threads=args.num_threads,
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        format_table([[k, m[k]] for k in ("n", "accuracy", "rmse", "mae", "within_one")], ["metric", "value"])
+    )
+    print(
+        format_table(
+            [[c, m["support"][c], m["per_class_accuracy"][c]] for c in m["per_class_accuracy"]],
+            ["class", "n", "accuracy"],
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``MODEL_CARD.md`` for an exported model: data, figures, intended use and limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from components.common import atomic_write_text
+from components.modelspec import ModelSpec
+
+CARD_FILE = "MODEL_CARD.md"
+
+
+def _row(name: str, m: dict[str, Any] | None) -> str:
+    if not m:
+        return f"| {name} | - | - | - | - |"
+    return f"| {name} | {m['n']} | {m['accuracy']:.3f} | {m['rmse']:.3f} | {m['mae']:.3f} |"
+
+
+def render_model_card(spec: ModelSpec, metrics: dict[str, Any]) -> str:
+    """Markdown text; figures come from ``metrics`` (val always, test when it was given)."""
+    p = spec.params
+    classes = ", ".join(map(str, spec.classes))
+    return f"""# {spec.name} {spec.version}
+
+Counts the items in a warehouse bin from one photo: {spec.architecture} with a {spec.head} head over
+the counts {classes}, input {spec.preprocess.image_size}x{spec.preprocess.image_size} RGB (the whole
+frame resized, never cropped; ImageNet mean/std). Files: `{spec.onnx_file}` (ONNX, dynamic batch;
+outputs `probabilities`, `count`, `expected`), `model.pt` (PyTorch state dict), `model.json` (contract).
+
+## Data
+Amazon Bin Image Dataset photos with their `EXPECTED_QUANTITY` inventory record as label, restricted to
+counts {classes}. Training data SHA-256: `{spec.training_data_sha256}` ({metrics.get("n_train", "?")} training
+images, {metrics.get("n_val", "?")} validation images). The dataset is licensed CC BY-NC-SA 3.0 US
+(non-commercial, share-alike); models trained on it inherit those terms.
+
+## Training
+Weights: `{p.get("weights")}`; {p.get("epochs")} epochs planned, {metrics.get("epochs_run")} run, best epoch
+{metrics.get("best_epoch")} (selected on validation {metrics.get("selection_metric")}; the test set is
+never used for selection). Optimizer {p.get("optimizer")}, peak lr {p.get("lr")}, batch {p.get("batch_size")},
+augmentation strength {p.get("aug_strength")}, seed {p.get("seed")}.
+
+## Metrics
+RMSE and MAE are in items, of the predicted (rounded, clipped) count.
+
+| split | images | accuracy | RMSE | MAE |
+| --- | --- | --- | --- | --- |
+{_row("validation", metrics.get("val"))}
+{_row("test", metrics.get("test"))}
+
+## Intended use and limits
+Flags bins whose photographed count likely disagrees with the inventory record, for a person to check.
+It is not an exact counter: labels are inventory records, not counts made from the photo, so some are
+wrong; items hidden under others or by the bin's tape cannot be seen; bins with counts outside
+{classes} are out of scope and will be reported as the nearest class. Accuracy on photos from other
+cameras, lighting or bin types is unknown.
+"""
+
+
+def write_model_card(model_dir: Path, spec: ModelSpec, metrics: dict[str, Any]) -> Path:
+    """Write ``MODEL_CARD.md`` atomically."""
+    return atomic_write_text(Path(model_dir) / CARD_FILE, render_model_card(spec, metrics))

@@ -1,0 +1,548 @@
+"""Publish an exported model to a model store in the layout KServe's storage initializer expects.
+
+``<store>/<model-name>/<version>/`` receives ``model.json``, ``model.onnx`` (plus the int8 variant, the
+model card and ``metrics.json`` when present). The storage initializer downloads that prefix into
+``/mnt/models`` and the model server reads it with ``--model_dir=/mnt/models``. Next to the versions,
+``<store>/<model-name>/versions.json`` lists every published version (newest last) so a deploy script
+or a person can find the latest one without listing the bucket.
+
+A store is ``s3://bucket/prefix`` (any S3 API: AWS, MinIO, moto; ``--endpoint-url`` for non-AWS) or
+a local directory. Versions are immutable: publishing an existing version fails unless ``force``.
+Local publishes are atomic (staged in a temp dir, then renamed); S3 publishes upload ``model.json``
+last, so a reader that finds ``model.json`` finds a complete model.
+
+Also renders ``inferenceservice.yaml`` (``serving.kserve.io/v1beta1``) pointing at the version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from components import __version__
+from components.common import (
+    ConfigError,
+    atomic_write_json,
+    atomic_write_text,
+    format_table,
+    read_json,
+    setup_logging,
+)
+from components.modelspec import MODEL_JSON, load_model_spec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "inventory-counter"
+DEFAULT_SERVING_IMAGE = f"inventory-monitor/serving:{__version__}"
+#: The predictor's service account in k8s/base: its Secret holds the storage initializer's S3 keys.
+DEFAULT_SERVICE_ACCOUNT = "inventory-counter"
+MANIFEST_FILE = "inferenceservice.yaml"
+VERSIONS_FILE = "versions.json"
+#: Files copied besides the ONNX model(s) when the model directory has them (small, useful to humans).
+EXTRA_FILES: tuple[str, ...] = ("MODEL_CARD.md", "metrics.json")
+# The model name becomes the InferenceService name: a DNS-1035 label.
+_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+# A version is a path segment and a label value: conservative characters, at most 63.
+_VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """Where the model went: ``uri`` is the storageUri for KServe (``s3://…`` or a local path)."""
+
+    uri: str
+    version: str
+    manifest_path: Path
+    model_name: str = DEFAULT_MODEL_NAME
+    files: tuple[str, ...] = ()
+    index_uri: str = ""
+    sha256: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Store:
+    kind: str  # "s3" | "local"
+    bucket: str = ""
+    prefix: str = ""
+    root: Path | None = None
+
+
+def parse_store(store: str) -> _Store:
+    """``s3://bucket[/prefix]`` or a local directory (``file://`` accepted); anything else is an error."""
+    if not store or not store.strip():
+        raise ConfigError("--store is empty: pass s3://bucket/prefix or a local directory")
+    if store.startswith("s3://"):
+        rest = store[len("s3://") :]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ConfigError(f"--store {store!r} has no bucket: use s3://bucket/prefix")
+        return _Store(kind="s3", bucket=bucket, prefix=prefix.strip("/"))
+    if "://" in store and not store.startswith("file://"):
+        raise ConfigError(f"--store {store!r}: only s3://bucket/prefix or a local directory are supported")
+    path = store[len("file://") :] if store.startswith("file://") else store
+    return _Store(kind="local", root=Path(path).expanduser().resolve())
+
+
+def validate_model_name(name: str) -> str:
+    """The model name is also the InferenceService name, so it must be a DNS-1035 label."""
+    if not _NAME_RE.match(name or ""):
+        raise ConfigError(
+            f"--model-name {name!r} is not valid: use lowercase letters, digits and '-', starting with a "
+            "letter, at most 63 characters (it becomes the InferenceService name)"
+        )
+    return name
+
+
+def validate_version(version: str) -> str:
+    """A version is a path segment and a Kubernetes label value."""
+    if not _VERSION_RE.match(version or ""):
+        raise ConfigError(
+            f"--version {version!r} is not valid: use letters, digits, '.', '_' or '-', at most 63 "
+            "characters, starting and ending with a letter or digit"
+        )
+    return version
+
+
+def model_files(model_dir: Path) -> list[str]:
+    """The files of ``model_dir`` that make up the served model (``model.json`` last)."""
+    spec = load_model_spec(model_dir)
+    files = [spec.onnx_file]
+    if spec.onnx_int8_file:
+        if not (model_dir / spec.onnx_int8_file).is_file():
+            raise ConfigError(
+                f"model.json names {spec.onnx_int8_file} but {model_dir / spec.onnx_int8_file} is missing"
+            )
+        files.append(spec.onnx_int8_file)
+    files += [f for f in EXTRA_FILES if (model_dir / f).is_file()]
+    files.append(MODEL_JSON)
+    return files
+
+
+def content_hash(model_dir: Path, files: Sequence[str]) -> str:
+    """SHA-256 over the model's files (names and bytes), so equal models get equal hashes."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0")
+        with open(model_dir / name, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def default_version(digest: str, now: datetime | None = None) -> str:
+    """``YYYYmmddTHHMMSSZ-<hash8>``: sorts by time, and the hash says which bytes it holds."""
+    now = now or datetime.now(UTC)
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{digest[:8]}"
+
+
+def render_inference_service(
+    *,
+    name: str,
+    storage_uri: str,
+    version: str,
+    image: str = DEFAULT_SERVING_IMAGE,
+    namespace: str | None = None,
+    service_account: str | None = None,
+) -> str:
+    """The InferenceService for a published version, in the shape of ``k8s/base/inferenceservice.yaml``.
+
+    A custom predictor container: KServe reads the model location from its ``STORAGE_URI`` env var, the
+    storage initializer downloads it into ``/mnt/models`` (with the S3 credentials of the predictor's
+    service account) and the server loads it from there.
+    """
+    ns = f"\n  namespace: {namespace}" if namespace else ""
+    sa = f"\n    serviceAccountName: {service_account}" if service_account else ""
+    cpu_limit = (
+        "\n            valueFrom:"
+        "\n              resourceFieldRef:"
+        "\n                containerName: kserve-container"
+        "\n                resource: limits.cpu"
+        '\n                divisor: "1"'
+    )
+    return f"""\
+# {name} version {version}, rendered by components.publish; apply with kubectl apply -f.
+apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: {name}{ns}
+  labels:
+    app.kubernetes.io/name: {name}
+    app.kubernetes.io/component: model-server
+    app.kubernetes.io/part-of: inventory-monitor
+    app.kubernetes.io/version: "{version}"
+  annotations:
+    serving.kserve.io/deploymentMode: Standard
+    serving.kserve.io/autoscalerClass: hpa
+spec:
+  predictor:{sa}
+    minReplicas: 1
+    maxReplicas: 3
+    autoScaling:
+      metrics:
+        - type: Resource
+          resource:
+            name: cpu
+            target:
+              type: Utilization
+              averageUtilization: 50
+    securityContext:
+      runAsNonRoot: true
+      runAsUser: 10001
+      runAsGroup: 10001
+      fsGroup: 10001
+      seccompProfile:
+        type: RuntimeDefault
+    containers:
+      - name: kserve-container
+        image: {image}
+        args:
+          - --model_dir=/mnt/models
+          - --model_name={name}
+          - --http_port=8080
+          - --intra_op_threads=$(CPU_LIMIT)
+          - --decode_threads=$(CPU_LIMIT)
+        env:
+          - name: STORAGE_URI
+            value: "{storage_uri}"
+          - name: CPU_LIMIT{cpu_limit}
+          - name: OMP_NUM_THREADS{cpu_limit}
+        ports:
+          - name: http1
+            containerPort: 8080
+            protocol: TCP
+        resources:
+          requests:
+            cpu: "2"
+            memory: 2Gi
+          limits:
+            cpu: "2"
+            memory: 2Gi
+        readinessProbe:
+          httpGet:
+            path: /v2/health/ready
+            port: 8080
+          periodSeconds: 5
+          timeoutSeconds: 2
+          failureThreshold: 3
+        livenessProbe:
+          httpGet:
+            path: /v2/health/live
+            port: 8080
+          initialDelaySeconds: 10
+          periodSeconds: 10
+          timeoutSeconds: 2
+          failureThreshold: 3
+        startupProbe:
+          httpGet:
+            path: /v2/health/live
+            port: 8080
+          periodSeconds: 2
+          failureThreshold: 60
+        securityContext:
+          runAsNonRoot: true
+          runAsUser: 10001
+          allowPrivilegeEscalation: false
+          readOnlyRootFilesystem: true
+          capabilities:
+            drop: ["ALL"]
+        volumeMounts:
+          - name: tmp
+            mountPath: /tmp
+    volumes:
+      - name: tmp
+        emptyDir:
+          sizeLimit: 64Mi
+"""
+
+
+def _s3_client(endpoint_url: str | None, store: str) -> Any:
+    """The ingest module's client (retries, pool); publishing writes, so it must be signed."""
+    from components.ingest import make_s3_client
+
+    client, unsigned = make_s3_client(endpoint_url=endpoint_url, workers=4)
+    if unsigned:
+        raise ConfigError(
+            f"no AWS credentials to write {store}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+            "AWS_PROFILE (on a cluster: the aws-credentials Secret)"
+        )
+    return client
+
+
+def _s3_error(e: Exception, store: str) -> ConfigError:
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(e, NoCredentialsError):
+        return ConfigError(
+            f"no AWS credentials for {store}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+        )
+    if isinstance(e, ClientError):
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "404"):
+            return ConfigError(f"bucket of {store} does not exist: create it or fix --store")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return ConfigError(f"access to {store} denied ({code}): check the credentials and bucket policy")
+        return ConfigError(f"S3 error on {store}: {code or e}")
+    return ConfigError(f"cannot reach {store}: {e}")
+
+
+def _spec_with_version(model_dir: Path, version: str, name: str) -> str:
+    """The published ``model.json``: the source spec with the published name and version filled in."""
+    import json
+
+    data = read_json(model_dir / MODEL_JSON)
+    data["version"] = version
+    data["name"] = name
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _index_entry(version: str, uri: str, digest: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "version": version,
+        "uri": uri,
+        "sha256": digest,
+        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
+    }
+
+
+def _merge_index(index: dict[str, Any] | None, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    index = index or {"model_name": name, "versions": []}
+    versions = [v for v in index.get("versions", []) if v.get("version") != entry["version"]]
+    versions.append(entry)
+    return {"model_name": name, "latest": entry["version"], "versions": versions}
+
+
+def _publish_local(
+    model_dir: Path, root: Path, name: str, version: str, files: list[str], force: bool, model_json: str
+) -> Path:
+    parent = root / name
+    dest = parent / version
+    if dest.exists() and not force:
+        raise ConfigError(f"{dest} already exists: versions are immutable; pick another --version or --force")
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=parent))
+    try:
+        for f in files:
+            if f == MODEL_JSON:
+                (stage / f).write_text(model_json, encoding="utf-8")
+            else:
+                shutil.copyfile(model_dir / f, stage / f)
+        os.chmod(stage, 0o755)
+        if dest.exists():  # force: swap the old version out, then drop it
+            trash = Path(tempfile.mkdtemp(prefix=f".{version}.old.", dir=parent))
+            os.replace(dest, trash / version)
+            os.replace(stage, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(stage, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return dest
+
+
+def _publish_s3(
+    model_dir: Path,
+    store: _Store,
+    store_text: str,
+    name: str,
+    version: str,
+    files: list[str],
+    force: bool,
+    model_json: str,
+    endpoint_url: str | None,
+) -> tuple[str, Any]:
+    base = "/".join(p for p in (store.prefix, name, version) if p)
+    try:
+        s3 = _s3_client(endpoint_url, store_text)
+        existing = s3.list_objects_v2(Bucket=store.bucket, Prefix=base + "/")
+        old_keys = [o["Key"] for o in existing.get("Contents", [])]
+        if old_keys and not force:
+            raise ConfigError(
+                f"s3://{store.bucket}/{base}/ already exists: versions are immutable; pick another "
+                "--version or --force"
+            )
+        new_keys = set()
+        for f in files:  # model.json is last in ``files``: it marks the version complete
+            key = f"{base}/{f}"
+            new_keys.add(key)
+            if f == MODEL_JSON:
+                s3.put_object(Bucket=store.bucket, Key=key, Body=model_json.encode("utf-8"))
+            else:
+                s3.upload_file(str(model_dir / f), store.bucket, key)
+        stale = [{"Key": k} for k in old_keys if k not in new_keys]
+        if stale:
+            s3.delete_objects(Bucket=store.bucket, Delete={"Objects": stale})
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise _s3_error(e, store_text) from e
+    return f"s3://{store.bucket}/{base}", s3
+
+
+def _read_s3_index(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    import json
+
+    from botocore.exceptions import ClientError
+
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        log.warning("s3://%s/%s is not valid JSON; starting a new index", bucket, key)
+        return None
+
+
+def publish(
+    model_dir: str | os.PathLike[str],
+    store: str,
+    *,
+    model_name: str = DEFAULT_MODEL_NAME,
+    version: str | None = None,
+    endpoint_url: str | None = None,
+    force: bool = False,
+    manifest_path: str | os.PathLike[str] | None = None,
+    image: str = DEFAULT_SERVING_IMAGE,
+    namespace: str | None = None,
+    service_account: str | None = DEFAULT_SERVICE_ACCOUNT,
+) -> PublishResult:
+    """Copy the exported model in ``model_dir`` to ``<store>/<model_name>/<version>/``.
+
+    Returns where it went and the rendered InferenceService manifest (``manifest_path``, default
+    ``<store>/<model_name>/<version>.inferenceservice.yaml`` for a local store, else
+    ``./<model_name>-<version>.inferenceservice.yaml``).
+    """
+    model_dir = Path(model_dir)
+    validate_model_name(model_name)
+    parsed = parse_store(store)
+    files = model_files(model_dir)  # validates model.json + ONNX presence
+    spec = load_model_spec(model_dir)
+    digest = content_hash(model_dir, files)
+    version = validate_version(version) if version else default_version(digest)
+    model_json = _spec_with_version(model_dir, version, model_name)
+
+    if parsed.kind == "local":
+        assert parsed.root is not None
+        dest = _publish_local(model_dir, parsed.root, model_name, version, files, force, model_json)
+        uri = str(dest)
+        index_path = parsed.root / model_name / VERSIONS_FILE
+        index = read_json(index_path) if index_path.is_file() else None
+        entry = _index_entry(version, uri, digest, spec.metrics)
+        atomic_write_json(index_path, _merge_index(index, model_name, entry))
+        index_uri = str(index_path)
+        default_manifest = parsed.root / model_name / f"{version}.{MANIFEST_FILE}"
+    else:
+        uri, s3 = _publish_s3(
+            model_dir, parsed, store, model_name, version, files, force, model_json, endpoint_url
+        )
+        import json
+
+        key = "/".join(p for p in (parsed.prefix, model_name, VERSIONS_FILE) if p)
+        try:
+            index = _read_s3_index(s3, parsed.bucket, key)
+            merged = _merge_index(index, model_name, _index_entry(version, uri, digest, spec.metrics))
+            body = (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode("utf-8")
+            s3.put_object(Bucket=parsed.bucket, Key=key, Body=body)
+        except Exception as e:
+            raise _s3_error(e, store) from e
+        index_uri = f"s3://{parsed.bucket}/{key}"
+        default_manifest = Path.cwd() / f"{model_name}-{version}.{MANIFEST_FILE}"
+
+    manifest = Path(manifest_path) if manifest_path else default_manifest
+    atomic_write_text(
+        manifest,
+        render_inference_service(
+            name=model_name,
+            storage_uri=uri,
+            version=version,
+            image=image,
+            namespace=namespace,
+            service_account=service_account,
+        ),
+    )
+    log.info("published %s version %s to %s", model_name, version, uri)
+    return PublishResult(
+        uri=uri,
+        version=version,
+        manifest_path=manifest,
+        model_name=model_name,
+        files=tuple(files),
+        index_uri=index_uri,
+        sha256=digest,
+        metrics=dict(spec.metrics),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m components.publish",
+        description="Copy an exported model to a model store (s3://… or a directory) and render its "
+        "KServe InferenceService manifest.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="exported model dir (model.json + model.onnx)")
+    p.add_argument("--store", required=True, help="s3://bucket/prefix or a local directory")
+    p.add_argument("--endpoint-url", default=None, help="S3 API endpoint for MinIO/moto (default: AWS)")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model and InferenceService name")
+    p.add_argument("--version", default=None, help="version (default: UTC timestamp + content hash)")
+    p.add_argument("--force", action="store_true", help="replace an existing version")
+    p.add_argument("--manifest", type=Path, default=None, help="where to write inferenceservice.yaml")
+    p.add_argument("--image", default=DEFAULT_SERVING_IMAGE, help="serving image in the manifest")
+    p.add_argument("--namespace", default=None, help="namespace in the manifest (default: none)")
+    p.add_argument(
+        "--service-account",
+        default=DEFAULT_SERVICE_ACCOUNT,
+        help="predictor service account whose Secret has the S3 keys ('' for none)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        result = publish(
+            args.model,
+            args.store,
+            model_name=args.model_name,
+            version=args.version,
+            endpoint_url=args.endpoint_url,
+            force=args.force,
+            manifest_path=args.manifest,
+            image=args.image,
+            namespace=args.namespace,
+            service_account=args.service_account or None,
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = [
+        ("model", result.model_name),
+        ("version", result.version),
+        ("storageUri", result.uri),
+        ("files", ", ".join(result.files)),
+        ("versions index", result.index_uri),
+        ("manifest", result.manifest_path),
+    ]
+    print(format_table(rows, headers=("published", "value")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,821 @@
+"""Train the ResNet18 item counter and export it in the serving contract.
+
+``python -m components.train --train train.csv --val val.csv --out MODEL_DIR [--weights none]
+[--head ordinal] [--image-size 224] [--epochs E] [--batch-size B] [--lr LR] [--device auto] [--resume]``
+
+Images are decoded once into a uint8 cache (:mod:`components.data`), augmented and normalized on the
+training device, and trained with bf16 autocast + channels_last on CUDA. The model is selected on the
+validation set only (the test set is never looked at here unless ``--test`` is given, and then only
+reported). Each epoch ends with an atomic checkpoint, so ``--resume`` continues an interrupted run and a
+finished one is not retrained. The output directory holds ``model.onnx``, ``model.pt``, ``model.json``,
+``metrics.json``, ``confusion_matrix.png``, ``training_curves.png`` and ``MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.common import ConfigError, atomic_write_json, format_table, parse_int_list, setup_logging
+from components.data import DeviceImages, augment_batch, build_cache, data_hash, normalize_batch
+from components.evaluate import count_metrics
+from components.manifest import load_labelled
+from components.model import build_model, decode_outputs, export_onnx
+from components.modelspec import (
+    DEFAULT_CLASSES,
+    HEADS,
+    ONNX_FILE,
+    STATE_DICT_FILE,
+    ModelSpec,
+    validate_classes,
+)
+from components.preprocess import PreprocessSpec
+
+LOG = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+#: Written last, after the export: its presence means the run is complete and need not be retrained.
+DONE_FILE = "checkpoint.json"
+METRICS_FILE = "metrics.json"
+CURVES_PNG = "training_curves.png"
+CONFUSION_PNG = "confusion_matrix.png"
+SELECTION_METRICS = ("val_accuracy", "val_rmse", "val_loss")
+OnEpoch = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; saved in the checkpoint and in ``model.json`` (params)."""
+
+    train_csv: Path
+    val_csv: Path
+    out_dir: Path
+    data_root: Path | None = None
+    test_csv: Path | None = None
+    classes: tuple[int, ...] = DEFAULT_CLASSES
+    head: str = "ordinal"
+    weights: str = "none"
+    image_size: int = 224
+    epochs: int = 60
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    aug_strength: float = 1.0
+    warmup_frac: float = 0.1
+    ema: float = 0.0
+    patience: int = 0
+    selection_metric: str = "val_accuracy"
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    num_threads: int | None = None
+    max_steps_per_epoch: int | None = None
+    limit: int | None = None
+    cache_dir: Path | None = None
+    decode_workers: int | None = None
+    compile: bool = False
+    channels_last: bool = True
+    amp: bool = True
+    eval_batch_size: int = 256
+    checkpoint_every: int = 1
+    model_name: str = "inventory-counter"
+    version: str = "0"
+    progress: bool = True
+    export: bool = True
+    tta: bool = False
+
+    def validate(self) -> None:
+        """Fail early, with a message that says how to fix the setting."""
+        self.classes = validate_classes(self.classes)
+        if self.head not in HEADS:
+            raise ConfigError(f"--head must be one of {list(HEADS)}, got {self.head!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.selection_metric not in SELECTION_METRICS:
+            raise ConfigError(f"--selection-metric must be one of {list(SELECTION_METRICS)}")
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (
+                0 <= self.label_smoothing < 1,
+                f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
+            ),
+            (0 <= self.aug_strength <= 3, f"--aug-strength must be in [0, 3], got {self.aug_strength}"),
+            (0 <= self.warmup_frac < 1, f"--warmup-frac must be in [0, 1), got {self.warmup_frac}"),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (self.patience >= 0, f"--patience must be >= 0 (0 = off), got {self.patience}"),
+            (16 <= self.image_size <= 1024, f"--image-size must be in [16, 1024], got {self.image_size}"),
+            (self.num_threads is None or self.num_threads >= 1, "--num-threads must be >= 1"),
+            (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "--max-steps-per-epoch >= 1"),
+            (self.limit is None or self.limit >= 1, "--limit must be >= 1"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        if self.weights not in ("none", "imagenet") and not Path(self.weights).is_file():
+            raise ConfigError(
+                f"--weights must be imagenet, none or an existing state-dict path; got {self.weights!r}"
+            )
+
+    def to_params(self) -> dict[str, Any]:
+        """JSON-ready settings (paths as strings)."""
+        return {
+            k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(self).items()
+        }
+
+
+@dataclass
+class TrainResult:
+    """What a caller (tune, the pipeline) needs from a finished run."""
+
+    model_dir: Path
+    metrics: dict[str, Any]
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def val_accuracy(self) -> float:
+        return float(self.metrics["val"]["accuracy"])
+
+    @property
+    def val_rmse(self) -> float:
+        return float(self.metrics["val"]["rmse"])
+
+
+# --------------------------------------------------------------------------------------- pieces
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; an unavailable explicit device is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r} is not a torch device (use auto, cpu, cuda, cuda:0)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch seeds (the augmentation has its own generator)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def loss_fn(
+    raw: torch.Tensor, target_index: torch.Tensor, head: str, num_classes: int, smoothing: float
+) -> torch.Tensor:
+    """Per head: CE with label smoothing; ordinal BCE over cumulative targets; smooth-L1 on the index."""
+    raw = raw.float()
+    if head == "classification":
+        return nn.functional.cross_entropy(raw, target_index, label_smoothing=smoothing)
+    if head == "ordinal":
+        k = torch.arange(num_classes - 1, device=raw.device)
+        target = (target_index[:, None] > k[None, :]).float()
+        if smoothing:
+            target = target * (1 - smoothing) + 0.5 * smoothing
+        return nn.functional.binary_cross_entropy_with_logits(raw, target)
+    return nn.functional.smooth_l1_loss(raw[:, 0], target_index.float())
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (nesterov) or AdamW; no weight decay on BatchNorm and bias parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup then cosine decay to ~0, stepped per batch."""
+    warm = max(1, int(cfg.warmup_frac * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class AverageModel(nn.Module):
+    """Mean raw output over several models and, with ``flips``, the four flips of the input.
+
+    Flip averaging (test-time augmentation) and ensembling live inside the exported graph, so the
+    served model and the evaluated model are the same thing.
+    """
+
+    def __init__(self, models: list[nn.Module], flips: bool = True) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.flips = flips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if self.flips else [x]
+        outs = [m(v) for m in self.models for v in views]
+        return torch.stack(outs).mean(dim=0)
+
+
+class Ema:
+    """Exponential moving average of weights and BN buffers (smoother selection on small val sets)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema = [v for v in self.model.state_dict().values() if v.dtype.is_floating_point]
+        cur = [v for v in model.state_dict().values() if v.dtype.is_floating_point]
+        torch._foreach_lerp_(ema, cur, 1 - self.decay)
+
+
+class Trainer:
+    """One model + optimizer + the train/eval steps; also used by the throughput benchmark."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, steps_total: int) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.channels_last = cfg.channels_last and self.cuda
+        self.amp = cfg.amp and self.cuda
+        self.spec = PreprocessSpec(image_size=cfg.image_size)
+        self.num_classes = len(cfg.classes)
+        weights = None if cfg.weights == "none" else cfg.weights
+        self.model = build_model(self.num_classes, cfg.head, weights).to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = make_optimizer(self.model, cfg)
+        self.sched = make_scheduler(self.opt, cfg, steps_total)
+        self.ema = Ema(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if cfg.compile:
+            self.forward = torch.compile(self.model)  # type: ignore[assignment]
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(cfg.seed)
+
+    def autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    def train_step(self, x_uint8: torch.Tensor, y_index: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a uint8 NHWC batch; returns the (device) loss without syncing."""
+        self.model.train()
+        x = augment_batch(x_uint8, self.spec, self.cfg.aug_strength, self.gen, self.channels_last)
+        with self.autocast():
+            raw = self.forward(x)
+        loss = loss_fn(raw, y_index, self.cfg.head, self.num_classes, self.cfg.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss.detach()
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def predict(self, images: DeviceImages, tta: bool = False) -> dict[str, np.ndarray]:
+        """Raw-loss, class index and expected index for every image (flip-averaged with ``tta``)."""
+        model: nn.Module = self.eval_model().eval()
+        if tta:
+            model = AverageModel([model], flips=True)
+        losses, idx, exp = [], [], []
+        order = torch.arange(len(images))
+        for start in range(0, len(images), self.cfg.eval_batch_size):
+            x_u8, y = images.batch(order[start : start + self.cfg.eval_batch_size])
+            x = normalize_batch(x_u8, self.spec, self.channels_last)
+            with self.autocast():
+                raw = model(x)
+            raw = raw.float()
+            yi = y - self.cfg.classes[0]
+            losses.append(loss_fn(raw, yi, self.cfg.head, self.num_classes, 0.0) * len(y))
+            _, index, expected = decode_outputs(raw, self.cfg.head, self.num_classes)
+            idx.append(index)
+            exp.append(expected)
+        return {
+            "loss": float(torch.stack(losses).sum().item() / len(images)),
+            "index": torch.cat(idx).cpu().numpy(),
+            "expected": torch.cat(exp).cpu().numpy(),
+        }
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _select_key(metrics: dict[str, float], name: str) -> tuple[float, float]:
+    """Larger is better: accuracy (tie-break RMSE), or negated RMSE / loss."""
+    if name == "val_accuracy":
+        return (metrics["val_accuracy"], -metrics["val_rmse"])
+    return (-metrics[name], metrics["val_accuracy"])
+
+
+def _limited(rows: list[Any], paths: list[Path], limit: int | None) -> tuple[list[Any], list[Path]]:
+    if limit is None or limit >= len(rows):
+        return rows, paths
+    rng = np.random.default_rng(0)
+    keep = np.sort(rng.permutation(len(rows))[:limit])
+    return [rows[i] for i in keep], [paths[i] for i in keep]
+
+
+def _load_split(csv: Path, cfg: TrainConfig, what: str) -> tuple[list[Any], list[Path]]:
+    rows, paths = load_labelled(csv, cfg.data_root)
+    outside = sorted({r.count for r in rows} - set(cfg.classes))
+    if outside:
+        raise ConfigError(
+            f"{what} manifest {csv} has counts {outside} outside --classes {list(cfg.classes)}; "
+            "filter it (components.ingest --classes) or widen --classes"
+        )
+    return _limited(rows, paths, cfg.limit)
+
+
+# --------------------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
+    """Train, select on validation, export. ``on_epoch(epoch, metrics)`` may raise to stop (pruning)."""
+    t_start = time.perf_counter()
+    cfg.validate()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    ckpt: dict[str, Any] | None = None
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        old = ckpt.get("args", {})
+        for key in ("head", "image_size", "classes", "epochs", "batch_size"):
+            new = cfg.to_params()[key]
+            if old.get(key) != new:
+                raise ConfigError(
+                    f"--resume: checkpoint {ckpt_path} was made with {key}={old.get(key)!r}, now {new!r}; "
+                    "use the same settings or a new --out"
+                )
+        done = out_dir / DONE_FILE
+        if done.is_file() and (out_dir / METRICS_FILE).is_file() and (out_dir / ONNX_FILE).is_file():
+            from components.common import read_json
+
+            LOG.info("%s already holds a finished run; not retraining", out_dir)
+            metrics = read_json(out_dir / METRICS_FILE)
+            return TrainResult(
+                out_dir,
+                {k: v for k, v in metrics.items() if k != "history"},
+                ckpt["best_epoch"],
+                ckpt["epoch"],
+                ckpt["stopped_early"],
+                ckpt["history"],
+                time.perf_counter() - t_start,
+            )
+    (out_dir / DONE_FILE).unlink(missing_ok=True)
+
+    train_rows, train_paths = _load_split(Path(cfg.train_csv), cfg, "train")
+    val_rows, val_paths = _load_split(Path(cfg.val_csv), cfg, "val")
+    train_cache = build_cache(
+        train_rows,
+        train_paths,
+        cfg.image_size,
+        cfg.cache_dir,
+        workers=cfg.decode_workers,
+        progress=cfg.progress,
+    )
+    val_cache = build_cache(
+        val_rows, val_paths, cfg.image_size, cfg.cache_dir, workers=cfg.decode_workers, progress=cfg.progress
+    )
+    train_images = DeviceImages(train_cache, device)
+    val_images = DeviceImages(val_cache, device)
+
+    n_train = len(train_images)
+    bs = min(cfg.batch_size, n_train)
+    steps = n_train // bs
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    trainer = Trainer(cfg, device, steps * cfg.epochs)
+    history: list[dict[str, float]] = []
+    start_epoch, best_key, best_epoch, best_state, stopped_early = 0, None, 0, None, False
+    if ckpt is not None:
+        trainer.model.load_state_dict(ckpt["model"])
+        trainer.opt.load_state_dict(ckpt["optimizer"])
+        trainer.sched.load_state_dict(ckpt["scheduler"])
+        if trainer.ema is not None and ckpt.get("ema") is not None:
+            trainer.ema.model.load_state_dict(ckpt["ema"])
+        trainer.gen.set_state(ckpt["generator"].to(trainer.gen.get_state().device))
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        best_key, best_epoch, best_state = ckpt["best_key"], ckpt["best_epoch"], ckpt["best_state"]
+        if best_state is None:  # the best epoch was the checkpointed one (not stored twice)
+            best_state = {k: v.detach().cpu().clone() for k, v in trainer.eval_model().state_dict().items()}
+        stopped_early = ckpt["stopped_early"]
+        LOG.info("resuming %s from epoch %d", out_dir, start_epoch)
+
+    LOG.info(
+        "training %s head on %d images (%d val) at %d px on %s, %d steps x %d epochs",
+        cfg.head,
+        n_train,
+        len(val_images),
+        cfg.image_size,
+        device,
+        steps,
+        cfg.epochs,
+    )
+    from tqdm.auto import tqdm
+
+    perm_gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(start_epoch):  # same shuffles as an uninterrupted run
+        torch.randperm(n_train, generator=perm_gen)
+    epoch = start_epoch
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="epochs", disable=not cfg.progress or stopped_early)
+    for epoch in bar:
+        if stopped_early:
+            break
+        perm = torch.randperm(n_train, generator=perm_gen)
+        if trainer.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for s in range(steps):
+            x, y = train_images.batch(perm[s * bs : (s + 1) * bs])
+            loss_sum += trainer.train_step(x, y - cfg.classes[0])
+        if trainer.cuda:
+            torch.cuda.synchronize()
+        train_seconds = time.perf_counter() - t0
+        pred = trainer.predict(val_images)
+        vm = count_metrics(
+            val_cache.counts, pred["index"] + cfg.classes[0], cfg.classes, pred["expected"] + cfg.classes[0]
+        )
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(loss_sum.item() / steps),
+            "val_loss": pred["loss"],
+            "val_accuracy": vm["accuracy"],
+            "val_rmse": vm["rmse"],
+            "val_mae": vm["mae"],
+            "lr": trainer.opt.param_groups[0]["lr"],
+            "train_images_per_s": steps * bs / max(train_seconds, 1e-9),
+        }
+        history.append(metrics)
+        key = _select_key(metrics, cfg.selection_metric)
+        if best_key is None or key > tuple(best_key):
+            best_key, best_epoch = key, epoch + 1
+            best_state = {k: v.detach().cpu().clone() for k, v in trainer.eval_model().state_dict().items()}
+        if cfg.patience and epoch + 1 - best_epoch >= cfg.patience:
+            stopped_early = True
+        bar.set_postfix(acc=f"{metrics['val_accuracy']:.3f}", rmse=f"{metrics['val_rmse']:.3f}")
+        last = stopped_early or epoch + 1 == cfg.epochs
+        if last or (epoch + 1) % cfg.checkpoint_every == 0 or on_epoch is not None:
+            _atomic_torch_save(
+                {
+                    "model": trainer.model.state_dict(),
+                    "ema": trainer.ema.model.state_dict() if trainer.ema is not None else None,
+                    "optimizer": trainer.opt.state_dict(),
+                    "scheduler": trainer.sched.state_dict(),
+                    "generator": trainer.gen.get_state(),
+                    "epoch": epoch + 1,
+                    "args": cfg.to_params(),
+                    "best_key": best_key,
+                    "best_epoch": best_epoch,
+                    "best_state": None if best_epoch == epoch + 1 else best_state,
+                    "history": history,
+                    "stopped_early": stopped_early,
+                },
+                ckpt_path,
+            )
+        if on_epoch is not None:
+            on_epoch(epoch + 1, dict(metrics))
+        if stopped_early:
+            LOG.info(
+                "early stop after epoch %d: best %s at epoch %d", epoch + 1, cfg.selection_metric, best_epoch
+            )
+            break
+
+    # Best weights -> final validation figures, export, reports.
+    final = trainer.eval_model()
+    assert best_state is not None
+    final.load_state_dict(best_state)
+    pred = trainer.predict(val_images, tta=cfg.tta)  # the exported graph's figures
+    val_metrics = count_metrics(
+        val_cache.counts, pred["index"] + cfg.classes[0], cfg.classes, pred["expected"] + cfg.classes[0]
+    )
+    val_metrics["loss"] = pred["loss"]
+    steady = [h["train_images_per_s"] for h in history[1:]] or [h["train_images_per_s"] for h in history]
+    metrics: dict[str, Any] = {
+        "val": val_metrics,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "selection_metric": cfg.selection_metric,
+        "n_train": n_train,
+        "n_val": len(val_images),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "train_images_per_s": float(np.median(steady)),
+        "train_seconds": time.perf_counter() - t_start,
+    }
+    if cfg.export:
+        _export(cfg, final, train_rows, metrics, history, out_dir)
+    atomic_write_json(
+        out_dir / DONE_FILE,
+        {
+            "finished": True,
+            "epochs_run": len(history),
+            "best_epoch": best_epoch,
+            "stopped_early": stopped_early,
+        },
+    )
+    return TrainResult(
+        out_dir, metrics, best_epoch, len(history), stopped_early, history, time.perf_counter() - t_start
+    )
+
+
+def _export(
+    cfg: TrainConfig,
+    model: nn.Module,
+    train_rows: list[Any],
+    metrics: dict[str, Any],
+    history: list[dict[str, float]],
+    out_dir: Path,
+) -> None:
+    """ONNX + state dict + model.json, then test figures (through the ONNX model), plots and card."""
+    from components.model_card import write_model_card
+    from components.plots import save_confusion_matrix, save_training_curves
+
+    model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    graph = AverageModel([model], flips=True) if cfg.tta else model
+    export_onnx(graph, cfg.head, cfg.classes, cfg.image_size, out_dir / ONNX_FILE)
+    _atomic_torch_save(model.state_dict(), out_dir / STATE_DICT_FILE)
+    spec = ModelSpec(
+        classes=cfg.classes,
+        head=cfg.head,
+        preprocess=PreprocessSpec(image_size=cfg.image_size),
+        name=cfg.model_name,
+        version=cfg.version,
+        training_data_sha256=data_hash(train_rows),
+        metrics={"val": {k: metrics["val"][k] for k in ("accuracy", "rmse", "mae", "n")}},
+        params=cfg.to_params(),
+    )
+    spec.save(out_dir)
+    if cfg.test_csv is not None:
+        from components.evaluate import evaluate
+
+        test = evaluate(
+            out_dir,
+            Path(cfg.test_csv),
+            out_dir / "test_eval",
+            data_root=cfg.data_root,
+            progress=cfg.progress,
+            num_threads=cfg.num_threads,
+        )
+        metrics["test"] = {
+            k: test[k] for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy", "confusion_matrix")
+        }
+        spec.metrics["test"] = {k: test[k] for k in ("accuracy", "rmse", "mae", "n")}
+        spec.save(out_dir)
+    save_confusion_matrix(
+        metrics["val"]["confusion_matrix"],
+        list(cfg.classes),
+        out_dir / CONFUSION_PNG,
+        title=f"validation (epoch {metrics['best_epoch']}): accuracy {metrics['val']['accuracy']:.3f}",
+    )
+    save_training_curves(history, out_dir / CURVES_PNG)
+    atomic_write_json(out_dir / METRICS_FILE, {**metrics, "history": history})
+    write_model_card(out_dir, spec, metrics)
+
+
+# --------------------------------------------------------------------------------------- benchmark
+
+
+def benchmark_throughput(
+    image_size: int = 224,
+    batch_size: int = 256,
+    steps: int = 50,
+    warmup: int = 10,
+    *,
+    device: str = "auto",
+    head: str = "ordinal",
+    compile: bool = False,
+    channels_last: bool = True,
+    amp: bool = True,
+    num_threads: int | None = None,
+) -> dict[str, Any]:
+    """Training images/s of the real train step (augmentation included) on synthetic uint8 batches."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    dev = resolve_device(device)
+    cfg = TrainConfig(
+        Path("."),
+        Path("."),
+        Path("."),
+        image_size=image_size,
+        batch_size=batch_size,
+        head=head,
+        compile=compile,
+        channels_last=channels_last,
+        amp=amp,
+        device=str(dev),
+    )
+    trainer = Trainer(cfg, dev, steps + warmup)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randint(
+        0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8, device=dev, generator=g
+    )
+    y = torch.randint(0, len(cfg.classes), (batch_size,), device=dev, generator=g)
+    t_compile = time.perf_counter()
+    for _ in range(warmup):
+        trainer.train_step(x, y)
+    if trainer.cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = trainer.train_step(x, y)
+    loss.item()
+    if trainer.cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {
+        "images_per_s": steps * batch_size / dt,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "warmup_seconds": t0 - t_compile,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "bf16_autocast": trainer.amp,
+        "channels_last": trainer.channels_last,
+        "compile": compile,
+        "head": head,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = TrainConfig(Path("."), Path("."), Path("."))
+    p = argparse.ArgumentParser(prog="python -m components.train", description=__doc__.split("\n")[0])
+    p.add_argument("--train", required=True, type=Path, help="training manifest CSV")
+    p.add_argument("--val", required=True, type=Path, help="validation manifest CSV (model selection)")
+    p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    p.add_argument(
+        "--test", type=Path, default=None, help="optional test manifest: reported, never selected on"
+    )
+    p.add_argument("--data-root", type=Path, default=None, help="directory the manifest paths are under")
+    p.add_argument(
+        "--classes", default=",".join(map(str, d.classes)), help="consecutive counts, e.g. 1,2,3,4,5"
+    )
+    p.add_argument("--head", default=d.head, choices=HEADS)
+    p.add_argument("--weights", default=d.weights, help="imagenet | none | PATH to a state dict")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--optimizer", default=d.optimizer, choices=("sgd", "adamw"))
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warmup then cosine)")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--aug-strength", type=float, default=d.aug_strength, help="0 = no augmentation")
+    p.add_argument("--warmup-frac", type=float, default=d.warmup_frac)
+    p.add_argument("--ema", type=float, default=d.ema, help="weight EMA decay per step (0 = off)")
+    p.add_argument("--patience", type=int, default=d.patience, help="early-stopping epochs (0 = off)")
+    p.add_argument("--selection-metric", default=d.selection_metric, choices=SELECTION_METRICS)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoint.pt")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="use at most N images per manifest (smoke runs)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="uint8 image cache (default ~/.cache/...)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    p.add_argument("--tta", action="store_true", help="average the 4 flips (validation and exported graph)")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints"
+    )
+    p.add_argument("--model-name", default=d.model_name)
+    p.add_argument("--version", default=d.version)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """argparse namespace -> validated TrainConfig."""
+    cfg = TrainConfig(
+        train_csv=args.train,
+        val_csv=args.val,
+        out_dir=args.out,
+        test_csv=args.test,
+        data_root=args.data_root,
+        classes=tuple(parse_int_list(args.classes, name="--classes")),
+        head=args.head,
+        weights=args.weights,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        aug_strength=args.aug_strength,
+        warmup_frac=args.warmup_frac,
+        ema=args.ema,
+        patience=args.patience,
+        selection_metric=args.selection_metric,
+        device=args.device,
+        seed=args.seed,
+        resume=args.resume,
+        num_threads=args.num_threads,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        limit=args.limit,
+        cache_dir=args.cache_dir,
+        compile=args.compile,
+        amp=args.amp,
+        eval_batch_size=args.eval_batch_size,
+        checkpoint_every=args.checkpoint_every,
+        tta=args.tta,
+        model_name=args.model_name,
+        version=args.version,
+        progress=args.progress,
+    )
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exits 2 with ``error: ...`` on configuration errors."""
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        result = train(config_from_args(args))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = [[f"val_{k}", result.metrics["val"][k]] for k in ("accuracy", "rmse", "mae")]
+    rows += [
+        [f"test_{k}", result.metrics["test"][k]]
+        for k in ("accuracy", "rmse", "mae")
+        if "test" in result.metrics
+    ]
+    rows += [
+        ["best_epoch", result.best_epoch],
+        ["epochs_run", result.epochs_run],
+        ["train_images_per_s", result.metrics.get("train_images_per_s", 0.0)],
+    ]
+    print(format_table(rows, ["metric", "value"]))
+    print(f"model written to {result.model_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,613 @@
+"""KFP v2 components: thin wrappers that call the same functions as ``python -m components.<step>``.
+
+Each function under "component bodies" is a lightweight-component body: KFP serializes its source, so
+it imports what it needs inside the body (the project is installed in the components image, and in the
+local venv). The bodies only map artifacts to paths, call the package function and record metadata;
+the shared glue (error notes, HTML reports) lives in plain helpers in this module, imported the same way.
+
+:func:`make_components` turns the bodies into components for a given image. With
+``install_kfp_package=False`` and no ``packages_to_install`` nothing is pip-installed when a task
+starts: on a cluster the image provides kfp and the project; locally (``kfp.local.SubprocessRunner``
+with ``use_venv=False``) the tasks run in the current venv, which stays untouched.
+
+This module deliberately does not use ``from __future__ import annotations``: KFP reads the
+annotations of the component functions at runtime to build their interfaces.
+"""
+
+import base64
+import html
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, NamedTuple  # noqa: UP035 - KFP reads typing.List annotations
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components import __version__
+
+DEFAULT_COMPONENTS_IMAGE = f"inventory-monitor/components:{__version__}"
+ERROR_NOTE = "step_error.json"
+
+
+# ------------------------------------------------------------------------------------- shared helpers
+
+
+@contextmanager
+def step_errors(step: str, output_path: str) -> Iterator[None]:
+    """Record a failing step's message next to its output, then re-raise.
+
+    KFP shows the traceback in the task's log; the note lets ``run_local`` print the step's own one-line
+    message at the end of a failed run instead of only "inner task failed".
+    """
+    try:
+        yield
+    except Exception as e:
+        note = Path(output_path).parent / ERROR_NOTE
+        try:
+            note.parent.mkdir(parents=True, exist_ok=True)
+            note.write_text(json.dumps({"step": step, "type": type(e).__name__, "message": str(e)}) + "\n")
+        except OSError:
+            pass
+        raise
+
+
+def png_data_uri(path: Path) -> str:
+    """Inline a PNG so an HTML artifact is self-contained (the KFP UI serves one file)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def html_report(
+    title: str, *, tables: dict[str, dict[str, Any]] | None = None, images: list[Path] = ()
+) -> str:
+    """A small self-contained HTML page: key/value tables and inlined PNG figures."""
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"]
+    parts.append(f"<h2>{html.escape(title)}</h2>")
+    for caption, table in (tables or {}).items():
+        rows = "".join(
+            f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>"
+            for k, v in table.items()
+        )
+        parts.append(f"<h3>{html.escape(caption)}</h3><table border='1' cellpadding='4'>{rows}</table>")
+    for img in images:
+        if Path(img).is_file():
+            parts.append(f"<p><img src='{png_data_uri(Path(img))}' alt='{html.escape(Path(img).stem)}'/></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def optional_int(value: int) -> int | None:
+    """Pipeline parameters cannot be None: 0 means "not set"."""
+    return value if value > 0 else None
+
+
+def study_name_for(run_id: str) -> str:
+    """One Optuna study per pipeline run (workers and select_best derive the same name)."""
+    return f"inventory-monitor-{run_id}"
+
+
+def resolve_storage(storage: str) -> str:
+    """The ``optuna_storage`` parameter, else ``$OPTUNA_STORAGE`` (a Kubernetes Secret on a cluster)."""
+    from components.common import ConfigError
+
+    url = storage or os.environ.get("OPTUNA_STORAGE", "")
+    if not url:
+        raise ConfigError(
+            "no Optuna storage: set the optuna_storage pipeline parameter or the OPTUNA_STORAGE env var "
+            "(on a cluster: the optuna-db Secret, key url)"
+        )
+    return url
+
+
+def make_tune_config(
+    out_dir: Path,
+    worker_id: str,
+    run_id: str,
+    optuna_storage: str,
+    n_trials: int,
+    data_root: str,
+    train_csv: str,
+    val_csv: str,
+    classes: str,
+    head: str,
+    weights: str,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    device: str,
+    num_threads: int,
+) -> Any:
+    """The :class:`components.tune.TuneConfig` every worker (and select_best) of a run shares.
+
+    Tuning searches the optimizer and augmentation settings; head, image size and batch size are
+    pipeline parameters, so they are fixed (a searched parameter in ``train_overrides`` is not searched).
+    """
+    from components.common import parse_int_list
+    from components.tune import TuneConfig
+
+    return TuneConfig(
+        train_csv=Path(train_csv),
+        val_csv=Path(val_csv),
+        out_dir=Path(out_dir),
+        n_trials=n_trials,
+        data_root=Path(data_root),
+        storage=resolve_storage(optuna_storage),
+        study_name=study_name_for(run_id),
+        epochs=epochs,
+        seed=seed,
+        worker_id=worker_id,
+        progress=False,
+        train_overrides={
+            "classes": tuple(parse_int_list(classes, name="classes")),
+            "head": head,
+            "weights": weights,
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "device": device,
+            "num_threads": optional_int(num_threads),
+            "seed": seed,
+        },
+    )
+
+
+def keep_tune_reports(result: Any, dest: Path) -> Path:
+    """Copy a worker's study reports (not the per-trial model dirs) into its output artifact."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in (
+        result.best_params_path,
+        result.trials_csv,
+        result.history_png,
+        result.intermediate_png,
+        result.importances_png,
+    ):
+        if src is not None and Path(src).is_file():
+            shutil.copy2(src, dest / Path(src).name)
+    return dest
+
+
+def train_overrides(best_params_json: str) -> dict[str, Any]:
+    """Tuned values for :class:`components.train.TrainConfig` (unknown names are an error, not ignored)."""
+    import dataclasses
+
+    from components.common import ConfigError
+    from components.train import TrainConfig
+
+    params = json.loads(best_params_json or "{}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ConfigError(f"tuned parameters {unknown} are not TrainConfig fields")
+    return params
+
+
+# ------------------------------------------------------------------------------------ component bodies
+
+
+def ingest(
+    source: str,
+    endpoint_url: str,
+    per_class: int,
+    classes: str,
+    dataset: Output[Dataset],
+    report: Output[Markdown],
+) -> int:
+    """Ingest ABID images into a Dataset directory (images/ + manifest.csv); returns the image count."""
+    from pathlib import Path
+
+    from components.common import parse_int_list
+    from components.ingest import ingest as run_ingest
+    from pipeline.components import optional_int, step_errors
+
+    with step_errors("ingest", dataset.path):
+        result = run_ingest(
+            source,
+            Path(dataset.path),
+            endpoint_url=endpoint_url or None,
+            per_class=optional_int(per_class),
+            classes=parse_int_list(classes, name="classes"),
+            progress=False,
+        )
+    dataset.metadata.update(
+        {
+            "n_images": result.n_images,
+            "counts": {str(k): v for k, v in result.counts.items()},
+            "source": source,
+        }
+    )
+    lines = ["# Ingest", "", f"Source: `{source}`", "", "| count | images |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(result.counts.items())]
+    reasons = ", ".join(f"{k}: {len(v)}" for k, v in result.skipped.items() if v) or "none"
+    lines += ["", f"Skipped: {result.n_skipped} ({reasons})"]
+    with open(report.path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return result.n_images
+
+
+def split(
+    dataset: Input[Dataset],
+    ratios: str,
+    seed: int,
+    train: Output[Dataset],
+    val: Output[Dataset],
+    test: Output[Dataset],
+    histogram: Output[HTML],
+):
+    """Stratified train/val/test manifests; their paths are relative to the ingest Dataset."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from components.common import parse_float_list
+    from components.manifest import read_manifest
+    from components.split import split_dataset
+    from pipeline.components import html_report, step_errors
+
+    data_root = Path(dataset.path)
+    with step_errors("split", train.path), tempfile.TemporaryDirectory() as tmp:
+        split_dataset(
+            data_root / "manifest.csv",
+            Path(tmp),
+            ratios=tuple(parse_float_list(ratios, name="split_ratios")),
+            seed=seed,
+            data_root=data_root,
+        )
+        tables = {}
+        for name, art in (("train", train), ("val", val), ("test", test)):
+            shutil.copyfile(Path(tmp) / f"{name}.csv", art.path)
+            rows = read_manifest(art.path)
+            counts: dict[str, int] = {}
+            for r in rows:
+                counts[str(r.count)] = counts.get(str(r.count), 0) + 1
+            art.metadata.update({"n_images": len(rows), "counts": dict(sorted(counts.items()))})
+            tables[f"{name}: {len(rows)} images"] = dict(sorted(counts.items()))
+        with open(histogram.path, "w", encoding="utf-8") as fh:
+            fh.write(html_report("Split", tables=tables, images=[Path(tmp) / "class_histogram.png"]))
+
+
+def worker_ids(n: int) -> List[int]:  # noqa: UP006 - KFP needs typing.List
+    """``[0, .., n-1]``: the ParallelFor items for ``n_tune_workers`` (a parameter, not a static list)."""
+    if n < 1:
+        raise ValueError(f"n_tune_workers must be >= 1, got {n}")
+    return list(range(n))
+
+
+def tune_worker(
+    worker: int,
+    run_id: str,
+    optuna_storage: str,
+    n_trials: int,
+    dataset: Input[Dataset],
+    train: Input[Dataset],
+    val: Input[Dataset],
+    classes: str,
+    head: str,
+    weights: str,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    device: str,
+    num_threads: int,
+    trials: Output[Dataset],
+) -> int:
+    """One parallel tuning worker: runs trials of the shared study until the study-wide budget is used."""
+    import tempfile
+    from pathlib import Path
+
+    from components.tune import tune as run_tuning
+    from pipeline.components import keep_tune_reports, make_tune_config, step_errors
+
+    with step_errors("tune", trials.path), tempfile.TemporaryDirectory() as scratch:
+        # trial model dirs stay in scratch space; only the study reports become the artifact
+        cfg = make_tune_config(
+            Path(scratch),
+            f"{run_id[:12]}-w{worker}",
+            run_id,
+            optuna_storage,
+            n_trials,
+            dataset.path,
+            train.path,
+            val.path,
+            classes,
+            head,
+            weights,
+            image_size,
+            batch_size,
+            epochs,
+            seed,
+            device,
+            num_threads,
+        )
+        result = run_tuning(cfg)
+        keep_tune_reports(result, Path(trials.path))
+    trials.metadata.update({"worker": worker, "study": cfg.study_name, "trials_run_here": result.n_run_here})
+    return int(result.n_run_here)
+
+
+def select_best(
+    trials_run: List[int],  # noqa: UP006 - KFP needs typing.List
+    run_id: str,
+    optuna_storage: str,
+    n_trials: int,
+    dataset: Input[Dataset],
+    train: Input[Dataset],
+    val: Input[Dataset],
+    classes: str,
+    head: str,
+    weights: str,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    device: str,
+    num_threads: int,
+    study: Output[Metrics],
+    report: Output[HTML],
+) -> str:
+    """The study's best parameters (JSON) for the final fit.
+
+    Runs the same ``components.tune.tune`` as the workers: with the budget used up it starts no trial
+    and only writes the reports for the whole study.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from components.common import ConfigError
+    from components.tune import tune as run_tuning
+    from pipeline.components import html_report, make_tune_config, step_errors
+
+    with step_errors("select-best", report.path), tempfile.TemporaryDirectory() as scratch:
+        cfg = make_tune_config(
+            Path(scratch),
+            f"{run_id[:12]}-select",
+            run_id,
+            optuna_storage,
+            n_trials,
+            dataset.path,
+            train.path,
+            val.path,
+            classes,
+            head,
+            weights,
+            image_size,
+            batch_size,
+            epochs,
+            seed,
+            device,
+            num_threads,
+        )
+        result = run_tuning(cfg)
+        if not result.best_params or result.best_value is None:
+            raise ConfigError(
+                f"study {cfg.study_name} has no completed trial ({result.n_failed} failed, {result.n_pruned} "
+                "pruned): see the tune_worker logs"
+            )
+        page = html_report(
+            f"Tuning: study {result.study_name}",
+            tables={
+                "best trial": {"trial": result.best_trial, "val_accuracy": result.best_value},
+                "best parameters": result.best_params,
+                "trials": {
+                    "complete": result.n_complete,
+                    "pruned": result.n_pruned,
+                    "failed": result.n_failed,
+                    "run by workers": sum(trials_run),
+                },
+            },
+            images=[result.history_png, result.intermediate_png, result.importances_png],
+        )
+    study.log_metric("best_val_accuracy", float(result.best_value))
+    study.log_metric("best_trial", float(result.best_trial))
+    study.log_metric("trials_complete", float(result.n_complete))
+    study.log_metric("trials_pruned", float(result.n_pruned))
+    study.log_metric("trials_failed", float(result.n_failed))
+    with open(report.path, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    return json.dumps(result.best_params, sort_keys=True)
+
+
+def train_model(
+    best_params: str,
+    dataset: Input[Dataset],
+    train: Input[Dataset],
+    val: Input[Dataset],
+    classes: str,
+    head: str,
+    weights: str,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    device: str,
+    num_threads: int,
+    model_name: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    curves: Output[HTML],
+    model_card: Output[Markdown],
+):
+    """The final fit with the tuned parameters; exports model.onnx + model.json into the Model."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from components.common import parse_int_list
+    from components.train import TrainConfig
+    from components.train import train as run_training
+    from pipeline.components import html_report, optional_int, step_errors, train_overrides
+
+    out = Path(model.path)
+    with step_errors("train", model.path):
+        cfg = TrainConfig(
+            train_csv=Path(train.path),
+            val_csv=Path(val.path),
+            out_dir=out,
+            data_root=Path(dataset.path),
+            classes=tuple(parse_int_list(classes, name="classes")),
+            head=head,
+            weights=weights,
+            image_size=image_size,
+            batch_size=batch_size,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            num_threads=optional_int(num_threads),
+            model_name=model_name,
+            progress=False,
+        )
+        for key, value in train_overrides(best_params).items():
+            setattr(cfg, key, value)
+        result = run_training(cfg)
+    val_metrics = result.metrics["val"]
+    for key in ("accuracy", "rmse", "mae"):
+        metrics.log_metric(f"val_{key}", float(val_metrics[key]))
+    metrics.log_metric("best_epoch", float(result.best_epoch))
+    model.metadata.update({"framework": "onnx", "image_size": image_size, "head": head, "classes": classes})
+    with open(curves.path, "w", encoding="utf-8") as fh:
+        fh.write(
+            html_report(
+                "Training",
+                tables={
+                    "validation": {k: val_metrics[k] for k in ("accuracy", "rmse", "mae", "n")},
+                    "parameters": json.loads(best_params or "{}"),
+                },
+                images=[out / "training_curves.png", out / "confusion_matrix.png"],
+            )
+        )
+    card = out / "MODEL_CARD.md"
+    if card.is_file():
+        shutil.copyfile(card, model_card.path)
+    else:
+        Path(model_card.path).write_text(f"# {model_name}\n\nNo model card was written.\n", encoding="utf-8")
+    # the resumable checkpoint is not part of the exported model
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def evaluate_model(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    test: Input[Dataset],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[HTML],
+) -> float:
+    """Score the exported ONNX model on the test split; returns the test accuracy (the publish gate)."""
+    import tempfile
+    from pathlib import Path
+
+    from components.evaluate import evaluate as run_evaluation
+    from pipeline.components import html_report, step_errors
+
+    with step_errors("evaluate", metrics.path), tempfile.TemporaryDirectory() as tmp:
+        m = run_evaluation(
+            Path(model.path), Path(test.path), Path(tmp), data_root=Path(dataset.path), progress=False
+        )
+        page = html_report(
+            "Test set",
+            tables={
+                "metrics": {k: m[k] for k in ("n", "accuracy", "rmse", "mae", "within_one") if k in m},
+                "per-class accuracy": m["per_class_accuracy"],
+            },
+            images=[Path(tmp) / "confusion_matrix.png"],
+        )
+    for key in ("accuracy", "rmse", "mae", "within_one"):
+        if key in m:
+            metrics.log_metric(f"test_{key}", float(m[key]))
+    confusion.log_confusion_matrix(
+        [str(label) for label in m["labels"]], [list(map(int, r)) for r in m["confusion_matrix"]]
+    )
+    with open(report.path, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    return float(m["accuracy"])
+
+
+def publish_model(
+    model: Input[Model],
+    test_accuracy: float,
+    model_store: str,
+    endpoint_url: str,
+    model_name: str,
+    model_version: str,
+    serving_image: str,
+    inference_service: Output[Artifact],
+    summary: Output[Markdown],
+) -> NamedTuple("PublishOutputs", [("storage_uri", str), ("version", str)]):
+    """Copy the model to the store (KServe layout); ``inference_service`` is the rendered manifest (YAML)."""
+    from collections import namedtuple
+    from pathlib import Path
+
+    from components.common import ConfigError
+    from components.publish import publish as run_publish
+    from pipeline.components import step_errors
+
+    with step_errors("publish", summary.path):
+        if not model_store:
+            raise ConfigError("model_store is empty: set it to s3://bucket/prefix or a directory")
+        result = run_publish(
+            Path(model.path),
+            model_store,
+            model_name=model_name,
+            version=model_version or None,
+            endpoint_url=endpoint_url or None,
+            manifest_path=Path(inference_service.path),
+            image=serving_image,
+        )
+    yaml_text = result.manifest_path.read_text(encoding="utf-8")
+    with open(summary.path, "w", encoding="utf-8") as fh:
+        fh.write(
+            f"# {model_name} {result.version}\n\nTest accuracy {test_accuracy:.4f}. Published to "
+            f"`{result.uri}`.\n\n```yaml\n{yaml_text}```\n"
+        )
+    info = {"storage_uri": result.uri, "version": result.version, "index": result.index_uri}
+    summary.metadata.update(info)
+    inference_service.metadata.update(info)
+    outputs = namedtuple("PublishOutputs", ["storage_uri", "version"])
+    return outputs(result.uri, result.version)
+
+
+# ------------------------------------------------------------------------------------------ factory
+
+
+@dataclass(frozen=True)
+class Components:
+    """The pipeline's components, built for one image."""
+
+    ingest: Callable[..., Any]
+    split: Callable[..., Any]
+    worker_ids: Callable[..., Any]
+    tune_worker: Callable[..., Any]
+    select_best: Callable[..., Any]
+    train: Callable[..., Any]
+    evaluate: Callable[..., Any]
+    publish: Callable[..., Any]
+
+
+def make_components(image: str = DEFAULT_COMPONENTS_IMAGE) -> Components:
+    """Wrap the bodies above as KFP components that run in ``image`` and pip-install nothing."""
+
+    def build(func: Callable[..., Any]) -> Callable[..., Any]:
+        return dsl.component(base_image=image, install_kfp_package=False, packages_to_install=[])(func)
+
+    return Components(
+        ingest=build(ingest),
+        split=build(split),
+        worker_ids=build(worker_ids),
+        tune_worker=build(tune_worker),
+        select_best=build(select_best),
+        train=build(train_model),
+        evaluate=build(evaluate_model),
+        publish=build(publish_model),
+    )

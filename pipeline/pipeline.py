@@ -1,0 +1,211 @@
+"""The KFP v2 pipeline: ingest -> split -> parallel tuning -> select best -> train -> evaluate -> publish.
+
+::
+
+    ingest ─► split ─┬─► ParallelFor(worker_ids(n_tune_workers)): tune_worker  ─┐  (one Optuna study)
+                     │                                                          ▼
+                     └────────────────────────────────────────► select_best ─► train_model
+                                                                                  │
+                                  dsl.If(test accuracy >= accuracy_threshold) ◄─ evaluate_model
+                                                 └─► publish_model
+
+The graph is the same locally and on a cluster. What differs is decided at build time
+(:func:`build_pipeline`): the image, GPU requests for tune/train, and the Kubernetes Secrets (Optuna's
+database URL, S3 credentials) attached with ``kfp-kubernetes``, and ingest's retries. ``kfp.local``
+ignores resources and Kubernetes settings (it honours retries, so ``run_local`` turns them off), so one
+definition serves both. (No ``from __future__ import annotations``: KFP
+reads the pipeline signature's annotations at runtime.)
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kfp import dsl, kubernetes
+
+from components import __version__
+from pipeline.components import DEFAULT_COMPONENTS_IMAGE, make_components
+
+PIPELINE_NAME = "inventory-monitor"
+PIPELINE_DESCRIPTION = (
+    "Train and publish the ABID bin item counter: ingest, split, parallel Optuna tuning, final fit, "
+    "ONNX evaluation on the test split, and a gated publish in the KServe storage layout."
+)
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Compile-time settings: KFP fixes these in the pipeline spec, so they are not run parameters."""
+
+    image: str = DEFAULT_COMPONENTS_IMAGE
+    gpu: bool = False
+    tune_parallelism: int = 2
+    optuna_secret: str | None = "optuna-db"
+    optuna_secret_key: str = "url"
+    s3_secret: str | None = "aws-credentials"
+    image_pull_policy: str = "IfNotPresent"
+    #: retries of ingest (S3 hiccups on a cluster); kfp.local honours them too, so run_local sets 0
+    ingest_retries: int = 3
+
+
+def _k8s(task: Any, opts: BuildOptions) -> Any:
+    if opts.image_pull_policy:
+        kubernetes.set_image_pull_policy(task, opts.image_pull_policy)
+    return task
+
+
+def _with_s3_credentials(task: Any, opts: BuildOptions) -> Any:
+    """Optional Secret: the public bucket needs none, a private bucket or the model store does."""
+    if opts.s3_secret:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=opts.s3_secret,
+            secret_key_to_env={
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            },
+            optional=True,
+        )
+    return task
+
+
+def _with_optuna_storage(task: Any, opts: BuildOptions) -> Any:
+    if opts.optuna_secret:
+        kubernetes.use_secret_as_env(
+            task, secret_name=opts.optuna_secret, secret_key_to_env={opts.optuna_secret_key: "OPTUNA_STORAGE"}
+        )
+    return task
+
+
+def _trainer_resources(task: Any, opts: BuildOptions) -> Any:
+    if opts.gpu:
+        task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("16G").set_memory_limit("32G")
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+        kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    else:
+        task.set_cpu_request("2").set_cpu_limit("4").set_memory_request("4G").set_memory_limit("8G")
+    return task
+
+
+def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
+    """The ``@dsl.pipeline`` function for ``opts``; its parameters are documented in pipeline.profiles."""
+    opts = opts or BuildOptions()
+    c = make_components(opts.image)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
+    def inventory_pipeline(
+        source: str = "s3://aft-vbi-pds",
+        endpoint_url: str = "",
+        per_class: int = 15,
+        classes: str = "1,2,3,4,5",
+        split_ratios: str = "0.7,0.15,0.15",
+        seed: int = 0,
+        head: str = "ordinal",
+        weights: str = "none",
+        image_size: int = 40,
+        batch_size: int = 16,
+        epochs: int = 2,
+        tune_trials: int = 3,
+        tune_epochs: int = 1,
+        n_tune_workers: int = 2,
+        optuna_storage: str = "",
+        device: str = "cpu",
+        num_threads: int = 1,
+        accuracy_threshold: float = 0.0,
+        model_store: str = "",
+        model_name: str = "inventory-counter",
+        model_version: str = "",
+        serving_image: str = f"inventory-monitor/serving:{__version__}",
+    ) -> None:
+        ingest = c.ingest(source=source, endpoint_url=endpoint_url, per_class=per_class, classes=classes)
+        ingest.set_display_name("ingest ABID images")
+        if opts.ingest_retries:
+            ingest.set_retry(
+                num_retries=opts.ingest_retries,
+                backoff_duration="15s",
+                backoff_factor=2.0,
+                backoff_max_duration="300s",
+            )
+        ingest.set_cpu_request("1").set_cpu_limit("2").set_memory_request("1G").set_memory_limit("4G")
+        ingest.set_caching_options(True)
+        _with_s3_credentials(_k8s(ingest, opts), opts)
+        data = ingest.outputs["dataset"]
+
+        split = c.split(dataset=data, ratios=split_ratios, seed=seed)
+        split.set_display_name("stratified split")
+        split.set_cpu_limit("1").set_memory_limit("1G").set_caching_options(True)
+        _k8s(split, opts)
+        train_csv, val_csv, test_csv = split.outputs["train"], split.outputs["val"], split.outputs["test"]
+
+        workers = c.worker_ids(n=n_tune_workers)
+        workers.set_display_name("tuning workers").set_cpu_limit("500m").set_memory_limit("256M")
+        workers.set_caching_options(True)
+        _k8s(workers, opts)
+
+        tuning = {
+            "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            "optuna_storage": optuna_storage,
+            "n_trials": tune_trials,
+            "dataset": data,
+            "train": train_csv,
+            "val": val_csv,
+            "classes": classes,
+            "head": head,
+            "weights": weights,
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "epochs": tune_epochs,
+            "seed": seed,
+            "device": device,
+            "num_threads": num_threads,
+        }
+        with dsl.ParallelFor(workers.output, parallelism=opts.tune_parallelism) as worker:
+            tune = c.tune_worker(worker=worker, **tuning)
+            tune.set_display_name("tune (Optuna worker)").set_caching_options(False)
+            _with_optuna_storage(_trainer_resources(_k8s(tune, opts), opts), opts)
+
+        best = c.select_best(trials_run=dsl.Collected(tune.outputs["Output"]), **tuning)
+        best.set_display_name("best parameters").set_cpu_limit("1").set_memory_limit("1G")
+        best.set_caching_options(False)
+        _with_optuna_storage(_k8s(best, opts), opts)
+
+        train = c.train(
+            best_params=best.outputs["Output"],
+            dataset=data,
+            train=train_csv,
+            val=val_csv,
+            classes=classes,
+            head=head,
+            weights=weights,
+            image_size=image_size,
+            batch_size=batch_size,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            num_threads=num_threads,
+            model_name=model_name,
+        )
+        train.set_display_name("train with the best parameters").set_caching_options(False)
+        _trainer_resources(_k8s(train, opts), opts)
+
+        evaluate = c.evaluate(model=train.outputs["model"], dataset=data, test=test_csv)
+        evaluate.set_display_name("evaluate on test (ONNX)")
+        evaluate.set_cpu_limit("2").set_memory_limit("4G").set_caching_options(True)
+        _k8s(evaluate, opts)
+
+        with dsl.If(evaluate.outputs["Output"] >= accuracy_threshold, name="accuracy-gate"):
+            publish = c.publish(
+                model=train.outputs["model"],
+                test_accuracy=evaluate.outputs["Output"],
+                model_store=model_store,
+                endpoint_url=endpoint_url,
+                model_name=model_name,
+                model_version=model_version,
+                serving_image=serving_image,
+            )
+            publish.set_display_name("publish to the model store").set_caching_options(False)
+            publish.set_cpu_limit("1").set_memory_limit("1G")
+            _with_s3_credentials(_k8s(publish, opts), opts)
+
+    return inventory_pipeline

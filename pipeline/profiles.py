@@ -1,0 +1,166 @@
+"""Presets of pipeline parameters: ``quick`` (a laptop CPU, minutes) and ``full`` (the standard run, GPU).
+
+A profile is only a dict of pipeline parameter values; every value can be overridden on the command line
+of ``run_local``/``compile``/``submit`` or in the KFP UI. :data:`PARAMETER_HELP` documents each parameter
+(the README table is derived from it) and :func:`pipeline_parameters` checks a profile plus overrides
+against the pipeline's signature, so a typo fails before anything runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from components import __version__
+from components.common import ConfigError
+
+#: What every pipeline parameter means (also the ``--help`` text and the README table).
+PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
+    {
+        "source": "where ABID is: s3://bucket[/prefix] (bin-images/, metadata/, file_list.json) or a local "
+        "directory in the same layout",
+        "endpoint_url": "S3 API endpoint for a non-AWS store (MinIO, moto), used by ingest and publish; "
+        "empty = AWS",
+        "per_class": "images per count class to ingest (0 = every image file_list.json lists)",
+        "classes": "the counts to learn, comma-separated consecutive integers",
+        "split_ratios": "train,val,test fractions (stratified by count)",
+        "seed": "seed for the split, training and the tuning sampler",
+        "head": "output head: classification, ordinal or regression",
+        "weights": "initial weights: imagenet (torchvision's, downloaded once) or none (random init)",
+        "image_size": "square input size in pixels (the whole frame is resized, never cropped)",
+        "batch_size": "training batch size",
+        "epochs": "epochs of the final fit with the best parameters",
+        "tune_trials": "Optuna trials in the whole study (shared by all tuning workers)",
+        "tune_epochs": "epochs per tuning trial (the pruner may stop a trial earlier)",
+        "n_tune_workers": "parallel tuning workers (dsl.ParallelFor) sharing one Optuna study",
+        "optuna_storage": "Optuna storage URL; empty = the OPTUNA_STORAGE env var (a Kubernetes Secret on a "
+        "cluster, a SQLite file under the run directory locally)",
+        "device": "training device: auto, cpu or cuda",
+        "num_threads": "CPU threads per training process (0 = torch's default)",
+        "accuracy_threshold": "publish only when test accuracy >= this (dsl.If)",
+        "model_store": "where publish copies the model: s3://bucket/prefix or a local directory",
+        "model_name": "model and InferenceService name",
+        "model_version": "published version; empty = UTC timestamp + content hash",
+        "serving_image": "serving image written into the rendered InferenceService manifest",
+    }
+)
+
+_COMMON: dict[str, Any] = {
+    "source": "s3://aft-vbi-pds",
+    "endpoint_url": "",
+    "classes": "1,2,3,4,5",
+    "split_ratios": "0.7,0.15,0.15",
+    "seed": 0,
+    "head": "ordinal",
+    "optuna_storage": "",
+    "model_name": "inventory-counter",
+    "model_version": "",
+    "serving_image": f"inventory-monitor/serving:{__version__}",
+}
+
+PROFILES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        # minutes on a 2-core laptop CPU: ~15 images per class at 40 px, 3 short trials, 2 epochs
+        "quick": MappingProxyType(
+            {
+                **_COMMON,
+                "per_class": 15,
+                "weights": "none",
+                "image_size": 40,
+                "batch_size": 16,
+                "epochs": 2,
+                "tune_trials": 3,
+                "tune_epochs": 1,
+                "n_tune_workers": 2,
+                "device": "cpu",
+                "num_threads": 1,
+                "accuracy_threshold": 0.0,
+                "model_store": "",
+            }
+        ),
+        # the standard subset (file_list.json, 10,441 images), 224 px, ImageNet weights, a GPU
+        "full": MappingProxyType(
+            {
+                **_COMMON,
+                "per_class": 0,
+                "weights": "imagenet",
+                "image_size": 224,
+                "batch_size": 64,
+                "epochs": 25,
+                "tune_trials": 24,
+                "tune_epochs": 6,
+                "n_tune_workers": 4,
+                "device": "auto",
+                "num_threads": 0,
+                "accuracy_threshold": 0.5,
+                "model_store": "s3://inventory-monitor-models",
+            }
+        ),
+    }
+)
+
+
+#: Compile-time settings per profile (see pipeline.pipeline.BuildOptions): GPU requests, tuning fan-out.
+BUILD_OPTIONS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "quick": MappingProxyType({"gpu": False, "tune_parallelism": 2}),
+        "full": MappingProxyType({"gpu": True, "tune_parallelism": 4}),
+    }
+)
+
+
+def profile_names() -> list[str]:
+    """The preset names, for argparse ``choices``."""
+    return sorted(PROFILES)
+
+
+def pipeline_parameters(profile: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The profile's parameters with ``overrides`` applied (``None`` values mean "keep the preset")."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}: choose one of {profile_names()}")
+    params = dict(PROFILES[profile])
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in params:
+            raise ConfigError(f"unknown pipeline parameter {key!r}; known: {sorted(params)}")
+        expected = type(params[key])
+        if expected is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a {expected.__name__}, got {value!r}")
+        params[key] = value
+    validate_parameters(params)
+    return params
+
+
+def validate_parameters(params: Mapping[str, Any]) -> None:
+    """Cheap checks that would otherwise fail minutes into a run, with the fix in the message."""
+    from components.common import parse_float_list, parse_int_list
+
+    parse_int_list(params["classes"], name="classes")
+    ratios = parse_float_list(params["split_ratios"], name="split_ratios")
+    if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
+        raise ConfigError(f"split_ratios must be three positive fractions summing to 1, got {ratios}")
+    for key in ("image_size", "batch_size", "epochs", "tune_epochs", "n_tune_workers"):
+        if params[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {params[key]}")
+    for key in ("per_class", "num_threads"):
+        if params[key] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {params[key]}")
+    if params["tune_trials"] < params["n_tune_workers"]:
+        raise ConfigError(
+            f"tune_trials ({params['tune_trials']}) must be >= n_tune_workers ({params['n_tune_workers']}): "
+            "every worker needs at least one trial"
+        )
+    if not 0.0 <= params["accuracy_threshold"] <= 1.0:
+        raise ConfigError(f"accuracy_threshold must be in [0, 1], got {params['accuracy_threshold']}")
+    if params["head"] not in ("classification", "ordinal", "regression"):
+        raise ConfigError(f"head must be classification, ordinal or regression, got {params['head']!r}")
+    if params["device"] not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {params['device']!r}")
+    if params["weights"] not in ("none", "imagenet"):
+        raise ConfigError(f"weights must be imagenet or none (random init), got {params['weights']!r}")
+    if not params["source"]:
+        raise ConfigError("source is empty: pass s3://bucket[/prefix] or a local ABID directory")

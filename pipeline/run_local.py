@@ -1,0 +1,299 @@
+"""Run the whole pipeline on this machine with ``kfp.local``: ``make run`` / ``python -m pipeline.run_local``.
+
+It executes the same compiled pipeline as a cluster (ParallelFor, Collected, dsl.If included) with
+``kfp.local.SubprocessRunner(use_venv=False)``: every task is a subprocess of the current venv, nothing
+is pip-installed. Artifacts go to ``RUN_DIR/kfp/<run>/<task>/``, the Optuna study to the SQLite file
+``RUN_DIR/optuna.db``, published models to ``RUN_DIR/models`` (unless ``--store``), and the final model
+is copied to ``RUN_DIR/model`` so ``python -m serving --model_dir RUN_DIR/model`` serves it.
+
+What differs from a cluster run: kfp.local ignores the Kubernetes settings (Secrets, GPU requests,
+tolerations, resources, image pull policy) and the image (tasks run in this venv); ingest is not retried
+(locally a failure is rarely transient, and its message should come at once); task caching is off;
+Optuna uses a SQLite file instead of PostgreSQL; kfp.local runs at most two tuning workers at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from components.common import ConfigError, format_table, setup_logging
+from pipeline.profiles import PARAMETER_HELP, pipeline_parameters, profile_names
+
+log = logging.getLogger(__name__)
+
+SERVED_FILES = ("model.json", "model.onnx", "model.int8.onnx", "MODEL_CARD.md", "metrics.json")
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or failed) local run produced, read back from the pipeline root."""
+
+    run_dir: Path
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task dir -> executor output
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def output(self, task: str) -> dict[str, Any]:
+        return self.tasks.get(task, {})
+
+    def artifact(self, task: str, name: str) -> dict[str, Any] | None:
+        arts = self.output(task).get("artifacts", {}).get(name, {}).get("artifacts", [])
+        return arts[0] if arts else None
+
+    def param(self, task: str, name: str = "Output") -> Any:
+        return self.output(task).get("parameterValues", {}).get(name)
+
+    @property
+    def published(self) -> bool:
+        return self.param("publish-model", "storage_uri") is not None
+
+
+def collect_run(run_dir: Path) -> RunSummary:
+    """Read every task's ``executor_output.json`` and ``step_error.json`` under ``run_dir``."""
+    from pipeline.components import ERROR_NOTE
+
+    summary = RunSummary(run_dir=run_dir)
+    for out in sorted(run_dir.rglob("executor_output.json")):
+        task = out.parent.relative_to(run_dir).as_posix()
+        try:
+            summary.tasks[task] = json.loads(out.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+    # tasks of a ParallelFor iteration or a nested DAG live in sub-directories: index them by name too
+    for task in list(summary.tasks):
+        summary.tasks.setdefault(task.rsplit("/", 1)[-1], summary.tasks[task])
+    for note in sorted(run_dir.rglob(ERROR_NOTE)):
+        try:
+            summary.errors.append(json.loads(note.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            summary.errors.append({"step": note.parent.name, "message": note.read_text(errors="replace")})
+    return summary
+
+
+def latest_run_dir(pipeline_root: Path, started: float) -> Path | None:
+    """The run directory kfp.local created after ``started`` (newest first)."""
+    runs = [p for p in pipeline_root.iterdir() if p.is_dir() and p.stat().st_mtime >= started - 1]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def install_model(src: Path, dest: Path) -> Path:
+    """Copy the servable files of ``src`` to ``dest`` atomically (a previous model is replaced)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".model.", dir=dest.parent))
+    try:
+        stage.chmod(0o755)  # mkdtemp is private; a containerized server runs as another user
+        for name in SERVED_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, stage / name)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=".model.old.", dir=dest.parent))
+            os.replace(dest, old / "model")
+            os.replace(stage, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return dest
+
+
+def _absolute_source(source: str) -> str:
+    if source.startswith("s3://"):
+        return source
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"--source {source!r} is neither s3://bucket[/prefix] nor an existing directory "
+            "(e.g. ../shared/abid with bin-images/ and metadata/)"
+        )
+    return str(path.resolve())
+
+
+def prepare_parameters(
+    profile: str, run_dir: Path, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Profile + overrides, with the local defaults: SQLite study and model store under ``run_dir``."""
+    overrides = dict(overrides or {})
+    params = pipeline_parameters(profile, overrides)
+    params["source"] = _absolute_source(params["source"])
+    if not overrides.get("optuna_storage"):
+        params["optuna_storage"] = f"sqlite:///{(run_dir / 'optuna.db').resolve()}"
+    store = overrides.get("model_store") or str(run_dir / "models")
+    params["model_store"] = store if store.startswith("s3://") else str(Path(store).expanduser().resolve())
+    return params
+
+
+def run_pipeline(params: Mapping[str, Any], run_dir: Path) -> RunSummary:
+    """Execute the pipeline with kfp.local; raises RuntimeError (with the step's message) on failure."""
+    from kfp import local
+
+    from pipeline.pipeline import BuildOptions, build_pipeline
+
+    pipeline_root = (run_dir / "kfp").resolve()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    pipeline_func = build_pipeline(
+        BuildOptions(optuna_secret=None, s3_secret=None, image_pull_policy="", ingest_retries=0)
+    )
+    started = time.time()
+    failure: Exception | None = None
+    with warnings.catch_warnings():
+        # the components image name does not contain "python": expected, the subprocess runner ignores it
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        # resources, display names etc. are cluster settings; kfp.local says so once per task
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        try:
+            pipeline_func(**params)
+        except RuntimeError as e:
+            failure = e
+    run = latest_run_dir(pipeline_root, started)
+    summary = collect_run(run) if run else RunSummary(run_dir=pipeline_root)
+    if failure is not None:
+        detail = "; ".join(f"{e.get('step')}: {e.get('message')}" for e in summary.errors)
+        raise RuntimeError(f"step failed: {detail}" if detail else str(failure)) from failure
+    return summary
+
+
+def summary_tables(summary: RunSummary, params: Mapping[str, Any], model_dir: Path | None) -> str:
+    """Metrics, best parameters and where every artifact is, as plain-text tables."""
+    metrics: list[tuple[str, Any]] = []
+    for task, name in (("train-model", "metrics"), ("evaluate-model", "metrics"), ("select-best", "study")):
+        art = summary.artifact(task, name)
+        metrics += sorted((k, v) for k, v in ((art or {}).get("metadata") or {}).items())
+    ingest = summary.artifact("ingest", "dataset")
+    if ingest:
+        metrics.insert(0, ("images ingested", ingest["metadata"].get("n_images")))
+    best = json.loads(summary.param("select-best") or "{}")
+    where: list[tuple[str, Any]] = []
+    for label, task, name in (
+        ("dataset (images + manifest)", "ingest", "dataset"),
+        ("train / val / test manifests", "split", "train"),
+        ("split histogram (HTML)", "split", "histogram"),
+        ("tuning report (HTML)", "select-best", "report"),
+        ("trained model", "train-model", "model"),
+        ("training curves (HTML)", "train-model", "curves"),
+        ("model card", "train-model", "model_card"),
+        ("test report (HTML)", "evaluate-model", "report"),
+    ):
+        art = summary.artifact(task, name)
+        if art:
+            uri = art["uri"]
+            where.append((label, str(Path(uri).parent) if name == "train" else uri))
+    where.append(("Optuna study", params.get("optuna_storage", "")))
+    if summary.published:
+        where.append(("published model", summary.param("publish-model", "storage_uri")))
+        isvc = summary.artifact("publish-model", "inference_service")
+        if isvc:
+            where.append(("InferenceService manifest", isvc["uri"]))
+    else:
+        where.append(("published model", f"not published (test accuracy < {params['accuracy_threshold']})"))
+    if model_dir is not None:
+        where.append(("servable model", f"{model_dir}  (python -m serving --model_dir {model_dir})"))
+    parts = [
+        format_table(metrics, ["metric", "value"]),
+        format_table(sorted(best.items()) or [("-", "-")], ["best parameter", "value"]),
+        format_table(where, ["artifact", "location"]),
+    ]
+    return "\n\n".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.run_local",
+        description="Run the inventory-monitor pipeline locally with kfp.local.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--profile", default="quick", choices=profile_names(), help="parameter preset")
+    p.add_argument("--source", default=None, help=PARAMETER_HELP["source"] + " (default: the profile's)")
+    p.add_argument("--out", type=Path, default=Path("runs/local"), help="run directory")
+    p.add_argument("--endpoint-url", default=None, help=PARAMETER_HELP["endpoint_url"])
+    p.add_argument("--per-class", type=int, default=None, help=PARAMETER_HELP["per_class"])
+    p.add_argument("--image-size", type=int, default=None, help=PARAMETER_HELP["image_size"])
+    p.add_argument("--epochs", type=int, default=None, help=PARAMETER_HELP["epochs"])
+    p.add_argument("--trials", type=int, default=None, help=PARAMETER_HELP["tune_trials"])
+    p.add_argument("--tune-epochs", type=int, default=None, help=PARAMETER_HELP["tune_epochs"])
+    p.add_argument("--workers", type=int, default=None, help=PARAMETER_HELP["n_tune_workers"])
+    p.add_argument(
+        "--accuracy-threshold", type=float, default=None, help=PARAMETER_HELP["accuracy_threshold"]
+    )
+    p.add_argument("--store", default=None, help=PARAMETER_HELP["model_store"] + " (default RUN_DIR/models)")
+    p.add_argument("--model-version", default=None, help=PARAMETER_HELP["model_version"])
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other pipeline parameter (repeatable), e.g. --param head=classification",
+    )
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.compile import parse_param_overrides
+
+    overrides = parse_param_overrides(args.param, args.profile)
+    overrides.update(
+        {
+            k: v
+            for k, v in {
+                "source": args.source,
+                "endpoint_url": args.endpoint_url,
+                "per_class": args.per_class,
+                "image_size": args.image_size,
+                "epochs": args.epochs,
+                "tune_trials": args.trials,
+                "tune_epochs": args.tune_epochs,
+                "n_tune_workers": args.workers,
+                "accuracy_threshold": args.accuracy_threshold,
+                "model_store": args.store,
+                "model_version": args.model_version,
+            }.items()
+            if v is not None
+        }
+    )
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    run_dir: Path = args.out.expanduser().resolve()
+    try:
+        params = prepare_parameters(args.profile, run_dir, overrides_from_args(args))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        summary = run_pipeline(params, run_dir)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    model_dir: Path | None = None
+    source_model = summary.param("publish-model", "storage_uri")
+    if not source_model or str(source_model).startswith("s3://"):
+        art = summary.artifact("train-model", "model")
+        source_model = art["uri"] if art else None
+    if source_model:
+        model_dir = install_model(Path(source_model), run_dir / "model")
+    print()
+    print(summary_tables(summary, params, model_dir))
+    print(f"\nprofile {args.profile}: finished in {time.perf_counter() - t0:.0f} s; run directory {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

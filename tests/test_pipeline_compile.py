@@ -1,0 +1,316 @@
+"""The compiled pipeline IR: tasks, edges, parameters, artifact types, ParallelFor, If, Kubernetes settings.
+
+Also the argument handling of ``pipeline.compile`` and ``pipeline.submit`` (submit is not run against a
+live KFP API here: only its validation, which happens before any network call).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline import compile as compile_cli
+from pipeline import submit as submit_cli
+from pipeline.pipeline import BuildOptions, build_pipeline
+from pipeline.profiles import PARAMETER_HELP, PROFILES, pipeline_parameters
+
+IMAGE = "registry.example/inventory-monitor/components:abc123"
+EXPECTED_ROOT_TASKS = {
+    "ingest",
+    "split",
+    "worker-ids",
+    "for-loop-1",
+    "select-best",
+    "train-model",
+    "evaluate-model",
+    "condition-2",
+}
+EXPECTED_EDGES = {
+    "ingest": set(),
+    "worker-ids": set(),
+    "split": {"ingest"},
+    "for-loop-1": {"ingest", "split", "worker-ids"},
+    "select-best": {"for-loop-1", "ingest", "split"},
+    "train-model": {"ingest", "select-best", "split"},
+    "evaluate-model": {"ingest", "split", "train-model"},
+    "condition-2": {"evaluate-model", "train-model"},
+}
+
+
+def _compile(tmp_path: Path, profile: str, *extra: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    out = tmp_path / f"{profile}.yaml"
+    assert compile_cli.main(["--profile", profile, "--out", str(out), "--image", IMAGE, *extra]) == 0
+    docs = list(yaml.safe_load_all(out.read_text()))
+    assert len(docs) == 2, "pipeline spec + Kubernetes platform spec"
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    return _compile(tmp_path_factory.mktemp("full"), "full")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    return _compile(tmp_path_factory.mktemp("quick"), "quick")
+
+
+def _output_types(spec: dict[str, Any], component: str) -> dict[str, str]:
+    arts = spec["components"][component].get("outputDefinitions", {}).get("artifacts", {})
+    return {name: a["artifactType"]["schemaTitle"] for name, a in arts.items()}
+
+
+def test_tasks_and_edges(full):
+    spec, _ = full
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == EXPECTED_ROOT_TASKS
+    assert {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()} == EXPECTED_EDGES
+    # train, tune and evaluate resolve the manifests against the ingest Dataset, passed explicitly
+    assert tasks["train-model"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "dataset",
+        "producerTask": "ingest",
+    }
+    assert tasks["train-model"]["inputs"]["parameters"]["best_params"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output",
+        "producerTask": "select-best",
+    }
+
+
+def test_parallel_for_fans_out_tuning_and_collects(full, quick):
+    spec, _ = full
+    loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--worker-ids-Output"}
+    assert loop["iteratorPolicy"] == {"parallelismLimit": 4}
+    assert quick[0]["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"] == {"parallelismLimit": 2}
+    body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert set(body) == {"tune-worker"}
+    params = body["tune-worker"]["inputs"]["parameters"]
+    assert params["worker"]["componentInputParameter"] == "pipelinechannel--worker-ids-Output-loop-item"
+    # every worker and select_best share one study: the run id names it
+    assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert params["n_trials"]["componentInputParameter"] == "pipelinechannel--tune_trials"
+    best = spec["root"]["dag"]["tasks"]["select-best"]["inputs"]["parameters"]
+    assert best["trials_run"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
+    assert best["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+
+
+def test_publish_is_gated_on_test_accuracy(full):
+    spec, _ = full
+    cond = spec["root"]["dag"]["tasks"]["condition-2"]
+    assert cond["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--evaluate-model-Output'] >= "
+        "inputs.parameter_values['pipelinechannel--accuracy_threshold']"
+    )
+    assert set(spec["components"]["comp-condition-2"]["dag"]["tasks"]) == {"publish-model"}
+    assert spec["components"]["comp-evaluate-model"]["outputDefinitions"]["parameters"]["Output"] == {
+        "parameterType": "NUMBER_DOUBLE"
+    }
+
+
+def test_artifact_types(full):
+    spec, _ = full
+    assert _output_types(spec, "comp-ingest") == {"dataset": "system.Dataset", "report": "system.Markdown"}
+    assert _output_types(spec, "comp-split") == {
+        "train": "system.Dataset",
+        "val": "system.Dataset",
+        "test": "system.Dataset",
+        "histogram": "system.HTML",
+    }
+    assert _output_types(spec, "comp-tune-worker") == {"trials": "system.Dataset"}
+    assert _output_types(spec, "comp-select-best") == {"study": "system.Metrics", "report": "system.HTML"}
+    assert _output_types(spec, "comp-train-model") == {
+        "model": "system.Model",
+        "metrics": "system.Metrics",
+        "curves": "system.HTML",
+        "model_card": "system.Markdown",
+    }
+    assert _output_types(spec, "comp-evaluate-model") == {
+        "metrics": "system.Metrics",
+        "confusion": "system.ClassificationMetrics",
+        "report": "system.HTML",
+    }
+    assert _output_types(spec, "comp-publish-model") == {
+        "inference_service": "system.Artifact",
+        "summary": "system.Markdown",
+    }
+
+
+@pytest.mark.parametrize("profile", ["quick", "full"])
+def test_parameters_and_defaults_come_from_the_profile(tmp_path, profile):
+    spec, _ = _compile(tmp_path, profile)
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(inputs) == set(PROFILES[profile]) == set(PARAMETER_HELP)
+    for name, value in PROFILES[profile].items():
+        assert inputs[name]["defaultValue"] == value, name
+    kinds = {name: p["parameterType"] for name, p in inputs.items()}
+    assert kinds["accuracy_threshold"] == "NUMBER_DOUBLE" and kinds["tune_trials"] == "NUMBER_INTEGER"
+    assert kinds["source"] == "STRING"
+
+
+def test_pipeline_signature_matches_the_profiles():
+    params = inspect.signature(build_pipeline(BuildOptions()).pipeline_func).parameters
+    assert set(params) == set(PARAMETER_HELP)
+
+
+def test_executors_run_in_the_image_and_install_nothing(full):
+    spec, _ = full
+    executors = spec["deploymentSpec"]["executors"]
+    assert len(executors) == 8
+    for name, ex in executors.items():
+        container = ex["container"]
+        assert container["image"] == IMAGE, name
+        assert "pip install" not in " ".join(container["command"] + container["args"]), name
+
+
+def test_resources_retries_and_caching(full, quick):
+    spec, k8s = full
+    ex = spec["deploymentSpec"]["executors"]
+    for name in ("exec-tune-worker", "exec-train-model"):
+        res = ex[name]["container"]["resources"]
+        assert (
+            res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            and res["accelerator"]["resourceCount"] == "1"
+        )
+        assert res["resourceMemoryLimit"] == "32G"
+        assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in k8s[name][
+            "tolerations"
+        ]
+    assert "accelerator" not in ex["exec-evaluate-model"]["container"]["resources"]
+    quick_ex = quick[0]["deploymentSpec"]["executors"]
+    assert all("accelerator" not in e["container"].get("resources", {}) for e in quick_ex.values())
+
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["ingest"]["retryPolicy"]["maxRetryCount"] == 3
+    caching = {name: t.get("cachingOptions", {}).get("enableCache", False) for name, t in tasks.items()}
+    assert caching["ingest"] and caching["split"] and caching["evaluate-model"]
+    assert not caching["select-best"] and not caching["train-model"]
+    loop_body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["tune-worker"]
+    assert not loop_body.get("cachingOptions", {}).get("enableCache", False)
+    publish = spec["components"]["comp-condition-2"]["dag"]["tasks"]["publish-model"]
+    assert not publish.get("cachingOptions", {}).get("enableCache", False)
+
+
+def test_secrets_for_optuna_and_s3(full):
+    _, k8s = full
+    for name in ("exec-tune-worker", "exec-select-best"):
+        (secret,) = k8s[name]["secretAsEnv"]
+        assert secret["secretName"] == "optuna-db" and not secret.get("optional", False)
+        assert secret["keyToEnv"] == [{"envVar": "OPTUNA_STORAGE", "secretKey": "url"}]
+    for name in ("exec-ingest", "exec-publish-model"):
+        (secret,) = k8s[name]["secretAsEnv"]
+        assert secret["secretName"] == "aws-credentials" and secret["optional"] is True
+        assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert "secretAsEnv" not in k8s["exec-train-model"]
+    assert all(e["imagePullPolicy"] == "IfNotPresent" for e in k8s.values())
+
+
+def test_compile_flags_override_build_options(tmp_path):
+    spec, k8s = _compile(
+        tmp_path,
+        "full",
+        "--no-gpu",
+        "--tune-parallelism",
+        "3",
+        "--optuna-secret",
+        "tune-db",
+        "--param",
+        "tune_trials=40",
+        "--param",
+        "model_store=s3://models/prod",
+    )
+    assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"] == {"parallelismLimit": 3}
+    assert (
+        "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train-model"]["container"]["resources"]
+    )
+    assert k8s["exec-tune-worker"]["secretAsEnv"][0]["secretName"] == "tune-db"
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["tune_trials"]["defaultValue"] == 40
+    assert inputs["model_store"]["defaultValue"] == "s3://models/prod"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--param", "tune_trials=many"], "expected a int"),
+        (["--param", "no_such=1"], "not a pipeline parameter"),
+        (["--param", "tune_trials"], "NAME=VALUE"),
+        (["--param", "split_ratios=0.5,0.5"], "split_ratios"),
+        (
+            ["--param", "n_tune_workers=8", "--param", "tune_trials=4"],
+            "tune_trials (4) must be >= n_tune_workers",
+        ),
+        (["--param", "accuracy_threshold=1.5"], "accuracy_threshold"),
+        (["--tune-parallelism", "0"], "--tune-parallelism"),
+    ],
+)
+def test_compile_rejects_bad_settings(tmp_path, capsys, argv, message):
+    out = tmp_path / "p.yaml"
+    assert compile_cli.main(["--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+def _submission(**params: Any) -> Any:
+    merged = pipeline_parameters("full", params)
+    return submit_cli.validate_submission("http://kfp.example:8080", "full", merged, experiment="inventory")
+
+
+def test_submit_builds_a_run_from_the_profile():
+    sub = _submission()
+    assert sub.host == "http://kfp.example:8080" and sub.experiment == "inventory"
+    assert sub.run_name.startswith("full-") and sub.params == dict(PROFILES["full"])
+
+
+@pytest.mark.parametrize(
+    ("host", "params", "message"),
+    [
+        ("kfp.example:8080", {}, "--host"),
+        ("http://kfp", {"model_store": "/tmp/models"}, "model_store"),
+        ("http://kfp", {"source": "/work/shared/abid"}, "local path"),
+        ("http://kfp", {"optuna_storage": "sqlite:///x.db"}, "SQLite"),
+    ],
+)
+def test_submit_rejects_settings_that_cannot_work_on_a_cluster(host, params, message):
+    with pytest.raises(compile_cli.ConfigError, match=message):
+        submit_cli.validate_submission(host, "full", pipeline_parameters("full", params), experiment="e")
+
+
+def test_submit_cli_fails_before_contacting_the_server(capsys):
+    # quick's model_store is a local default: a cluster run must name an s3:// store
+    assert submit_cli.main(["--host", "http://127.0.0.1:9", "--profile", "quick"]) == 2
+    assert "model_store" in capsys.readouterr().err
+    assert submit_cli.main(["--host", "http://127.0.0.1:9", "--experiment", "bad/name"]) == 2
+    assert "--experiment" in capsys.readouterr().err
+
+
+def test_component_helpers(monkeypatch, tmp_path):
+    from pipeline import components as comp
+
+    assert comp.worker_ids(3) == [0, 1, 2]
+    assert comp.train_overrides('{"lr": 0.1, "head": "ordinal"}') == {"lr": 0.1, "head": "ordinal"}
+    with pytest.raises(compile_cli.ConfigError, match="not TrainConfig fields"):
+        comp.train_overrides('{"lr": 0.1, "learning_rate": 1}')
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    with pytest.raises(compile_cli.ConfigError, match="optuna-db Secret"):
+        comp.resolve_storage("")
+    monkeypatch.setenv("OPTUNA_STORAGE", "postgresql://u@db/optuna")
+    assert comp.resolve_storage("") == "postgresql://u@db/optuna"
+    assert comp.resolve_storage("sqlite:///x.db") == "sqlite:///x.db"
+
+    png = tmp_path / "plot.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    page = comp.html_report(
+        "a <b>", tables={"t": {"acc": 0.123456, "k": [1, 2]}}, images=[png, tmp_path / "no.png"]
+    )
+    assert "a &lt;b&gt;" in page and "0.1235" in page and page.count("data:image/png;base64,") == 1
+
+    out = tmp_path / "task" / "dataset"
+    with pytest.raises(ValueError, match="boom"), comp.step_errors("ingest", str(out)):
+        raise ValueError("boom")
+    note = (tmp_path / "task" / comp.ERROR_NOTE).read_text()
+    assert '"step": "ingest"' in note and '"message": "boom"' in note

@@ -1,0 +1,165 @@
+"""End to end: the real pipeline under kfp.local on a tiny ABID subset served by the local S3 server.
+
+Every task runs as a subprocess of this venv (SubprocessRunner, use_venv=False), exactly as ``make run``
+does: ingest from S3 (moto) -> split -> 2 parallel Optuna workers on one SQLite study -> select best ->
+train -> evaluate (ONNX) -> dsl.If -> publish to s3:// on moto. The published model is then fetched the
+way KServe's storage initializer does and must load and predict on a real JPEG.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from components.modelspec import load_model_spec
+from pipeline import run_local
+
+pytestmark = pytest.mark.slow
+
+PER_CLASS = 6
+TINY = [
+    "--per-class", "5", "--image-size", "32", "--epochs", "1", "--trials", "2", "--tune-epochs", "1",
+    "--workers", "2", "--accuracy-threshold", "0.0", "--param", "batch_size=8",
+]  # fmt: skip
+
+
+def _upload_subset(endpoint: str, abid_dir: Path, bucket: str, prefix: str) -> list[str]:
+    """A few real images per class in the bucket layout (bin-images/, metadata/); returns the ids."""
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket=bucket)
+    wanted: dict[int, list[str]] = {c: [] for c in (1, 2, 3, 4, 5)}
+    for meta in sorted((abid_dir / "metadata").iterdir()):
+        count = json.loads(meta.read_text())["EXPECTED_QUANTITY"]
+        if count in wanted and len(wanted[count]) < PER_CLASS:
+            wanted[count].append(meta.stem)
+        if all(len(v) == PER_CLASS for v in wanted.values()):
+            break
+    ids = [i for v in wanted.values() for i in v]
+    for i in ids:
+        s3.put_object(
+            Bucket=bucket,
+            Key=f"{prefix}/metadata/{i}.json",
+            Body=(abid_dir / "metadata" / f"{i}.json").read_bytes(),
+        )
+        s3.put_object(
+            Bucket=bucket,
+            Key=f"{prefix}/bin-images/{i}.jpg",
+            Body=(abid_dir / "bin-images" / f"{i}.jpg").read_bytes(),
+        )
+    return ids
+
+
+def _predict(model_dir: Path, image: Path) -> int:
+    import onnxruntime as ort
+
+    from components.preprocess import preprocess_batch
+
+    spec = load_model_spec(model_dir)
+    sess = ort.InferenceSession(str(model_dir / spec.onnx_file), providers=["CPUExecutionProvider"])
+    _, count, _ = sess.run(
+        list(spec.output_names), {spec.input_name: preprocess_batch([image], spec.preprocess)}
+    )
+    return int(count[0])
+
+
+@pytest.fixture
+def tiny_bucket(aws_env: str, abid_dir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[str]]:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ids = _upload_subset(aws_env, abid_dir, "abid", "mirror")
+    boto3.client("s3", endpoint_url=aws_env).create_bucket(Bucket="models")
+    return aws_env, ids
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
+    tiny_bucket, tmp_path: Path, abid_dir: Path, capsys: pytest.CaptureFixture[str]
+):
+    endpoint, ids = tiny_bucket
+    run_dir = tmp_path / "run"
+    argv = ["--source", "s3://abid/mirror", "--endpoint-url", endpoint, "--out", str(run_dir),
+            "--store", "s3://models/registry", "--model-version", "e2e", *TINY]  # fmt: skip
+    assert run_local.main(argv) == 0
+    out = capsys.readouterr().out
+
+    # every step ran and left its outputs
+    runs = list((run_dir / "kfp").iterdir())
+    assert len(runs) == 1
+    summary = run_local.collect_run(runs[0])
+    for task in (
+        "ingest",
+        "split",
+        "worker-ids",
+        "select-best",
+        "train-model",
+        "evaluate-model",
+        "publish-model",
+    ):
+        assert task in summary.tasks, f"{task} left no executor output"
+    assert summary.errors == []
+    workers = [t for t in summary.tasks if t.startswith("for-loop-") and t.endswith("/tune-worker")]
+    assert len(workers) == 2, summary.tasks.keys()
+    # two workers, one study: together they ran the study-wide budget (2 trials), not 2 each
+    assert sum(summary.param(w) for w in workers) == 2
+    study = summary.artifact("select-best", "study")["metadata"]
+    assert study["trials_complete"] + study["trials_pruned"] == 2
+    assert summary.artifact("ingest", "dataset")["metadata"]["n_images"] == 25
+    best = json.loads(summary.param("select-best"))
+    assert best["image_size"] == 32 and "lr" in best
+    confusion = summary.artifact("evaluate-model", "confusion")["metadata"]["confusionMatrix"]
+    assert [a["displayName"] for a in confusion["annotationSpecs"]] == ["1", "2", "3", "4", "5"]
+    assert 0.0 <= summary.param("evaluate-model") <= 1.0
+
+    # the summary table names the metrics, the best parameters and the published location
+    assert "test_accuracy" in out and "best parameter" in out
+    assert "s3://models/registry/inventory-counter/e2e" in out
+
+    isvc = yaml.safe_load(Path(summary.artifact("publish-model", "inference_service")["uri"]).read_text())
+    env = isvc["spec"]["predictor"]["containers"][0]["env"]
+    assert {"name": "STORAGE_URI", "value": "s3://models/registry/inventory-counter/e2e"} in env
+
+    # published like KServe's storage initializer expects: fetch the prefix into /mnt/models and load it
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    keys = [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket="models", Prefix="registry/inventory-counter/e2e/")["Contents"]
+    ]
+    mnt = tmp_path / "mnt" / "models"
+    mnt.mkdir(parents=True)
+    for key in keys:
+        s3.download_file("models", key, str(mnt / key.rsplit("/", 1)[1]))
+    spec = load_model_spec(mnt)
+    assert spec.version == "e2e" and spec.preprocess.image_size == 32
+    jpeg = abid_dir / "bin-images" / f"{ids[0]}.jpg"
+    assert _predict(mnt, jpeg) in spec.classes
+
+    # and the run directory holds a servable copy
+    assert _predict(run_dir / "model", jpeg) in load_model_spec(run_dir / "model").classes
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_step_fails_the_run_with_its_message_and_publishes_nothing(
+    tiny_bucket, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    endpoint, _ = tiny_bucket
+    run_dir = tmp_path / "run"
+    argv = ["--source", "s3://abid/empty-prefix", "--endpoint-url", endpoint, "--out", str(run_dir),
+            "--store", "s3://models/registry", *TINY]  # fmt: skip
+    assert run_local.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: step failed: ingest: no metadata/ objects under s3://abid/empty-prefix" in err
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    assert "Contents" not in s3.list_objects_v2(Bucket="models")
+    assert not (run_dir / "model").exists()
+    (run,) = (run_dir / "kfp").iterdir()
+    # only ingest and the independent worker-ids task ran; nothing downstream of ingest did
+    assert {p.name for p in run.iterdir()} <= {"ingest", "worker-ids"}
+
+
+def test_bad_local_source_is_rejected_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert run_local.main(["--source", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
+    assert "neither s3://" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

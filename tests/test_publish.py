@@ -1,0 +1,196 @@
+"""components.publish: KServe layout on a local store and on a real S3 API (moto server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from components.common import ConfigError
+from components.modelspec import MODEL_JSON, ONNX_FILE, load_model_spec
+from components.publish import default_version, main, publish
+
+
+def _predict(model_dir: Path, image: Path) -> int:
+    import onnxruntime as ort
+
+    from components.preprocess import preprocess_batch
+
+    spec = load_model_spec(model_dir)
+    sess = ort.InferenceSession(str(model_dir / spec.onnx_file), providers=["CPUExecutionProvider"])
+    batch = preprocess_batch([image], spec.preprocess)
+    _, count, _ = sess.run(list(spec.output_names), {spec.input_name: batch})
+    assert count.shape == (1,)
+    return int(count[0])
+
+
+def _a_jpeg(abid_dir: Path) -> Path:
+    return next(iter(sorted((abid_dir / "bin-images").glob("*.jpg"))))
+
+
+def test_local_publish_layout_manifest_and_prediction(random_model_dir: Path, tmp_path: Path, abid_dir: Path):
+    store = tmp_path / "store"
+    result = publish(random_model_dir, str(store), version="v1")
+
+    dest = store / "inventory-counter" / "v1"
+    assert result.uri == str(dest)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(result.files)
+    assert result.files[-1] == MODEL_JSON and ONNX_FILE in result.files
+    assert not [p for p in (store / "inventory-counter").iterdir() if p.name.startswith(".")], "staging left"
+
+    spec = load_model_spec(dest)
+    assert spec.version == "v1" and spec.name == "inventory-counter"
+    assert _predict(dest, _a_jpeg(abid_dir)) in spec.classes
+
+    index = json.loads((store / "inventory-counter" / "versions.json").read_text())
+    assert index["latest"] == "v1" and [v["version"] for v in index["versions"]] == ["v1"]
+    assert index["versions"][0]["sha256"] == result.sha256
+
+    isvc = yaml.safe_load(result.manifest_path.read_text())
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    assert isvc["metadata"]["name"] == "inventory-counter"
+    container = isvc["spec"]["predictor"]["containers"][0]
+    assert {"name": "STORAGE_URI", "value": str(dest)} in container["env"]
+    assert "--model_dir=/mnt/models" in container["args"]
+
+
+def test_versions_are_immutable_unless_forced(random_model_dir: Path, tmp_path: Path):
+    store = str(tmp_path / "store")
+    first = publish(random_model_dir, store, version="v1")
+    with pytest.raises(ConfigError, match="already exists"):
+        publish(random_model_dir, store, version="v1")
+    forced = publish(random_model_dir, store, version="v1", force=True)
+    assert forced.uri == first.uri and load_model_spec(forced.uri).version == "v1"
+    publish(random_model_dir, store, version="v2")
+    index = json.loads((tmp_path / "store" / "inventory-counter" / "versions.json").read_text())
+    assert [v["version"] for v in index["versions"]] == ["v1", "v2"] and index["latest"] == "v2"
+    leftovers = [
+        p.name for p in (tmp_path / "store" / "inventory-counter").iterdir() if p.name.startswith(".")
+    ]
+    assert leftovers == []
+
+
+def test_default_version_is_timestamp_plus_content_hash(random_model_dir: Path, tmp_path: Path):
+    result = publish(random_model_dir, str(tmp_path / "store"))
+    assert result.version.endswith("-" + result.sha256[:8])
+    assert len(result.version) == len(default_version(result.sha256))
+    # the same bytes give the same hash: a second default publish differs only by its timestamp
+    assert publish(random_model_dir, str(tmp_path / "store2")).sha256 == result.sha256
+
+
+def test_s3_publish_is_downloadable_like_the_storage_initializer(
+    random_model_dir: Path, tmp_path: Path, aws_env: str, abid_dir: Path
+):
+    s3 = boto3.client("s3", endpoint_url=aws_env)
+    s3.create_bucket(Bucket="models")
+    result = publish(
+        random_model_dir,
+        "s3://models/prod",
+        version="v7",
+        endpoint_url=aws_env,
+        manifest_path=tmp_path / "isvc.yaml",
+    )
+    assert result.uri == "s3://models/prod/inventory-counter/v7"
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="models")["Contents"])
+    assert "prod/inventory-counter/versions.json" in keys
+    assert f"prod/inventory-counter/v7/{ONNX_FILE}" in keys
+
+    # what KServe's storage initializer does: copy the prefix into /mnt/models
+    mnt = tmp_path / "mnt" / "models"
+    mnt.mkdir(parents=True)
+    for key in keys:
+        if key.startswith("prod/inventory-counter/v7/"):
+            s3.download_file("models", key, str(mnt / key.rsplit("/", 1)[1]))
+    assert load_model_spec(mnt).version == "v7"
+    assert _predict(mnt, _a_jpeg(abid_dir)) in (1, 2, 3, 4, 5)
+
+    with pytest.raises(ConfigError, match="already exists"):
+        publish(random_model_dir, "s3://models/prod", version="v7", endpoint_url=aws_env)
+    isvc = yaml.safe_load((tmp_path / "isvc.yaml").read_text())
+    env = isvc["spec"]["predictor"]["containers"][0]["env"]
+    assert {"name": "STORAGE_URI", "value": "s3://models/prod/inventory-counter/v7"} in env
+
+
+def test_s3_missing_bucket_is_a_config_error(random_model_dir: Path, aws_env: str, tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        publish(random_model_dir, "s3://no-such-bucket/x", endpoint_url=aws_env, manifest_path=tmp_path / "m")
+
+
+def test_s3_without_credentials_is_a_config_error(
+    random_model_dir: Path, aws_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError, match="no AWS credentials"):
+        publish(random_model_dir, "s3://models/x", endpoint_url=aws_env, manifest_path=tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    ("argv_extra", "message"),
+    [
+        (["--store", "gs://bucket/x"], "only s3://"),
+        (["--store", "s3:///x"], "no bucket"),
+        (["--model-name", "Inventory_Counter"], "--model-name"),
+        (["--version", "../evil"], "--version"),
+    ],
+)
+def test_cli_rejects_bad_settings(
+    random_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv_extra, message
+):
+    argv = ["--model", str(random_model_dir), "--store", str(tmp_path / "s"), *argv_extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_incomplete_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / MODEL_JSON).write_text(
+        json.dumps({"classes": [1, 2], "head": "classification", "preprocess": {"image_size": 32}})
+    )
+    assert main(["--model", str(tmp_path / "m"), "--store", str(tmp_path / "s")]) == 2
+    assert "model.onnx is missing" in capsys.readouterr().err
+
+
+def test_cli_prints_a_summary(random_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["--model", str(random_model_dir), "--store", str(tmp_path / "s"), "--version", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "storageUri" in out and str(tmp_path / "s" / "inventory-counter" / "1.0") in out
+
+
+def test_manifest_has_the_shape_of_the_k8s_base(random_model_dir: Path, tmp_path: Path):
+    """Same spec as k8s/base/inferenceservice.yaml except the image and the model version's URI."""
+    base_path = Path(__file__).resolve().parents[1] / "k8s" / "base" / "inferenceservice.yaml"
+    result = publish(random_model_dir, str(tmp_path / "store"), version="v3", image="registry/serving:abc")
+    rendered = yaml.safe_load(result.manifest_path.read_text())
+    base = yaml.safe_load(base_path.read_text())
+    container = rendered["spec"]["predictor"]["containers"][0]
+    assert container["image"] == "registry/serving:abc"
+    assert container["env"][0] == {"name": "STORAGE_URI", "value": result.uri}, "STORAGE_URI stays first"
+    assert rendered["spec"]["predictor"]["serviceAccountName"] == "inventory-counter"
+    base["spec"]["predictor"]["containers"][0]["image"] = container["image"]
+    base["spec"]["predictor"]["containers"][0]["env"][0]["value"] = result.uri
+    assert rendered["spec"] == base["spec"], "k8s/base/inferenceservice.yaml changed: update the template"
+    assert rendered["metadata"]["annotations"] == base["metadata"]["annotations"]
+    assert rendered["metadata"]["labels"]["app.kubernetes.io/version"] == "v3"
+
+
+def test_local_store_is_readable_by_other_users(random_model_dir: Path, tmp_path: Path):
+    """A containerized server (another uid) reads the store: nothing may stay private like mkstemp's 0600."""
+    import shutil
+
+    model = Path(shutil.copytree(random_model_dir, tmp_path / "model"))
+    (model / "metrics.json").write_text("{}")
+    (model / "metrics.json").chmod(0o600)  # what atomic_write_* leaves
+    result = publish(model, str(tmp_path / "store"), version="v1")
+    assert "metrics.json" in result.files
+    paths = [Path(result.uri), *Path(result.uri).iterdir(), Path(result.index_uri), result.manifest_path]
+    for path in paths:
+        assert path.stat().st_mode & 0o004, f"{path} is not world-readable"

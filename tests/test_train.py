@@ -1,0 +1,233 @@
+"""components.train and components.data on real ABID images, tiny sizes, CPU (a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.data import augment_batch, build_cache, normalize_batch
+from components.manifest import load_labelled
+from components.modelspec import load_model_spec
+from components.preprocess import PreprocessSpec, load_uint8, normalize, preprocess_batch
+from components.train import CHECKPOINT_FILE, loss_fn, main, train
+from tests.fixtures.models import tiny_train_config
+
+ARTIFACTS = (
+    "model.onnx",
+    "model.pt",
+    "model.json",
+    "metrics.json",
+    "confusion_matrix.png",
+    "training_curves.png",
+    "MODEL_CARD.md",
+    CHECKPOINT_FILE,
+)
+
+
+def test_tiny_run_writes_every_artifact(tiny_trained_model_dir: Path) -> None:
+    for name in ARTIFACTS:
+        assert (tiny_trained_model_dir / name).stat().st_size > 0, name
+    for png in ("confusion_matrix.png", "training_curves.png"):
+        assert (tiny_trained_model_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    spec = load_model_spec(tiny_trained_model_dir)
+    assert spec.classes == (1, 2, 3, 4, 5)
+    assert spec.head == "ordinal"
+    assert spec.preprocess.image_size == 32 and spec.preprocess.resize == "squash"
+    assert len(spec.training_data_sha256 or "") == 64
+    assert spec.params["epochs"] == 2 and spec.metrics["val"]["n"] == 10 and spec.metrics["test"]["n"] == 10
+    metrics = json.loads((tiny_trained_model_dir / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert 1 <= metrics["best_epoch"] <= 2
+    assert np.asarray(metrics["val"]["confusion_matrix"]).sum() == 10
+    card = (tiny_trained_model_dir / "MODEL_CARD.md").read_text()
+    assert "CC BY-NC-SA 3.0 US" in card and f"{metrics['val']['accuracy']:.3f}" in card
+
+
+def test_onnx_matches_pytorch(tiny_trained_model_dir: Path, tiny_split: dict[str, Path]) -> None:
+    import onnxruntime as ort
+
+    from components.model import ExportWrapper, build_model
+
+    spec = load_model_spec(tiny_trained_model_dir)
+    model = build_model(len(spec.classes), spec.head)
+    model.load_state_dict(torch.load(tiny_trained_model_dir / "model.pt", weights_only=True))
+    _, paths = load_labelled(tiny_split["test"], tiny_split["data_root"])
+    x = preprocess_batch(paths[:7], spec.preprocess)  # odd batch: the batch axis is dynamic
+    with torch.no_grad():
+        probs, count, expected = ExportWrapper(model.eval(), spec.head, spec.classes)(torch.from_numpy(x))
+    sess = ort.InferenceSession(
+        str(tiny_trained_model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    o_probs, o_count, o_expected = sess.run(None, {"input": x})
+    np.testing.assert_allclose(o_probs, probs.numpy(), atol=1e-4)
+    np.testing.assert_allclose(o_expected, expected.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(o_count, count.numpy())
+    assert set(o_count.tolist()) <= set(spec.classes)
+
+
+class _InterruptError(Exception):
+    pass
+
+
+def test_resume_continues_from_checkpoint(
+    tiny_split: dict[str, Path],
+    tiny_trained_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "model"
+    seen: list[int] = []
+
+    def stop_after_first(epoch: int, metrics: dict[str, float]) -> None:
+        seen.append(epoch)
+        assert {"val_accuracy", "val_rmse", "val_loss"} <= set(metrics)
+        raise _InterruptError
+
+    with pytest.raises(_InterruptError):
+        train(tiny_train_config(tiny_split, out), on_epoch=stop_after_first)
+    assert seen == [1] and not (out / "model.onnx").exists()
+    assert torch.load(out / CHECKPOINT_FILE, weights_only=False)["epoch"] == 1
+
+    result = train(tiny_train_config(tiny_split, out, resume=True), on_epoch=lambda e, m: seen.append(e))
+    assert seen == [1, 2]  # only epoch 2 was trained again
+    assert result.epochs_run == 2 and (out / "model.onnx").is_file()
+    # Interrupted + resumed == uninterrupted (same seed, same data): the fixture's run.
+    reference = json.loads((tiny_trained_model_dir / "metrics.json").read_text())["history"]
+    for got, want in zip(result.history, reference, strict=True):
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+
+    # A finished run is not retrained (the CLI returns at once with the stored figures).
+    mtime = (out / "model.onnx").stat().st_mtime_ns
+    argv = [
+        "--train",
+        str(tiny_split["train"]),
+        "--val",
+        str(tiny_split["val"]),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "10",
+        "--head",
+        "ordinal",
+        "--resume",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    assert "val_accuracy" in capsys.readouterr().out
+    assert (out / "model.onnx").stat().st_mtime_ns == mtime
+
+
+def test_config_errors_exit_2(
+    tiny_split: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [
+        "--train",
+        str(tiny_split["train"]),
+        "--val",
+        str(tiny_split["val"]),
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    for extra, words in [
+        (["--epochs", "0"], "--epochs"),
+        (["--classes", "1,3"], "consecutive"),
+        (["--weights", "/no/such/file.pt"], "--weights"),
+        (["--classes", "1,2,3"], "outside --classes"),  # the manifests hold counts 4 and 5
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--lr", "-1"], "--"),
+    ]:
+        assert main(base + extra) == 2, extra
+        assert words in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "--train",
+                str(tmp_path / "missing.csv"),
+                "--val",
+                str(tiny_split["val"]),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_device_normalize_matches_preprocess_and_augment_is_seeded() -> None:
+    spec = PreprocessSpec(image_size=24)
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, size=(4, 24, 24, 3), dtype=np.uint8)
+    want = normalize(batch, spec)
+    got = normalize_batch(torch.from_numpy(batch), spec).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(
+        augment_batch(torch.from_numpy(batch), spec, strength=0.0).numpy(), want, atol=1e-5
+    )
+    a = augment_batch(torch.from_numpy(batch), spec, 1.0, torch.Generator().manual_seed(3))
+    b = augment_batch(torch.from_numpy(batch), spec, 1.0, torch.Generator().manual_seed(3))
+    assert a.shape == (4, 3, 24, 24) and torch.equal(a, b)
+    assert not torch.allclose(a, torch.from_numpy(want))
+    lo, hi = (0 - np.array(spec.mean)) / np.array(spec.std), (1 - np.array(spec.mean)) / np.array(spec.std)
+    assert (a.amin(dim=(0, 2, 3)).numpy() >= lo - 1e-4).all() and (
+        a.amax(dim=(0, 2, 3)).numpy() <= hi + 1e-4
+    ).all()
+
+
+def test_cache_is_reused_only_for_the_same_images(tiny_split: dict[str, Path], tmp_path: Path) -> None:
+    rows, paths = load_labelled(tiny_split["val"], tiny_split["data_root"])
+    first = build_cache(rows, paths, 24, tmp_path, progress=False)
+    np.testing.assert_array_equal(first.images[3], load_uint8(paths[3], 24))
+    mtime = first.path.stat().st_mtime_ns
+    again = build_cache(rows, paths, 24, tmp_path, progress=False)
+    assert again.path == first.path and again.path.stat().st_mtime_ns == mtime
+    other = build_cache(rows[:5], paths[:5], 24, tmp_path, progress=False)
+    assert other.path != first.path and other.images.shape == (5, 24, 24, 3)
+    first.path.with_suffix(".json").write_text("{broken")
+    rebuilt = build_cache(rows, paths, 24, tmp_path, progress=False)
+    np.testing.assert_array_equal(rebuilt.images, first.images)
+    assert list(rebuilt.counts) == [r.count for r in rows]
+
+
+@pytest.mark.parametrize("head", ["classification", "ordinal", "regression"])
+def test_loss_prefers_the_true_count(head: str) -> None:
+    target = torch.tensor([0, 2, 4])
+    good = {
+        "classification": torch.eye(5)[target] * 8,
+        "ordinal": (target[:, None] > torch.arange(4)) * 16.0 - 8,
+        "regression": target[:, None].float(),
+    }[head]
+    bad = good.flip(0)
+    assert loss_fn(good, target, head, 5, 0.0) < loss_fn(bad, target, head, 5, 0.0)
+
+
+def test_flip_averaging_is_exported_into_the_graph(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from components.model import ExportWrapper, build_model, export_onnx
+    from components.train import AverageModel
+
+    torch.manual_seed(0)
+    model = build_model(5, "ordinal").eval()
+    graph = AverageModel([model], flips=True).eval()
+    export_onnx(graph, "ordinal", (1, 2, 3, 4, 5), 32, tmp_path / "tta.onnx")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = torch.stack([model(v) for v in (x, x.flip(3), x.flip(2), x.flip(2).flip(3))]).mean(0)
+        probs, _, _ = ExportWrapper(graph, "ordinal", (1, 2, 3, 4, 5))(x)
+        assert torch.allclose(graph(x), want, atol=1e-5)
+        assert not torch.allclose(model(x), want, atol=1e-3)  # the flips do change the output
+    sess = ort.InferenceSession(str(tmp_path / "tta.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["probabilities"], {"input": x.numpy()})[0], probs.numpy(), atol=1e-4)
