@@ -87,7 +87,9 @@ def open_image(data: bytes | str | os.PathLike[str], *, max_pixels: int = DEFAUL
         img = Image.open(fp, formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"image too large: {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:
+        raise ImageError(f"not a supported image: expected {'/'.join(ALLOWED_FORMATS)} data") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"not a supported image ({'/'.join(ALLOWED_FORMATS)}): {e}") from e
     width, height = img.size
     if width <= 0 or height <= 0:

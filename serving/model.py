@@ -1,0 +1,434 @@
+"""The KServe model: exported ONNX counter on onnxruntime, fed by the shared preprocessing.
+
+Request flow (all off the event loop except parsing and formatting):
+
+1. :meth:`InventoryCounter.preprocess` turns a V1 JSON body, a V2 ``InferRequest`` or a raw image
+   body into image bytes (:func:`parse_request`), then decodes them on a thread pool with
+   :func:`components.preprocess.load_uint8` (JPEG draft mode, whole frame) and normalizes them
+   exactly as in training.
+2. :meth:`InventoryCounter.predict` hands each image to the :class:`~serving.batcher.MicroBatcher`,
+   which runs concurrent requests as one onnxruntime batch on a dedicated thread.
+3. :meth:`InventoryCounter.postprocess` formats count, per-class probabilities, confidence and the
+   expected count for the protocol that was used.
+
+Torch is never imported here (checked by the tests), so the serving image stays small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from kserve import Model
+from kserve.errors import InferenceError
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from components.common import ConfigError
+from components.modelspec import ModelSpec, load_model_spec
+from components.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_uint8, normalize
+from serving.batcher import MicroBatcher
+from serving.errors import BadRequest, PayloadTooLarge, from_image_error
+
+logger = logging.getLogger("serving.model")
+
+INT8_CHOICES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Tuning and limits of one model server (all have CLI flags in :mod:`serving.__main__`)."""
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 2.0
+    max_instances: int = 64
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_threads: int = 0  # 0: one per CPU core
+    inference_workers: int = 2  # batches run in parallel (CPU: 2 single-threaded beat 1 two-threaded)
+    intra_op_threads: int = 0  # 0: CPU cores / inference_workers
+    int8: str = "auto"  # auto: use model.int8.onnx when model.json lists it (it passed the accuracy gate)
+    providers: tuple[str, ...] = field(default_factory=tuple)  # empty: CUDA when available, else CPU
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_batch_size >= 1, f"--max_batch_size must be >= 1, got {self.max_batch_size}"),
+            (self.max_wait_ms >= 0, f"--max_wait_ms must be >= 0, got {self.max_wait_ms}"),
+            (self.max_instances >= 1, f"--max_instances must be >= 1, got {self.max_instances}"),
+            (self.max_pixels >= 1, f"--max_pixels must be >= 1, got {self.max_pixels}"),
+            (self.decode_threads >= 0, f"--decode_threads must be >= 0, got {self.decode_threads}"),
+            (self.inference_workers >= 1, f"--inference_workers must be >= 1, got {self.inference_workers}"),
+            (self.intra_op_threads >= 0, f"--intra_op_threads must be >= 0, got {self.intra_op_threads}"),
+            (self.int8 in INT8_CHOICES, f"--int8 must be one of {list(INT8_CHOICES)}, got {self.int8!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def cpu_count() -> int:
+    """CPUs this process may use: affinity mask, capped by a cgroup v2 CPU quota (a pod's CPU limit).
+
+    A pod limited to 2 CPUs on a 64-core node still sees 64 CPUs in its affinity mask; sizing thread
+    pools from that would oversubscribe the quota and throttle the server.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+class OnnxCounter:
+    """The exported model on onnxruntime: ``run(float32 NCHW) -> {probabilities, count, expected}``."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], options: ServingOptions | None = None) -> None:
+        import onnxruntime as ort
+
+        options = options or ServingOptions()
+        self.model_dir = Path(model_dir)
+        self.spec: ModelSpec = load_model_spec(self.model_dir)
+        self.onnx_path = self._choose_file(options.int8)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = options.intra_op_threads or max(1, cpu_count() // options.inference_workers)
+        so.inter_op_num_threads = 1
+        # Don't busy-wait between batches: the decode threads need those cores.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        available = ort.get_available_providers()
+        if options.providers:
+            missing = [p for p in options.providers if p not in available]
+            if missing:
+                raise ConfigError(f"onnxruntime providers {missing} are not available here ({available})")
+            providers = list(options.providers)
+        elif "CUDAExecutionProvider" in available:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise ConfigError(f"cannot load {self.onnx_path} with onnxruntime: {e}") from e
+        self.providers = self.session.get_providers()
+        self.input_name = self.spec.input_name
+        self.output_names = list(self.spec.output_names)
+        size = self.spec.preprocess.image_size
+        self.item_shape = (3, size, size)
+
+    def _choose_file(self, int8: str) -> Path:
+        int8_file = self.spec.onnx_int8_file
+        int8_path = self.model_dir / int8_file if int8_file else None
+        if int8 == "on":
+            if int8_path is None or not int8_path.is_file():
+                raise ConfigError(
+                    f"--int8 on but {self.model_dir}/model.json lists no int8 model (or it is missing); "
+                    "run python -m serving.quantize first or use --int8 auto"
+                )
+            return int8_path
+        if int8 == "auto" and int8_path is not None and int8_path.is_file():
+            return int8_path
+        return self.model_dir / self.spec.onnx_file
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """One batch through the model (thread-safe; onnxruntime releases the GIL)."""
+        outs = self.session.run(self.output_names, {self.input_name: x})
+        return dict(zip(self.output_names, outs, strict=True))
+
+
+# ----------------------------------------------------------------------------- request parsing
+
+
+@dataclass
+class ParsedRequest:
+    """Image bytes from any protocol, plus what is needed to answer in the same protocol."""
+
+    images: list[bytes]
+    protocol: str  # "v1" (JSON instances), "v2" (InferRequest), "raw" (image body)
+    request_id: str | None = None
+
+
+@dataclass
+class DecodedRequest:
+    """Model inputs (float32 CHW each) for a parsed request."""
+
+    inputs: list[np.ndarray]
+    protocol: str
+    request_id: str | None = None
+
+
+@dataclass
+class Prediction:
+    """Stacked model outputs for one request."""
+
+    outputs: dict[str, np.ndarray]
+    protocol: str
+    request_id: str | None = None
+
+
+V1_SHAPE_HINT = '{"instances": [{"image_bytes": {"b64": "<base64 JPEG>"}}, ...]}'
+
+
+def _b64(text: Any, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise BadRequest(f"{where}: expected a base64 string, got {type(text).__name__}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadRequest(f"{where}: invalid base64 ({e})") from e
+
+
+def _check_count(n: int, max_instances: int) -> None:
+    if n == 0:
+        raise BadRequest("the request holds no images")
+    if n > max_instances:
+        raise PayloadTooLarge(f"{n} images in one request, over the limit of {max_instances}; split it up")
+
+
+def parse_v1(body: Any, max_instances: int) -> list[bytes]:
+    """V1 JSON ``{"instances": [{"image_bytes": {"b64": ...}}, ...]}`` -> image bytes."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"expected a JSON object like {V1_SHAPE_HINT}, got {type(body).__name__}")
+    if "instances" not in body:
+        raise BadRequest(f"missing field 'instances' (got {sorted(body)[:5]}); expected {V1_SHAPE_HINT}")
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise BadRequest(f"'instances' must be a list, got {type(instances).__name__}")
+    _check_count(len(instances), max_instances)
+    images = []
+    for i, inst in enumerate(instances):
+        value = inst.get("image_bytes", inst) if isinstance(inst, dict) else None
+        if not isinstance(value, dict) or "b64" not in value:
+            raise BadRequest(f"instance {i}: expected {{'image_bytes': {{'b64': '<base64 JPEG>'}}}}")
+        images.append(_b64(value["b64"], f"instance {i}"))
+    return images
+
+
+def _flatten(data: Any) -> list[Any]:
+    if isinstance(data, np.ndarray):
+        return list(data.reshape(-1))
+    out: list[Any] = []
+    for v in data:
+        out.extend(_flatten(v) if isinstance(v, list | tuple) else [v])
+    return out
+
+
+def parse_v2(request: InferRequest, max_instances: int) -> list[bytes]:
+    """V2 ``InferRequest`` with one BYTES input (base64 strings in JSON, raw bytes over gRPC)."""
+    inputs = request.inputs or []
+    if not inputs:
+        raise BadRequest("V2 request has no inputs; send one BYTES input with base64-encoded images")
+    if len(inputs) > 1:
+        named = [i for i in inputs if i.name in ("image", "image_bytes", "images")]
+        if len(named) != 1:
+            raise BadRequest(f"expected one BYTES input named 'image', got {[i.name for i in inputs]}")
+        inputs = named
+    inp = inputs[0]
+    if inp.datatype != "BYTES":
+        raise BadRequest(f"input {inp.name!r} must have datatype BYTES (encoded images), got {inp.datatype}")
+    data = inp.data
+    if data is None and getattr(inp, "_raw_data", None) is not None:
+        data = inp.as_numpy()
+    items = _flatten(data if data is not None else [])
+    expected = int(np.prod(inp.shape)) if inp.shape else len(items)
+    if expected != len(items):
+        raise BadRequest(f"input {inp.name!r}: shape {inp.shape} does not match {len(items)} elements")
+    _check_count(len(items), max_instances)
+    return [
+        bytes(v) if isinstance(v, bytes | bytearray) else _b64(v, f"instance {i}")
+        for i, v in enumerate(items)
+    ]
+
+
+def parse_request(
+    payload: Any, max_instances: int, request_id: str | None = None, content_type: str = ""
+) -> ParsedRequest:
+    """Any supported request body -> :class:`ParsedRequest` (raises :class:`BadRequest`)."""
+    if isinstance(payload, InferRequest):
+        return ParsedRequest(parse_v2(payload, max_instances), "v2", payload.id)
+    if isinstance(payload, bytes | bytearray | memoryview):
+        # KServe passes non-JSON content types through untouched: an image/* body is one image.
+        # A JSON body sent with a generic type (curl -d uses form encoding) is still V1 JSON.
+        data = bytes(payload)
+        if not content_type.startswith("image/") and data.lstrip()[:1] == b"{":
+            try:
+                return ParsedRequest(parse_v1(orjson.loads(data), max_instances), "v1", request_id)
+            except orjson.JSONDecodeError as e:
+                raise BadRequest(f"body looks like JSON but does not parse: {e}") from e
+        return ParsedRequest([data], "raw", request_id)
+    return ParsedRequest(parse_v1(payload, max_instances), "v1", request_id)
+
+
+def decode_one(data: bytes, spec: ModelSpec, max_pixels: int) -> np.ndarray:
+    """Image bytes -> float32 CHW model input, exactly as in training (JPEG draft, whole frame)."""
+    pp = spec.preprocess
+    return normalize(load_uint8(data, pp.image_size, resample=pp.resample, max_pixels=max_pixels), pp)
+
+
+def format_v1(outputs: dict[str, np.ndarray], classes: Sequence[int]) -> list[dict[str, Any]]:
+    """Per-image dicts: ``count``, ``probabilities`` by class, ``confidence``, ``expected``."""
+    probs = outputs["probabilities"]
+    counts = outputs["count"]
+    expected = outputs["expected"]
+    keys = [str(c) for c in classes]
+    return [
+        {
+            "count": int(counts[i]),
+            "probabilities": {k: round(float(p), 6) for k, p in zip(keys, probs[i], strict=True)},
+            "confidence": round(float(probs[i].max()), 6),
+            "expected": round(float(expected[i]), 6),
+        }
+        for i in range(len(counts))
+    ]
+
+
+def format_v2(outputs: dict[str, np.ndarray], model_name: str, request_id: str | None) -> InferResponse:
+    """V2 outputs ``count`` INT64 [N], ``probabilities`` FP32 [N,C], ``confidence``, ``expected`` FP32 [N]."""
+    probs = np.asarray(outputs["probabilities"], dtype=np.float32)
+    n = probs.shape[0]
+    tensors = [
+        ("count", np.asarray(outputs["count"], dtype=np.int64), "INT64"),
+        ("probabilities", probs, "FP32"),
+        ("confidence", probs.max(axis=1), "FP32"),
+        ("expected", np.asarray(outputs["expected"], dtype=np.float32), "FP32"),
+    ]
+    infer_outputs = [
+        InferOutput(name=name, shape=list(arr.shape) or [n], datatype=dt, data=arr.reshape(-1).tolist())
+        for name, arr, dt in tensors
+    ]
+    return InferResponse(response_id=request_id or "", model_name=model_name, infer_outputs=infer_outputs)
+
+
+# ----------------------------------------------------------------------------- the KServe model
+
+
+class InventoryCounter(Model):
+    """``kserve.Model`` serving the bin-count ONNX model; ``load()`` makes it ready."""
+
+    def __init__(self, name: str, model_dir: str | os.PathLike[str], options: ServingOptions | None = None):
+        super().__init__(name)
+        self.model_dir = Path(model_dir)
+        self.options = options or ServingOptions()
+        self.counter: OnnxCounter | None = None
+        self.batcher: MicroBatcher | None = None
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self.on_batch: Any = None  # (size, seconds) -> None; set by the server for metrics
+        self.on_images: Any = None  # (n) -> None
+
+    # KServe lifecycle -------------------------------------------------------------------------
+    def load(self) -> bool:
+        """Open the ONNX session, warm it up and start accepting requests."""
+        counter = OnnxCounter(self.model_dir, self.options)
+        size = counter.item_shape
+        # Warm-up: first runs allocate and pick kernels; do it before readiness, not on a user.
+        for n in sorted({1, self.options.max_batch_size}):
+            counter.run(np.zeros((n, *size), dtype=np.float32))
+        self.counter = counter
+        self.batcher = MicroBatcher(
+            counter.run,
+            size,
+            max_batch_size=self.options.max_batch_size,
+            max_wait_ms=self.options.max_wait_ms,
+            workers=self.options.inference_workers,
+            on_batch=self._observe_batch,
+        )
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=self.options.decode_threads or cpu_count(), thread_name_prefix="decode"
+        )
+        self.ready = True
+        logger.info(
+            "loaded %s (%s, %d px, classes %s) on %s; max batch %d, max wait %.1f ms",
+            counter.onnx_path,
+            counter.spec.head,
+            counter.spec.preprocess.image_size,
+            list(counter.spec.classes),
+            counter.providers,
+            self.options.max_batch_size,
+            self.options.max_wait_ms,
+        )
+        return self.ready
+
+    def stop(self) -> None:
+        """Release threads on shutdown."""
+        self.ready = False
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        if self.on_batch is not None:
+            self.on_batch(size, seconds)
+
+    @property
+    def spec(self) -> ModelSpec:
+        if self.counter is None:
+            raise InferenceError(f"model {self.name} is not loaded")
+        return self.counter.spec
+
+    # Handlers ---------------------------------------------------------------------------------
+    def validate(self, payload: Any) -> Any:
+        """Our preprocess already validated the request; KServe's dict checks don't apply."""
+        return payload
+
+    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> DecodedRequest:
+        """Parse the body and decode every image on the decode pool (never on the event loop)."""
+        if self.counter is None or self._decode_pool is None:
+            raise InferenceError(f"model {self.name} is not loaded")
+        headers = headers or {}
+        content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        parsed = parse_request(payload, self.options.max_instances, headers.get("x-request-id"), content_type)
+        loop = asyncio.get_running_loop()
+        spec, max_pixels = self.counter.spec, self.options.max_pixels
+        jobs = [
+            loop.run_in_executor(self._decode_pool, decode_one, b, spec, max_pixels) for b in parsed.images
+        ]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for i, r in enumerate(results):
+            if isinstance(r, ImageError):
+                raise from_image_error(r, i if len(results) > 1 else None) from r
+            if isinstance(r, BaseException):
+                raise r
+        if self.on_images is not None:
+            self.on_images(len(results))
+        return DecodedRequest(list(results), parsed.protocol, parsed.request_id)  # type: ignore[arg-type]
+
+    async def predict(self, payload: DecodedRequest, headers: dict[str, str] | None = None) -> Prediction:
+        """Run the images through the micro-batcher (shared with concurrent requests)."""
+        assert self.batcher is not None
+        rows = await self.batcher.submit_many(payload.inputs)
+        outputs = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        return Prediction(outputs, payload.protocol, payload.request_id)
+
+    async def postprocess(
+        self, result: Prediction, headers: dict[str, str] | None = None, response_headers: Any = None
+    ) -> dict[str, Any] | InferResponse:
+        """Answer in the protocol the request used."""
+        if result.protocol == "v2":
+            return format_v2(result.outputs, self.name, result.request_id)
+        return {"predictions": format_v1(result.outputs, self.spec.classes)}
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        c = len(self.spec.classes) if self.counter else -1
+        return [
+            {"name": "count", "datatype": "INT64", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, c]},
+            {"name": "confidence", "datatype": "FP32", "shape": [-1]},
+            {"name": "expected", "datatype": "FP32", "shape": [-1]},
+        ]

@@ -1,0 +1,182 @@
+"""Server glue around KServe's ``ModelServer``: host binding, request guard, metrics, extra routes.
+
+KServe 0.21's REST server always binds ``0.0.0.0`` and has no flag for it; :class:`HostModelServer`
+sets the uvicorn host after KServe builds its REST server and before it starts, so tests and
+laptops can bind ``127.0.0.1`` while containers keep ``0.0.0.0``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from kserve import ModelServer
+from kserve.errors import InvalidInput, ModelNotFound
+from kserve.logging import logger as kserve_logger
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+from serving.errors import PayloadTooLarge, UnsupportedMediaType
+
+access_logger = logging.getLogger("serving.access")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+_V2_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+
+
+class ServingMetrics:
+    """Prometheus metrics added to KServe's (same registry, so ``/metrics`` shows both)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.batch_size = Histogram(
+            "inventory_batch_size", "images per onnxruntime batch", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.batch_seconds = Histogram(
+            "inventory_batch_inference_seconds", "onnxruntime time per batch", registry=registry
+        )
+        self.images = Counter("inventory_images", "images decoded for inference", registry=registry)
+        self.rejected = Counter(
+            "inventory_rejected_requests", "requests answered with a 4xx", ["status"], registry=registry
+        )
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def observe_images(self, n: int) -> None:
+        self.images.inc(n)
+
+    def observe_rejected(self, status: int) -> None:
+        self.rejected.labels(status=str(status)).inc()
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+class RequestGuard:
+    """ASGI middleware: body size limit before reading, one structured log line per request.
+
+    A ``Content-Length`` over the limit is answered 413 without reading the body; a chunked body
+    is counted while it streams and stopped with 413 as soon as it passes the limit.
+    """
+
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, on_reject: Callable[[int], None] | None = None
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        state = {"status": 0, "bytes": 0}
+        limit = self.max_body_bytes
+
+        async def logged_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = int(message["status"])
+            await send(message)
+
+        async def counted_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                state["bytes"] += len(message.get("body", b""))
+                if state["bytes"] > limit:
+                    raise PayloadTooLarge(f"request body is over the limit of {limit:,} bytes")
+            return message
+
+        try:
+            rejection = self._early_rejection(scope, headers)
+            if rejection is not None:
+                status, message = rejection
+                if self.on_reject is not None:
+                    self.on_reject(status)
+                await _send_json(logged_send, status, {"error": message})
+            else:
+                await self.app(scope, counted_receive, logged_send)
+        finally:
+            access_logger.info(
+                json.dumps(
+                    {
+                        "event": "request",
+                        "method": scope.get("method"),
+                        "path": scope.get("path"),
+                        "status": state["status"],
+                        "ms": round((time.perf_counter() - start) * 1000, 2),
+                        "bytes_in": state["bytes"],
+                        "request_id": headers.get("x-request-id"),
+                    }
+                )
+            )
+
+    def _early_rejection(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return 400, f"invalid Content-Length header {length!r}"
+            if n > self.max_body_bytes:
+                return 413, f"request body of {n:,} bytes is over the limit of {self.max_body_bytes:,} bytes"
+        if "inference-header-content-length" in headers and _V2_INFER.match(scope.get("path", "")):
+            err = UnsupportedMediaType(
+                "the V2 binary tensor extension is not supported for images; "
+                'send {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [N], '
+                '"data": ["<base64>", ...]}]}'
+            )
+            return err.status_code, str(err)
+        return None
+
+
+class QuietClientErrors(logging.Filter):
+    """Log KServe's client errors (bad JSON, unknown model) as one line, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, InvalidInput | ModelNotFound):
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "client error: %s", (exc,)
+        return True
+
+
+class HostModelServer(ModelServer):
+    """KServe's ``ModelServer`` with a configurable bind address for the REST server."""
+
+    def __init__(self, *, http_host: str = "0.0.0.0", timing_middleware: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.http_host = http_host
+        self.timing_middleware = timing_middleware
+        kserve_logger.addFilter(QuietClientErrors())
+
+    def setup_event_loop(self) -> None:
+        # ModelServer.start() builds its RESTServer, then calls this, then runs the servers: the one
+        # point where the uvicorn config exists but has not bound a socket yet.
+        rest = getattr(self, "_rest_server", None)
+        if rest is None:
+            raise RuntimeError("KServe ModelServer internals changed: no _rest_server to bind")
+        rest.config.host = self.http_host
+        if not self.timing_middleware and not self.access_log_format:
+            # KServe's timing middleware reads the process CPU time (getrusage) twice per request on
+            # the event loop, which costs milliseconds with this many threads; RequestGuard already
+            # logs each request's latency and Prometheus has KServe's histograms.
+            rest._add_middlewares = lambda app: None
+        super().setup_event_loop()

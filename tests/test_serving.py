@@ -1,0 +1,354 @@
+"""The model server over real HTTP on 127.0.0.1: protocols, SageMaker routes, bad input, parity."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.fixtures.serving import (
+    REPO_ROOT,
+    RunningServer,
+    served_model_fixture,  # noqa: F401
+    start_server,
+    stop_server,
+)
+
+CLASSES = ["1", "2", "3", "4", "5"]
+
+
+@pytest.fixture(scope="module")
+def jpegs(abid_dir: Path) -> list[bytes]:
+    """A few real ABID JPEGs (read in place)."""
+    paths = sorted((abid_dir / "bin-images").glob("*.jpg"))[:6]
+    return [p.read_bytes() for p in paths]
+
+
+@pytest.fixture(scope="module")
+def client() -> httpx.Client:
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+def v1_body(images: list[bytes]) -> dict:
+    return {"instances": [{"image_bytes": {"b64": base64.b64encode(b).decode()}} for b in images]}
+
+
+def assert_prediction(p: dict) -> None:
+    assert p["count"] in (1, 2, 3, 4, 5)
+    assert list(p["probabilities"]) == CLASSES
+    probs = np.array(list(p["probabilities"].values()))
+    assert probs.min() >= 0 and abs(probs.sum() - 1) < 1e-3
+    assert p["confidence"] == pytest.approx(probs.max(), abs=1e-5)
+    assert 1.0 <= p["expected"] <= 5.0
+
+
+# ----------------------------------------------------------------------------- torch-free path
+
+
+def test_serving_path_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import serving.model, serving.server, serving.batcher, serving.errors\n"
+        "import serving.sagemaker_routes, serving.__main__ as m\n"
+        "m.build_parser()\n"
+        "bad = sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- in-process pieces
+
+
+@pytest.fixture
+def plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KServe parses sys.argv when first imported; keep pytest's own flags away from it."""
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
+
+
+def test_readiness_false_until_load_and_ping_follows(random_model_dir: Path, plain_argv: None) -> None:
+    from fastapi import FastAPI
+
+    from serving.model import InventoryCounter, ServingOptions
+    from serving.sagemaker_routes import register_sagemaker_routes
+
+    model = InventoryCounter("inventory-counter", random_model_dir, ServingOptions(intra_op_threads=1))
+    app = FastAPI()
+    register_sagemaker_routes(app, model)
+
+    async def ping() -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return (await c.get("/ping")).status_code
+
+    assert model.ready is False
+    assert asyncio.run(ping()) == 503
+    assert model.load() is True and model.ready is True
+    assert asyncio.run(ping()) == 200
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_micro_batcher_batches_keeps_order_and_survives_errors(workers: int) -> None:
+    from serving.batcher import MicroBatcher
+
+    sizes: list[int] = []
+
+    def infer(x: np.ndarray) -> dict[str, np.ndarray]:
+        if np.any(x < 0):
+            raise ValueError("negative input")
+        return {"double": x[:, 0] * 2}
+
+    async def scenario() -> tuple[list[float], Exception | None, float]:
+        b = MicroBatcher(
+            infer,
+            (1,),
+            max_batch_size=4,
+            max_wait_ms=20,
+            workers=workers,
+            on_batch=lambda n, s: sizes.append(n),
+        )
+        results = await asyncio.gather(*(b.submit(np.array([float(i)], np.float32)) for i in range(10)))
+        err = None
+        try:
+            await b.submit(np.array([-1.0], np.float32))
+        except RuntimeError as e:
+            err = e
+        after = await b.submit(np.array([7.0], np.float32))
+        await b.aclose()
+        return [float(r["double"]) for r in results], err, float(after["double"])
+
+    doubled, err, after = asyncio.run(scenario())
+    assert doubled == [2.0 * i for i in range(10)]
+    assert max(sizes) == 4 and sum(sizes[:3]) == 10  # 10 concurrent items -> batches of 4, 4, 2
+    assert err is not None and "negative" in str(err)
+    assert after == 14.0
+
+
+def test_sagemaker_serve_defaults(plain_argv: None) -> None:
+    from serving.__main__ import SAGEMAKER_MODEL_DIR, parse_args
+
+    args = parse_args(["serve"])
+    assert args.sagemaker and args.model_dir == SAGEMAKER_MODEL_DIR and args.http_port == 8080
+    assert args.model_name == "inventory-counter"
+
+
+def test_cli_config_errors_exit_2(tmp_path: Path, plain_argv: None) -> None:
+    from serving.__main__ import main
+
+    assert main(["--model_name", "x"]) == 2  # no --model_dir
+    assert main(["--model_dir", str(tmp_path / "missing"), "--http_host", "127.0.0.1"]) == 2
+
+
+# ----------------------------------------------------------------------------- protocols over HTTP
+
+
+def test_v1_predict_several_images(
+    served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]
+) -> None:
+    r = client.post(served_model.predict_url(), json=v1_body(jpegs[:3]))
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 3
+    for p in preds:
+        assert_prediction(p)
+
+
+def test_raw_jpeg_body_matches_v1(
+    served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]
+) -> None:
+    raw = client.post(served_model.predict_url(), content=jpegs[0], headers={"content-type": "image/jpeg"})
+    assert raw.status_code == 200, raw.text
+    v1 = client.post(served_model.predict_url(), json=v1_body(jpegs[:1]))
+    assert raw.json()["predictions"] == v1.json()["predictions"]
+
+
+def test_v2_bytes_input(served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]) -> None:
+    data = [base64.b64encode(b).decode() for b in jpegs[:2]]
+    body = {"id": "r1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": data}]}
+    r = client.post(served_model.infer_url(), json=body)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert r.json()["id"] == "r1"
+    assert out["count"]["datatype"] == "INT64" and out["count"]["shape"] == [2]
+    assert out["probabilities"]["shape"] == [2, 5]
+    probs = np.array(out["probabilities"]["data"]).reshape(2, 5)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(out["confidence"]["data"], probs.max(axis=1), atol=1e-6)
+    v1 = client.post(served_model.predict_url(), json=v1_body(jpegs[:2])).json()["predictions"]
+    assert out["count"]["data"] == [p["count"] for p in v1]
+
+
+def test_sagemaker_routes(served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]) -> None:
+    assert client.get(f"{served_model.url}/ping").status_code == 200
+    r = client.post(
+        f"{served_model.url}/invocations", content=jpegs[1], headers={"content-type": "image/jpeg"}
+    )
+    assert r.status_code == 200, r.text
+    assert_prediction(r.json()["predictions"][0])
+    r = client.post(f"{served_model.url}/invocations", json=v1_body(jpegs[:2]))
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    r = client.post(f"{served_model.url}/invocations", content=b"x", headers={"content-type": "text/csv"})
+    assert r.status_code == 415 and "image/jpeg" in r.json()["error"]
+
+
+def test_readiness_and_metrics(served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]) -> None:
+    assert client.get(f"{served_model.url}/v2/models/inventory-counter/ready").status_code == 200
+    assert client.get(f"{served_model.url}/v1/models/inventory-counter").json()["ready"] is True
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(timeout=30) as c:
+            reqs = [
+                c.post(
+                    served_model.predict_url(), content=jpegs[i % 6], headers={"content-type": "image/jpeg"}
+                )
+                for i in range(24)
+            ]
+            assert all(r.status_code == 200 for r in await asyncio.gather(*reqs))
+
+    asyncio.run(burst())
+    text = client.get(f"{served_model.url}/metrics").text
+    assert "request_predict_seconds" in text  # KServe's own
+    count = _metric(text, "inventory_batch_size_count")
+    ones = _metric(text, 'inventory_batch_size_bucket{le="1.0"}')
+    assert count >= 1 and ones < count, "concurrent requests were never batched together"
+    assert _metric(text, "inventory_images_total") >= 24
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_structured_request_log(served_model: RunningServer) -> None:
+    lines = [ln for ln in served_model.log().splitlines() if '"event": "request"' in ln]
+    assert lines, "no structured request log lines"
+    entry = json.loads(lines[-1][lines[-1].index("{") :])
+    assert {"method", "path", "status", "ms"} <= set(entry)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def v2(name: str, datatype: str, shape: list[int], data: list) -> dict:
+    return {"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}
+
+
+def _bad_requests(server: RunningServer, jpeg: bytes) -> list[tuple[str, str, dict, int, str]]:
+    """(name, url, httpx kwargs, expected status, text in the error)."""
+    img = {"content-type": "image/jpeg"}
+    p, i = server.predict_url(), server.infer_url()
+    b64 = base64.b64encode(jpeg).decode()
+    return [
+        ("not an image", p, {"content": b"hello, not a jpeg", "headers": img}, 400, "not a supported image"),
+        ("truncated jpeg", p, {"content": jpeg[: len(jpeg) // 2], "headers": img}, 400, "truncated"),
+        ("empty body", p, {"content": b"", "headers": img}, 400, "empty"),
+        ("empty json body", p, {"content": b"", "headers": {"content-type": "application/json"}}, 400, ""),
+        ("wrong field", p, {"json": {"inputs": [b64]}}, 400, "instances"),
+        ("bad instance", p, {"json": {"instances": [{"image": b64}]}}, 400, "image_bytes"),
+        ("bad base64", p, {"json": {"instances": [{"b64": "***"}]}}, 400, "base64"),
+        ("no instances", p, {"json": {"instances": []}}, 400, "no images"),
+        ("too many", p, {"json": {"instances": [{"b64": b64}] * 9}}, 413, "limit of 8"),
+        ("body too large", p, {"content": b"\0" * (1024 * 1024 + 1), "headers": img}, 413, "over the limit"),
+        ("pixel bomb", p, {"content": _png((2500, 2000)), "headers": img}, 413, "pixels"),
+        ("unknown model", server.predict_url("nope"), {"content": jpeg, "headers": img}, 404, "nope"),
+        ("v2 not bytes", i, {"json": v2("x", "FP32", [1], [1.0])}, 400, "BYTES"),
+        ("v2 shape", i, {"json": v2("image", "BYTES", [2], [b64])}, 400, "shape"),
+        (
+            "v2 binary",
+            i,
+            {"content": b"{}", "headers": {"inference-header-content-length": "2"}},
+            415,
+            "base64",
+        ),
+    ]
+
+
+def test_bad_inputs_get_4xx_with_message(
+    served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]
+) -> None:
+    failures = []
+    for name, url, kwargs, status, text in _bad_requests(served_model, jpegs[0]):
+        r = client.post(url, **kwargs)
+        if r.status_code != status or text not in r.json().get("error", ""):
+            failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+    assert not failures, "\n".join(failures)
+
+
+def test_chunked_body_over_limit_is_413(served_model: RunningServer, client: httpx.Client) -> None:
+    def chunks():
+        for _ in range(40):
+            yield b"\0" * 65536  # 2.5 MiB in total, no Content-Length
+
+    r = client.post(served_model.predict_url(), content=chunks(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 413
+
+
+def test_flood_of_bad_requests_leaves_server_healthy(
+    served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]
+) -> None:
+    bad = _bad_requests(served_model, jpegs[0])
+
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as c:
+            reqs = [c.post(url, **kw) for _ in range(10) for _, url, kw, _, _ in bad]
+            return [r.status_code for r in await asyncio.gather(*reqs)]
+
+    statuses = asyncio.run(flood())
+    assert statuses and all(400 <= s < 500 for s in statuses), sorted(set(statuses))
+    assert served_model.proc.poll() is None
+    assert client.get(f"{served_model.url}/v2/health/ready").status_code == 200
+    r = client.post(served_model.predict_url(), content=jpegs[2], headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200
+    assert "Traceback" not in served_model.log()
+
+
+# ----------------------------------------------------------------------------- parity with evaluate
+
+
+@pytest.mark.slow
+def test_served_predictions_equal_evaluate(
+    tiny_trained_model_dir: Path, tiny_split: dict[str, Path], tmp_path: Path, client: httpx.Client
+) -> None:
+    from components.evaluate import evaluate
+    from components.manifest import load_labelled
+
+    out = tmp_path / "eval"
+    evaluate(
+        tiny_trained_model_dir, tiny_split["test"], out, data_root=tiny_split["data_root"], progress=False
+    )
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as fh:
+        expected = {row["id"]: row for row in csv.DictReader(fh)}
+    rows, paths = load_labelled(tiny_split["test"], tiny_split["data_root"])
+    server = start_server(tiny_trained_model_dir, tmp_path / "server.log")
+    try:
+        r = client.post(server.predict_url(), json=v1_body([Path(p).read_bytes() for p in paths]))
+    finally:
+        stop_server(server)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == len(rows) == len(expected)
+    for row, pred in zip(rows, preds, strict=True):
+        assert pred["count"] == int(expected[row.id]["pred"]), row.id
+        assert pred["expected"] == pytest.approx(float(expected[row.id]["expected"]), abs=1e-3), row.id

@@ -1,0 +1,55 @@
+"""The load-test tool end to end (short levels) against the real server and the naive baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.common import ConfigError
+from serving.bench import check_url, main, summarize
+from tests.fixtures.serving import (
+    RunningServer,
+    served_model_fixture,  # noqa: F401
+)
+
+
+def test_refuses_remote_hosts_unless_allowed() -> None:
+    check_url("http://127.0.0.1:8080/invocations")
+    check_url("http://localhost:8080/v1/models/m:predict")
+    with pytest.raises(ConfigError, match="only localhost"):
+        check_url("http://example.com/invocations")
+    check_url("http://example.com/invocations", allow_remote=True)
+    with pytest.raises(ConfigError, match="http"):
+        check_url("ftp://127.0.0.1/x")
+
+
+def test_summarize_percentiles_and_rate() -> None:
+    r = summarize(4, [i / 1000 for i in range(1, 101)], errors=2, seconds=10.0)
+    assert r.requests == 100 and r.errors == 2
+    assert r.per_minute == 600.0
+    assert r.p50_ms == pytest.approx(50.5) and r.p99_ms == pytest.approx(99.01)
+
+
+def test_bench_against_server_and_naive_baseline(
+    served_model: RunningServer, abid_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "serve.json"
+    argv = ["--url", served_model.predict_url(), "--images", str(abid_dir / "bin-images"),
+            "--concurrency", "1,2", "--duration", "1", "--warmup", "0.5", "--n_images", "8",
+            "--baseline", "--model_dir", str(served_model.model_dir), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    for name in ("server", "naive baseline"):
+        levels = report["results"][name]
+        assert [lv["concurrency"] for lv in levels] == [1, 2]
+        assert all(lv["requests"] > 0 and lv["errors"] == 0 for lv in levels), levels
+        assert all(lv["p50_ms"] <= lv["p99_ms"] for lv in levels)
+    assert set(report["ratio_vs_baseline"]) == {"1", "2"}
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_baseline_needs_model_dir(abid_dir: Path, tmp_path: Path) -> None:
+    argv = ["--url", "http://127.0.0.1:9/x", "--images", str(abid_dir / "bin-images"), "--baseline"]
+    assert main([*argv, "--out", str(tmp_path / "x.json")]) == 2
