@@ -24,7 +24,7 @@ import numpy as np
 
 from components.common import ConfigError, atomic_write_json, atomic_write_text, format_table, setup_logging
 from components.manifest import load_labelled
-from components.modelspec import load_model_spec
+from components.modelspec import INT8_CHOICES, choose_onnx_file, load_model_spec
 from components.preprocess import preprocess_batch
 
 LOG = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def predict_onnx(
     batch_size: int = 64,
     num_threads: int | None = None,
     progress: bool = True,
+    int8: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Run the exported model on images (paths or bytes) the way the server does."""
     import onnxruntime as ort
@@ -93,7 +94,7 @@ def predict_onnx(
     if num_threads:
         opts.intra_op_num_threads = num_threads
     sess = ort.InferenceSession(
-        str(Path(model_dir) / spec.onnx_file), opts, providers=["CPUExecutionProvider"]
+        str(choose_onnx_file(model_dir, spec, int8)), opts, providers=["CPUExecutionProvider"]
     )
     outs: dict[str, list[np.ndarray]] = {n: [] for n in spec.output_names}
     for start in tqdm(range(0, len(paths), batch_size), desc="evaluate", disable=not progress, leave=False):
@@ -114,6 +115,7 @@ def evaluate(
     batch_size: int = 64,
     num_threads: int | None = None,
     progress: bool = True,
+    int8: str = "auto",
 ) -> dict[str, Any]:
     """Score the exported model on ``manifest``; writes metrics.json, confusion_matrix.png, predictions."""
     if batch_size < 1:
@@ -126,10 +128,20 @@ def evaluate(
             f"{manifest} has counts {outside} that the model cannot predict (classes {list(spec.classes)}); "
             "filter the manifest to the model's classes"
         )
-    pred = predict_onnx(model_dir, paths, batch_size=batch_size, num_threads=num_threads, progress=progress)
+    onnx_file = choose_onnx_file(model_dir, spec, int8)
+    pred = predict_onnx(
+        model_dir, paths, batch_size=batch_size, num_threads=num_threads, progress=progress, int8=int8
+    )
     true = [r.count for r in rows]
     metrics = count_metrics(true, pred["count"], spec.classes, pred["expected"])
-    metrics.update({"model": spec.name, "model_version": spec.version, "manifest": str(manifest)})
+    metrics.update(
+        {
+            "model": spec.name,
+            "model_version": spec.version,
+            "manifest": str(manifest),
+            "onnx_file": onnx_file.name,
+        }
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -158,6 +170,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=None, help="directory the manifest paths are under")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--int8",
+        choices=INT8_CHOICES,
+        default="auto",
+        help="which model to score, as the server picks it (auto: int8 when it passed the gate)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -174,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             data_root=args.data_root,
             batch_size=args.batch_size,
             num_threads=args.num_threads,
+            int8=args.int8,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,6 +30,9 @@ OUTPUT_NAMES: tuple[str, str, str] = ("probabilities", "count", "expected")
 HEADS: tuple[str, ...] = ("classification", "ordinal", "regression")
 DEFAULT_CLASSES: tuple[int, ...] = (1, 2, 3, 4, 5)
 SCHEMA_VERSION = 1
+#: Which ONNX file to run: ``auto`` takes the int8 model when model.json lists it (it passed the
+#: accuracy gate), ``on`` requires it, ``off`` always uses fp32. Serving and evaluation share this.
+INT8_CHOICES: tuple[str, ...] = ("auto", "on", "off")
 
 
 def validate_classes(classes: list[int] | tuple[int, ...]) -> tuple[int, ...]:
@@ -126,3 +129,21 @@ def load_model_spec(model_dir: str | os.PathLike[str]) -> ModelSpec:
     if not (model_dir / spec.onnx_file).is_file():
         raise ConfigError(f"{model_dir / spec.onnx_file} is missing: the model directory is incomplete")
     return spec
+
+
+def choose_onnx_file(model_dir: str | os.PathLike[str], spec: ModelSpec, int8: str = "auto") -> Path:
+    """The ONNX file a consumer runs (see :data:`INT8_CHOICES`), so evaluation scores what is served."""
+    model_dir = Path(model_dir)
+    if int8 not in INT8_CHOICES:
+        raise ConfigError(f"int8 must be one of {list(INT8_CHOICES)}, got {int8!r}")
+    int8_path = model_dir / spec.onnx_int8_file if spec.onnx_int8_file else None
+    if int8 == "on":
+        if int8_path is None or not int8_path.is_file():
+            raise ConfigError(
+                f"--int8 on but {model_dir}/model.json lists no int8 model (or it is missing); "
+                "run python -m serving.quantize first or use --int8 auto"
+            )
+        return int8_path
+    if int8 == "auto" and int8_path is not None and int8_path.is_file():
+        return int8_path
+    return model_dir / spec.onnx_file

@@ -6,10 +6,10 @@ is multivariate TPE (with the constant liar, so concurrent workers do not all tr
 
 The study lives in a SQLAlchemy database: SQLite (``TUNE_DIR/study.db``) by default, or a shared server
 (``postgresql://…``, ``mysql://…``) so several processes or pods work on one study. ``--trials N`` is the
-study-wide budget: every worker stops once N trials are finished (complete or pruned) or in flight, so
-N workers together run N trials, not N each. Workers record a heartbeat; a trial whose worker died is
-marked failed by the next worker that looks and re-queued with the same parameters, so a killed worker
-loses nothing but its running epoch (start any worker again to finish the budget).
+study-wide budget: a worker starts trials while fewer than N are finished (complete or pruned) or in
+flight, then waits for the ones other workers are running, so N workers together run N trials, not N
+each. Workers record a heartbeat; a trial whose worker died is marked failed by the next worker that
+looks and re-queued with the same parameters, so a killed worker loses nothing but its running epoch.
 
 Outputs (rewritten from the whole study by every worker when it stops): ``best_params.json`` (parameters
 named as :class:`components.train.TrainConfig` fields; :func:`best_train_config` applies them),
@@ -209,6 +209,8 @@ class TuneConfig:
     #: Collect garbage between trials so a finished trial's tensors are freed before the next one
     #: (costs well under a second with torch loaded; worth it next to minutes of training).
     gc_after_trial: bool = True
+    #: Seconds between checks while the last trials run on other workers.
+    wait_poll_s: float = 2.0
 
     def resolved_worker_id(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -297,12 +299,29 @@ def validate_storage_url(url: str) -> str:
     return url
 
 
+def with_installed_driver(url: str) -> str:
+    """``postgresql://`` means psycopg (v3) to SQLAlchemy 2.1; use psycopg2 when only that is installed.
+
+    URLs that name a driver (``postgresql+psycopg2://``) are returned unchanged.
+    """
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.drivername != "postgresql" or importlib.util.find_spec("psycopg") is not None:
+        return url
+    if importlib.util.find_spec("psycopg2") is None:
+        return url
+    return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+
+
 def open_storage(cfg: TuneConfig, *, attempts: int = 5) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeat + retry of stale trials (several workers may create it at once)."""
     import optuna
     import sqlalchemy.exc
 
-    url = validate_storage_url(cfg.resolved_storage())
+    url = with_installed_driver(validate_storage_url(cfg.resolved_storage()))
     if url.startswith("sqlite"):
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
@@ -322,6 +341,11 @@ def open_storage(cfg: TuneConfig, *, attempts: int = 5) -> optuna.storages.RDBSt
                     grace_period=cfg.grace_period,
                     heartbeat_stale_trial_callback=retry,
                 )
+        except ImportError as e:
+            raise ConfigError(
+                f"no database driver for {redact_url(url)}: install it (psycopg2-binary for PostgreSQL, "
+                "pymysql for MySQL) or name an installed one in the URL, e.g. postgresql+psycopg2://"
+            ) from e
         except (
             sqlalchemy.exc.OperationalError,
             sqlalchemy.exc.IntegrityError,
@@ -517,16 +541,24 @@ def best_train_config(best_params_json: str | os.PathLike[str], base: TrainConfi
 # The search
 
 
-def _finished_or_running(study: optuna.Study) -> int:
-    """Trials that use up the budget: complete, pruned, or running now (after failing stale ones)."""
+def _budget_counts(study: optuna.Study) -> tuple[int, int]:
+    """(finished, running) trials, after failing and re-queueing those whose worker died."""
     import optuna
     from optuna.trial import TrialState
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # re-queues dead workers' trials before we count
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return len(study.get_trials(deepcopy=False, states=states))
+    trials = study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    )
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    return len(trials) - running, running
+
+
+def _finished_or_running(study: optuna.Study) -> int:
+    """Trials that use up the budget: complete, pruned, or running now."""
+    return sum(_budget_counts(study))
 
 
 def _frozen(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -735,21 +767,30 @@ def _tune(cfg: TuneConfig, train_fn: TrainFn | None) -> TuneResult:
 
         bar = tqdm(total=cfg.n_trials, desc=f"tune {cfg.study_name}", unit="trial")
     stopper = _StopWhenBudgetUsed(cfg, bar)
+    objective = _Objective(cfg, study, base, train_fn)
+    deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
+    waiting_logged = False
     try:
-        if _finished_or_running(study) < cfg.n_trials:
-            study.optimize(
-                _Objective(cfg, study, base, train_fn),
-                timeout=cfg.timeout,
-                catch=(_TrialError, _BudgetReachedError),
-                callbacks=[stopper],
-                gc_after_trial=cfg.gc_after_trial,
-            )
-        else:
-            LOG.info(
-                "study %r already has %d trials finished or running: nothing to do",
-                cfg.study_name,
-                cfg.n_trials,
-            )
+        # Run trials while the budget has room; when the rest is in flight on other workers, wait for
+        # it, so the reports cover the whole budget and a trial whose worker dies meanwhile is re-run here.
+        while not stopper.too_many_failures:
+            finished, running = _budget_counts(study)
+            left = None if deadline is None else deadline - time.monotonic()
+            if finished >= cfg.n_trials or (left is not None and left <= 0):
+                break
+            if finished + running < cfg.n_trials:
+                study.optimize(
+                    objective,
+                    timeout=left,
+                    catch=(_TrialError, _BudgetReachedError),
+                    callbacks=[stopper],
+                    gc_after_trial=cfg.gc_after_trial,
+                )
+                continue
+            if not waiting_logged:
+                LOG.info("waiting for %d trial(s) running on other workers", running)
+                waiting_logged = True
+            time.sleep(min(cfg.wait_poll_s, left) if left is not None else cfg.wait_poll_s)
     finally:
         if bar is not None:
             bar.close()
@@ -1014,52 +1055,53 @@ def _float_pair(text: str, name: str) -> tuple[float, float]:
 
 def _parser() -> argparse.ArgumentParser:
     d = SearchSpace()
-    p = argparse.ArgumentParser(
-        prog="python -m components.tune",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+
+    def pair(v: tuple[float, float]) -> str:
+        return f"{v[0]:g},{v[1]:g}"
+
+    def items(v: tuple[Any, ...]) -> str:
+        return ",".join(map(str, v))
+
+    p = argparse.ArgumentParser(prog="python -m components.tune", description=__doc__.split("\n")[0])
+    add = p.add_argument
+    add("--train", required=True, type=Path, help="training manifest (train.csv from split)")
+    add("--val", required=True, type=Path, help="validation manifest (val.csv from split)")
+    add("--data-root", type=Path, default=None, help="directory the manifest paths are under")
+    add("--out", required=True, type=Path, help="TUNE_DIR: reports, trials/<n>/ and the default study.db")
+    add("--trials", required=True, type=int, help="study-wide number of trials, all workers together")
+    add("--storage", default=None, help="SQLAlchemy URL of the study (default sqlite:///TUNE_DIR/study.db)")
+    add(
+        "--study-name",
+        default=DEFAULT_STUDY_NAME,
+        help=f"workers with one name share a study ({DEFAULT_STUDY_NAME})",
     )
-    p.add_argument("--train", required=True, type=Path, help="training manifest (train.csv from split)")
-    p.add_argument("--val", required=True, type=Path, help="validation manifest (val.csv from split)")
-    p.add_argument("--data-root", type=Path, default=None, help="directory the manifest paths are under")
-    p.add_argument("--out", required=True, type=Path, help="TUNE_DIR: reports, trials/<n>/, default study.db")
-    p.add_argument(
-        "--trials", required=True, type=int, help="study-wide number of trials (all workers together)"
+    add("--timeout", type=float, default=None, help="this worker starts no trial after S seconds")
+    add("--epochs", type=int, default=5, help="epochs per trial, the pruner's steps (5)")
+    add(
+        "--metric",
+        default="val_accuracy",
+        choices=list(METRICS),
+        help="what the study optimizes (val_accuracy)",
     )
-    p.add_argument(
-        "--storage", default=None, help="SQLAlchemy URL of the study DB (default sqlite:///TUNE_DIR/study.db)"
+    add("--pruner", default="median", choices=list(PRUNERS), help="median (default), hyperband or none")
+    add("--pruner-startup-trials", type=int, default=3, help="median pruner: trials before pruning (3)")
+    add("--pruner-warmup-epochs", type=int, default=1, help="median pruner: epochs before pruning (1)")
+    add("--sampler-startup-trials", type=int, default=10, help="random trials before TPE takes over (10)")
+    add("--seed", type=int, default=0, help="sampler seed, mixed with --worker-id (0); -1 for random")
+    add("--worker-id", default=None, help="this worker's name in logs and trials.csv (default host-pid)")
+    add("--lr", default=pair(d.lr), help=f"LOW,HIGH on a log scale ({pair(d.lr)}); one value fixes it")
+    add("--momentum", default=pair(d.momentum), help=f"LOW,HIGH ({pair(d.momentum)})")
+    add(
+        "--weight-decay",
+        default=pair(d.weight_decay),
+        help=f"LOW,HIGH on a log scale ({pair(d.weight_decay)})",
     )
-    p.add_argument(
-        "--study-name", default=DEFAULT_STUDY_NAME, help="workers with the same name share a study"
-    )
-    p.add_argument(
-        "--timeout", type=float, default=None, help="this worker stops starting trials after S seconds"
-    )
-    p.add_argument("--epochs", type=int, default=5, help="epochs per trial (also the pruner's steps)")
-    p.add_argument("--metric", default="val_accuracy", choices=list(METRICS), help="what the study optimizes")
-    p.add_argument("--pruner", default="median", choices=list(PRUNERS))
-    p.add_argument(
-        "--pruner-startup-trials", type=int, default=3, help="median pruner: trials before pruning"
-    )
-    p.add_argument("--pruner-warmup-epochs", type=int, default=1, help="median pruner: epochs before pruning")
-    p.add_argument("--sampler-startup-trials", type=int, default=10, help="random trials before TPE")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed (mixed with --worker-id); -1 for random")
-    p.add_argument("--worker-id", default=None, help="name in logs and trials.csv (default host-pid)")
-    p.add_argument("--lr", default=f"{d.lr[0]},{d.lr[1]}", help="LOW,HIGH (log scale)")
-    p.add_argument("--momentum", default=f"{d.momentum[0]},{d.momentum[1]}", help="LOW,HIGH")
-    p.add_argument(
-        "--weight-decay", default=f"{d.weight_decay[0]},{d.weight_decay[1]}", help="LOW,HIGH (log)"
-    )
-    p.add_argument("--batch-sizes", default=",".join(map(str, d.batch_sizes)))
-    p.add_argument(
-        "--label-smoothing", default=f"{d.label_smoothing[0]},{d.label_smoothing[1]}", help="LOW,HIGH"
-    )
-    p.add_argument(
-        "--aug-strength", default=f"{d.aug_strength[0]},{d.aug_strength[1]}", help="LOW,HIGH in [0,3]"
-    )
-    p.add_argument("--image-sizes", default=",".join(map(str, d.image_sizes)))
-    p.add_argument("--heads", default=",".join(d.heads))
-    p.add_argument(
+    add("--batch-sizes", default=items(d.batch_sizes), help=f"choices ({items(d.batch_sizes)})")
+    add("--label-smoothing", default=pair(d.label_smoothing), help=f"LOW,HIGH ({pair(d.label_smoothing)})")
+    add("--aug-strength", default=pair(d.aug_strength), help=f"LOW,HIGH within 0..3 ({pair(d.aug_strength)})")
+    add("--image-sizes", default=items(d.image_sizes), help=f"choices in px ({items(d.image_sizes)})")
+    add("--heads", default=items(d.heads), help=f"choices ({items(d.heads)})")
+    add(
         "--set",
         dest="overrides",
         action="append",
@@ -1068,18 +1110,19 @@ def _parser() -> argparse.ArgumentParser:
         help="TrainConfig field for every trial, e.g. device=cuda, weights=imagenet, num_threads=4; "
         "a searched parameter set here (head=ordinal) is fixed. Repeatable.",
     )
-    p.add_argument(
-        "--heartbeat-interval", type=int, default=60, help="seconds between a running trial's heartbeats"
+    add(
+        "--heartbeat-interval", type=int, default=60, help="seconds between a running trial's heartbeats (60)"
     )
-    p.add_argument(
-        "--grace-period", type=int, default=None, help="seconds without heartbeat before a trial is dead"
+    add(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="seconds without a heartbeat before a trial is dead (2x)",
     )
-    p.add_argument("--max-retry", type=int, default=3, help="times a dead worker's trial is re-queued")
-    p.add_argument(
-        "--max-failures", type=int, default=3, help="stop this worker after N failed trials in a row"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--log-level", default="INFO")
+    add("--max-retry", type=int, default=3, help="times a dead worker's trial is re-queued (3)")
+    add("--max-failures", type=int, default=3, help="this worker stops after N failed trials in a row (3)")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add("--log-level", default="INFO")
     return p
 
 
@@ -1146,6 +1189,12 @@ def main(argv: list[str] | None = None) -> int:
     except TuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished trials are kept in the study; run the same command to go on",
+            file=sys.stderr,
+        )
+        return 130
     if result.best_trial is None:
         print("error: no trial completed yet; see trials.csv", file=sys.stderr)
         return 1

@@ -434,6 +434,7 @@ def train_model(
     device: str,
     num_threads: int,
     model_name: str,
+    int8: bool,
     model: Output[Model],
     metrics: Output[Metrics],
     curves: Output[HTML],
@@ -471,6 +472,14 @@ def train_model(
         for key, value in train_overrides(best_params).items():
             setattr(cfg, key, value)
         result = run_training(cfg)
+        if int8:
+            from serving.quantize import quantize_model
+
+            gate = quantize_model(
+                out, Path(train.path), Path(val.path), data_root=Path(dataset.path), seed=seed
+            )
+            metrics.log_metric("int8_accepted", float(gate.accepted))
+            metrics.log_metric("int8_val_accuracy", gate.int8_accuracy)
     val_metrics = result.metrics["val"]
     for key in ("accuracy", "rmse", "mae"):
         metrics.log_metric(f"val_{key}", float(val_metrics[key]))

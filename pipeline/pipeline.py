@@ -115,6 +115,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         accuracy_threshold: float = 0.0,
         model_store: str = "",
         model_name: str = "inventory-counter",
+        int8: bool = True,
         model_version: str = "",
         serving_image: str = f"inventory-monitor/serving:{__version__}",
     ) -> None:
@@ -185,6 +186,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             device=device,
             num_threads=num_threads,
             model_name=model_name,
+            int8=int8,
         )
         train.set_display_name("train with the best parameters").set_caching_options(False)
         _trainer_resources(_k8s(train, opts), opts)

@@ -35,14 +35,12 @@ from kserve.errors import InferenceError
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from components.common import ConfigError
-from components.modelspec import ModelSpec, load_model_spec
+from components.modelspec import INT8_CHOICES, ModelSpec, choose_onnx_file, load_model_spec
 from components.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_uint8, normalize
 from serving.batcher import MicroBatcher
 from serving.errors import BadRequest, PayloadTooLarge, from_image_error
 
 logger = logging.getLogger("serving.model")
-
-INT8_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -132,18 +130,7 @@ class OnnxCounter:
         self.item_shape = (3, size, size)
 
     def _choose_file(self, int8: str) -> Path:
-        int8_file = self.spec.onnx_int8_file
-        int8_path = self.model_dir / int8_file if int8_file else None
-        if int8 == "on":
-            if int8_path is None or not int8_path.is_file():
-                raise ConfigError(
-                    f"--int8 on but {self.model_dir}/model.json lists no int8 model (or it is missing); "
-                    "run python -m serving.quantize first or use --int8 auto"
-                )
-            return int8_path
-        if int8 == "auto" and int8_path is not None and int8_path.is_file():
-            return int8_path
-        return self.model_dir / self.spec.onnx_file
+        return choose_onnx_file(self.model_dir, self.spec, int8)
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """One batch through the model (thread-safe; onnxruntime releases the GIL)."""

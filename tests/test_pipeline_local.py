@@ -133,6 +133,9 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
         s3.download_file("models", key, str(mnt / key.rsplit("/", 1)[1]))
     spec = load_model_spec(mnt)
     assert spec.version == "e2e" and spec.preprocess.image_size == 32
+    gate = spec.metrics["int8_gate"]  # the final fit was quantized and gated on val accuracy
+    assert gate["accepted"] == (spec.onnx_int8_file is not None)
+    assert gate["accepted"] == (gate["int8_accuracy"] >= gate["fp32_accuracy"] - gate["max_drop"])
     jpeg = abid_dir / "bin-images" / f"{ids[0]}.jpg"
     assert _predict(mnt, jpeg) in spec.classes
 
