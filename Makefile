@@ -69,17 +69,18 @@ bench-serve: $(STAMP) ## load test of the model server vs a naive baseline -> be
 	$(PY) bench/serve.py
 
 k8s-check: $(STAMP) ## offline checks of the kustomize overlays and Dockerfiles
-	$(PY) -m pytest tests/test_k8s.py
+	$(PY) -m pytest tests/test_k8s.py tests/test_docker.py -m "not docker"
 
 images: ## build the components and serving images tagged with the git sha
 	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-0} docker build -f docker/components.Dockerfile -t $(IMAGE_REPO)/components:$(IMAGE_TAG) .
 	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-0} docker build -f docker/serving.Dockerfile -t $(IMAGE_REPO)/serving:$(IMAGE_TAG) .
 
 deploy: $(STAMP) ## deploy the model to kind/minikube (CLUSTER=kind|minikube) or PROFILE=sagemaker
-	bash k8s/deploy.sh
+	CLUSTER=$(CLUSTER) PROFILE=$(PROFILE) IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) MODEL_DIR=$(MODEL_DIR) \
+		PYTHON=$(PY) bash k8s/deploy.sh
 
 undeploy: ## remove everything deploy created
-	bash k8s/undeploy.sh
+	CLUSTER=$(CLUSTER) PROFILE=$(PROFILE) bash k8s/undeploy.sh
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache .ruff_cache

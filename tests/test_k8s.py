@@ -1,0 +1,434 @@
+"""Offline checks of the Kubernetes manifests, the deploy scripts and the Dockerfiles.
+
+No API server runs here, so the manifests are checked the way a strict API server would: every
+kustomization is rendered with ``kubectl kustomize``; core kinds are validated with
+``kubernetes-validate --strict`` against a pinned Kubernetes version; the InferenceService against
+KServe's published CRD schema with unknown fields rejected at every level (a planted typo must fail).
+Then the project's own rules: requests == limits, pinned images, non-root, secrets never committed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+SCHEMA_PATH = REPO.parent / "shared" / "schemas" / "kserve" / "inferenceservice_v1beta1.json"
+#: Kubernetes version the core kinds are validated against (KServe 0.21 needs >= 1.32).
+K8S_VERSION = "1.33.0"
+TARGETS = ("base", "overlays/kind", "overlays/minikube")
+#: Fake credentials written into the temp copy only; they must show up in the rendered Secret.
+FAKE_KEY_ID = "AKIAFAKEFORTESTS0001"
+FAKE_SECRET = "fake-secret-for-offline-render"
+ISVC_KIND = "InferenceService"
+
+
+# --------------------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------------------
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.fail("kubectl not found: `kubectl kustomize` renders the manifests (install kubectl >= 1.27)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def k8s_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temp copy of k8s/ with fake credentials in the git-ignored s3.env (the repo is never written)."""
+    dst = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, dst, ignore=shutil.ignore_patterns("s3.env"))
+    (dst / "base" / "s3.env").write_text(
+        f"AWS_ACCESS_KEY_ID={FAKE_KEY_ID}\nAWS_SECRET_ACCESS_KEY={FAKE_SECRET}\n"
+    )
+    return dst
+
+
+def render(root: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run([kubectl(), "kustomize", str(root)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"kubectl kustomize {root} failed:\n{proc.stderr}"
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered(k8s_copy: Path) -> dict[str, list[dict[str, Any]]]:
+    """target -> rendered objects, for base and every overlay."""
+    return {t: render(k8s_copy / t) for t in TARGETS}
+
+
+def objects(rendered: dict[str, list[dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for target, docs in rendered.items():
+        for doc in docs:
+            yield target, doc
+
+
+def the_isvc(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == ISVC_KIND]
+    assert len(found) == 1, f"expected one InferenceService, got {len(found)}"
+    return found[0]
+
+
+def pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod-like specs of an object (Deployment template, InferenceService predictor)."""
+    if doc["kind"] == ISVC_KIND:
+        return [doc["spec"]["predictor"]]
+    template = doc.get("spec", {}).get("template", {}).get("spec")
+    return [template] if template else []
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        c for spec in pod_specs(doc) for key in ("containers", "initContainers") for c in spec.get(key, [])
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# schema validation
+# --------------------------------------------------------------------------------------------------
+
+
+def close_schema(node: Any) -> Any:
+    """Reject unknown fields everywhere: ``additionalProperties: false`` on every object with
+    ``properties`` that does not already allow extra fields (like an API server's strict decoding)."""
+    if isinstance(node, dict):
+        out = {k: close_schema(v) for k, v in node.items()}
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(node, list):
+        return [close_schema(v) for v in node]
+    return node
+
+
+@cache
+def isvc_validator() -> jsonschema.protocols.Validator:
+    schema = close_schema(json.loads(SCHEMA_PATH.read_text()))
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def isvc_errors(doc: dict[str, Any]) -> list[str]:
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in isvc_validator().iter_errors(doc)
+    ]
+
+
+def core_errors(doc: dict[str, Any]) -> list[str]:
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{doc['kind']}/{doc['metadata']['name']}: {e.message} at {list(e.path)}"]
+    return []
+
+
+def test_every_target_renders_the_expected_kinds(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for target, docs in rendered.items():
+        kinds = sorted(d["kind"] for d in docs)
+        assert {"Namespace", "ServiceAccount", "Secret", ISVC_KIND} <= set(kinds), (target, kinds)
+        if target.startswith("overlays/"):
+            assert {"Deployment", "Service", "PersistentVolumeClaim"} <= set(kinds), (target, kinds)
+        for doc in docs:
+            if doc["kind"] != "Namespace":
+                assert doc["metadata"]["namespace"] == "inventory-monitor", (target, doc["kind"])
+
+
+def test_core_kinds_are_valid_in_strict_mode(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    checked = 0
+    for target, doc in objects(rendered):
+        if doc["kind"] == ISVC_KIND:
+            continue
+        assert core_errors(doc) == [], target
+        checked += 1
+    assert checked >= 3 * 3
+
+
+def test_inferenceservice_matches_kserve_schema_strictly(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for target, docs in rendered.items():
+        assert isvc_errors(the_isvc(docs)) == [], target
+
+
+@pytest.mark.parametrize(
+    ("path", "typo"),
+    [
+        (("spec", "predictor"), "maxReplicaz"),
+        (("spec", "predictor", "autoScaling", "metrics", 0, "resource", "target"), "averageUtilisation"),
+        (("spec", "predictor", "containers", 0, "readinessProbe", "httpGet"), "paht"),
+        (("spec", "predictor", "containers", 0, "securityContext"), "runAsNonroot"),
+    ],
+)
+def test_a_planted_typo_in_the_inferenceservice_fails(
+    rendered: dict[str, list[dict[str, Any]]], path: tuple[Any, ...], typo: str
+) -> None:
+    bad = copy.deepcopy(the_isvc(rendered["overlays/kind"]))
+    node: Any = bad
+    for key in path:
+        node = node[key]
+    node[typo] = 3
+    errors = isvc_errors(bad)
+    assert any(typo in e for e in errors), errors
+
+
+def test_a_planted_typo_in_a_core_kind_fails(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    deploy = next(d for d in rendered["overlays/kind"] if d["kind"] == "Deployment")
+    bad = copy.deepcopy(deploy)
+    bad["spec"]["replicaz"] = 2
+    assert core_errors(bad), "kubernetes-validate --strict accepted an unknown field"
+    bad = copy.deepcopy(deploy)
+    bad["spec"]["template"]["spec"]["containers"][0]["resources"]["limitz"] = {"cpu": "1"}
+    assert core_errors(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# project rules
+# --------------------------------------------------------------------------------------------------
+
+
+def test_inferenceservice_is_standard_mode_with_a_cpu_hpa(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for target, docs in rendered.items():
+        isvc = the_isvc(docs)
+        ann = isvc["metadata"]["annotations"]
+        assert ann["serving.kserve.io/deploymentMode"] == "Standard", target
+        assert ann["serving.kserve.io/autoscalerClass"] == "hpa", target
+        pred = isvc["spec"]["predictor"]
+        assert (pred["minReplicas"], pred["maxReplicas"]) == (1, 3), target
+        (metric,) = pred["autoScaling"]["metrics"]
+        assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu", target
+        target_spec = metric["resource"]["target"]
+        assert target_spec["type"] == "Utilization" and 10 <= target_spec["averageUtilization"] <= 90
+        (c,) = pred["containers"]
+        assert c["name"] == "kserve-container"
+        # deploy.sh's JSON patch tests and replaces env[0]: STORAGE_URI must stay first.
+        assert c["env"][0]["name"] == "STORAGE_URI"
+        assert c["env"][0]["value"].startswith("s3://models/inventory-counter/")
+        assert "--model_dir=/mnt/models" in c["args"] and "--model_name=inventory-counter" in c["args"]
+        assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        assert (
+            pred["serviceAccountName"]
+            == next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+        )
+
+
+def test_requests_equal_limits_for_every_container(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    seen = 0
+    for target, doc in objects(rendered):
+        for c in containers(doc):
+            res = c.get("resources", {})
+            assert res.get("requests") and res["requests"] == res.get("limits"), (target, c["name"], res)
+            seen += 1
+    assert seen >= 5
+
+
+def test_overlays_are_smaller_than_base(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    base = the_isvc(rendered["base"])["spec"]["predictor"]["containers"][0]["resources"]["limits"]
+    assert base == {"cpu": "2", "memory": "2Gi"}
+    for target in ("overlays/kind", "overlays/minikube"):
+        c = the_isvc(rendered[target])["spec"]["predictor"]["containers"][0]
+        assert c["resources"]["limits"] == {"cpu": "1", "memory": "1Gi"}, target
+        assert c["imagePullPolicy"] == "IfNotPresent", target  # loaded into the nodes, never pulled
+
+
+def test_images_are_pinned(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for target, doc in objects(rendered):
+        for c in containers(doc):
+            image = c["image"]
+            name, _, tag = image.rpartition(":") if "@" not in image else (image, "", "digest")
+            assert name and "/" not in tag, f"{target}: {image} has no tag"
+            assert tag != "latest", f"{target}: {image} uses :latest"
+
+
+def test_pods_run_as_non_root(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for target, doc in objects(rendered):
+        for spec in pod_specs(doc):
+            assert spec["securityContext"]["runAsNonRoot"] is True, (target, doc["kind"])
+            assert spec["securityContext"]["runAsUser"] > 0
+            assert spec.get("automountServiceAccountToken", True) is False or doc["kind"] == ISVC_KIND
+        for c in containers(doc):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, (target, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (target, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"], (target, c["name"])
+
+
+def test_s3_secret_comes_from_the_env_file_with_kserve_annotations(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    import base64
+
+    for target, docs in rendered.items():
+        (secret,) = [d for d in docs if d["kind"] == "Secret"]
+        data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        assert data == {"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}, target
+        ann = secret["metadata"]["annotations"]
+        sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+        assert {"name": secret["metadata"]["name"]} in sa["secrets"], target
+        if target == "base":
+            assert ann["serving.kserve.io/s3-endpoint"] == "s3.amazonaws.com"
+            assert ann["serving.kserve.io/s3-usehttps"] == "1"
+        else:
+            svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "minio")
+            host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
+            assert ann["serving.kserve.io/s3-endpoint"] == f"{host}:{svc['spec']['ports'][0]['port']}"
+            assert ann["serving.kserve.io/s3-usehttps"] == "0"
+
+
+def test_no_secret_values_are_committed() -> None:
+    proc = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", "k8s/base/s3.env"], check=False)
+    assert proc.returncode == 0, "k8s/base/s3.env must be git-ignored"
+    for path in K8S.rglob("*"):
+        if not path.is_file() or path.name == "s3.env":
+            continue
+        text = path.read_text(errors="replace")
+        for line in text.splitlines():
+            for key in ("AWS_ACCESS_KEY_ID=", "AWS_SECRET_ACCESS_KEY=", "MINIO_ROOT_PASSWORD="):
+                if key in line:  # only empty values, shell variables or printf slots
+                    value = line.split(key, 1)[1].strip().strip("\"'")
+                    assert value == "" or value.startswith(("$", "%s")), f"{path}: a credential is committed"
+        for doc in yaml.safe_load_all(text) if path.suffix in (".yaml", ".yml") else []:
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                assert not doc.get("data") and not doc.get("stringData"), f"{path}: Secret with values"
+
+
+# --------------------------------------------------------------------------------------------------
+# deploy / undeploy scripts
+# --------------------------------------------------------------------------------------------------
+
+
+def run_script(
+    script: str, env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(K8S / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def bare_path(tmp_path: Path) -> Path:
+    """A PATH holding only the basic utilities the scripts use before their tool checks."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("bash", "dirname", "git", "cat", "od", "tr", "mktemp", "chmod", "cp", "rm", "mkdir"):
+        found = shutil.which(tool)
+        if found:
+            (bindir / tool).symlink_to(found)
+    return bindir
+
+
+def stub(bindir: Path, name: str) -> None:
+    """A tool that exists but must not be reached in these tests."""
+    (bindir / name).write_text('#!/bin/sh\necho "$0 should not run here" >&2\nexit 99\n')
+    (bindir / name).chmod(0o755)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "model.json").write_text("{}")
+    (d / "model.onnx").write_bytes(b"")
+    return d
+
+
+def script_env(bindir: Path, **extra: str) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "TMPDIR")}
+    return {**keep, "PATH": str(bindir), "PYTHON": shutil.which("python3") or "python3", **extra}
+
+
+def test_deploy_lists_every_missing_tool(bare_path: Path, model_dir: Path) -> None:
+    proc = run_script("deploy.sh", script_env(bare_path, MODEL_DIR=str(model_dir)))
+    assert proc.returncode == 2, proc.stderr
+    for tool in ("docker", "kubectl", "kind", "curl"):
+        assert f"  - {tool} " in proc.stderr or f"  - {tool}\n" in proc.stderr, proc.stderr
+    assert "minikube" not in proc.stderr
+
+
+def test_deploy_names_the_one_missing_tool(bare_path: Path, model_dir: Path) -> None:
+    for tool in ("docker", "kubectl", "curl", "minikube"):
+        stub(bare_path, tool)
+    proc = run_script("deploy.sh", script_env(bare_path, MODEL_DIR=str(model_dir)))
+    assert proc.returncode == 2
+    assert "missing tools for CLUSTER=kind" in proc.stderr and "  - kind (" in proc.stderr, proc.stderr
+    assert "docker" not in proc.stderr.split("CLUSTER=kind", 1)[1]
+    proc = run_script("deploy.sh", script_env(bare_path, MODEL_DIR=str(model_dir), CLUSTER="minikube"))
+    # Past the tool check (kind is not needed for minikube), stopped at the cluster check.
+    assert proc.returncode == 2 and "missing tools" not in proc.stderr, proc.stderr
+    assert "minikube profile 'minikube' is not running" in proc.stderr
+
+
+def test_deploy_rejects_bad_settings_early(bare_path: Path, model_dir: Path, tmp_path: Path) -> None:
+    proc = run_script("deploy.sh", script_env(bare_path, CLUSTER="eks"))
+    assert proc.returncode == 2 and "CLUSTER=eks is not supported" in proc.stderr
+    for tool in ("docker", "kubectl", "curl", "kind"):
+        stub(bare_path, tool)
+    proc = run_script("deploy.sh", script_env(bare_path, MODEL_DIR=str(tmp_path / "nope")))
+    assert proc.returncode == 2 and "no exported model" in proc.stderr and "make run" in proc.stderr
+    proc = run_script("deploy.sh", script_env(bare_path, PROFILE="sagemaker", MODEL_DIR=str(model_dir)))
+    assert proc.returncode == 2 and "SAGEMAKER_ROLE is not set" in proc.stderr
+    proc = run_script(
+        "deploy.sh",
+        script_env(bare_path, PROFILE="sagemaker", MODEL_DIR=str(model_dir), SAGEMAKER_ROLE="arn:x"),
+    )
+    assert proc.returncode == 2 and "IMAGE_URI is not set" in proc.stderr
+
+
+def test_undeploy_checks_its_tools(bare_path: Path) -> None:
+    proc = run_script("undeploy.sh", script_env(bare_path))
+    assert proc.returncode == 2 and "missing tool: kubectl" in proc.stderr
+    proc = run_script("undeploy.sh", script_env(bare_path, CLUSTER="gke"))
+    assert proc.returncode == 2 and "CLUSTER=gke is not supported" in proc.stderr
+
+
+@pytest.mark.parametrize("cluster", ["kind", "minikube"])
+def test_deploy_render_sets_image_tag_and_model_version(cluster: str) -> None:
+    env = {**os.environ, "CLUSTER": cluster, "IMAGE_REPO": "registry.local/im", "IMAGE_TAG": "0123456789ab"}
+    env.pop("AWS_ACCESS_KEY_ID", None)
+    env.pop("AWS_SECRET_ACCESS_KEY", None)
+    kubectl()
+    proc = run_script("deploy.sh", env, "--render", "s3://models/inventory-counter/20260101T000000-abcd")
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    isvc = the_isvc(docs)
+    c = isvc["spec"]["predictor"]["containers"][0]
+    assert c["image"] == "registry.local/im/serving:0123456789ab"
+    assert c["env"][0] == {
+        "name": "STORAGE_URI",
+        "value": "s3://models/inventory-counter/20260101T000000-abcd",
+    }
+    assert isvc_errors(isvc) == []
+    assert not (K8S / "base" / "s3.env").exists(), "deploy.sh must not write credentials into the repo"
+
+
+def test_shell_scripts_parse_and_pass_shellcheck() -> None:
+    scripts = [K8S / "deploy.sh", K8S / "undeploy.sh", REPO / "docker" / "base" / "build-base.sh"]
+    for script in scripts:
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck); bash -n passed")
+    proc = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout
