@@ -211,6 +211,8 @@ class TuneConfig:
     gc_after_trial: bool = True
     #: Seconds between checks while the last trials run on other workers.
     wait_poll_s: float = 2.0
+    #: Start no trial and wait for none: only write the reports of the study as it is.
+    report_only: bool = False
 
     def resolved_worker_id(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -406,7 +408,7 @@ def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
 
     if cfg.pruner == "median":
         return optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.pruner_warmup_epochs
+            n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.pruner_warmup_epochs + 1
         )
     if cfg.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.epochs, reduction_factor=3)
@@ -773,7 +775,7 @@ def _tune(cfg: TuneConfig, train_fn: TrainFn | None) -> TuneResult:
     try:
         # Run trials while the budget has room; when the rest is in flight on other workers, wait for
         # it, so the reports cover the whole budget and a trial whose worker dies meanwhile is re-run here.
-        while not stopper.too_many_failures:
+        while not stopper.too_many_failures and not cfg.report_only:
             finished, running = _budget_counts(study)
             left = None if deadline is None else deadline - time.monotonic()
             if finished >= cfg.n_trials or (left is not None and left <= 0):
@@ -948,6 +950,8 @@ def param_importances(study: optuna.Study) -> tuple[dict[str, float] | None, str
 
 def plot_importances(study: optuna.Study, path: Path) -> tuple[Path, dict[str, float] | None]:
     """Horizontal bars of parameter importance, or a figure that says why there are none yet."""
+    from optuna.trial import TrialState
+
     plt = _pyplot()
     importances, reason = param_importances(study)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -955,7 +959,8 @@ def plot_importances(study: optuna.Study, path: Path) -> tuple[Path, dict[str, f
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names], color="tab:blue")
         ax.set_xlabel("importance (sums to 1)")
-        ax.set_title(f"parameter importance ({len(study.trials)} trials)", fontsize=10)
+        n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        ax.set_title(f"parameter importance (PED-ANOVA over {n_complete} complete trials)", fontsize=10)
     else:
         ax.axis("off")
         ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, transform=ax.transAxes)
@@ -1121,6 +1126,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--max-retry", type=int, default=3, help="times a dead worker's trial is re-queued (3)")
     add("--max-failures", type=int, default=3, help="this worker stops after N failed trials in a row (3)")
+    add("--report-only", action="store_true", help="run no trial: only write the reports of the study")
     add("--no-progress", action="store_true", help="no progress bar")
     add("--log-level", default="INFO")
     return p
@@ -1164,6 +1170,7 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         max_retry=args.max_retry,
         max_failures=args.max_failures,
         progress=not args.no_progress,
+        report_only=args.report_only,
     )
 
 

@@ -389,6 +389,7 @@ def select_best(
             device,
             num_threads,
         )
+        cfg.report_only = True  # the workers ran the budget: only read the study, never train here
         result = run_tuning(cfg)
         if not result.best_params or result.best_value is None:
             raise ConfigError(
