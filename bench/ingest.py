@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from components.common import atomic_write_json, format_table, parse_int_list
-    from tests.fixtures.aws import FAKE_CREDENTIALS
+    from tests.fixtures.aws import FAKE_CREDENTIALS, running_moto_server
     from tests.fixtures.data import shared_abid_dir
-    from tests.fixtures.s3data import real_ids_by_class, real_objects, running_moto_server, upload
+    from tests.fixtures.s3data import real_ids_by_class, real_objects, upload
 
     os.environ.update(FAKE_CREDENTIALS)
     workers_list = parse_int_list(args.workers, name="--workers")

@@ -6,8 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,31 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write pretty, key-sorted JSON atomically (stable diffs, no half-written results)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_dir(dest: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
+    """Build a directory with ``fill(stage)`` next to ``dest``, then swap it in (replacing ``dest``).
+
+    Readers see the old directory or the new one, never a half-written one; on any error the stage
+    is removed and ``dest`` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        fill(stage)
+        stage.chmod(0o755)  # mkdtemp is private; a server may run under another UID
+        if dest.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+            os.replace(dest, trash / dest.name)
+            os.replace(stage, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(stage, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return dest
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

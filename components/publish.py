@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from typing import Any
 from components import __version__
 from components.common import (
     ConfigError,
+    atomic_write_dir,
     atomic_write_json,
     atomic_write_text,
     format_table,
@@ -331,26 +331,15 @@ def _publish_local(
     dest = parent / version
     if dest.exists() and not force:
         raise ConfigError(f"{dest} already exists: versions are immutable; pick another --version or --force")
-    parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=parent))
-    try:
+
+    def fill(stage: Path) -> None:
         for f in files:
             if f == MODEL_JSON:
                 (stage / f).write_text(model_json, encoding="utf-8")
             else:
                 shutil.copyfile(model_dir / f, stage / f)
-        os.chmod(stage, 0o755)
-        if dest.exists():  # force: swap the old version out, then drop it
-            trash = Path(tempfile.mkdtemp(prefix=f".{version}.old.", dir=parent))
-            os.replace(dest, trash / version)
-            os.replace(stage, dest)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(stage, dest)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return dest
+
+    return atomic_write_dir(dest, fill)
 
 
 def _publish_s3(

@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -28,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.common import ConfigError, format_table, setup_logging
+from components.common import ConfigError, atomic_write_dir, format_table, setup_logging
 from pipeline.profiles import PARAMETER_HELP, pipeline_parameters, profile_names
 
 log = logging.getLogger(__name__)
@@ -89,24 +87,13 @@ def latest_run_dir(pipeline_root: Path, started: float) -> Path | None:
 
 def install_model(src: Path, dest: Path) -> Path:
     """Copy the servable files of ``src`` to ``dest`` atomically (a previous model is replaced)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".model.", dir=dest.parent))
-    try:
-        stage.chmod(0o755)  # mkdtemp is private; a containerized server runs as another user
+
+    def fill(stage: Path) -> None:
         for name in SERVED_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, stage / name)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=".model.old.", dir=dest.parent))
-            os.replace(dest, old / "model")
-            os.replace(stage, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, dest)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return dest
+
+    return atomic_write_dir(dest, fill)
 
 
 def _absolute_source(source: str) -> str:

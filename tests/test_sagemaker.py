@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import threading
@@ -30,7 +29,7 @@ import pytest
 
 from components.modelspec import ModelSpec
 from serving import sagemaker as smd
-from tests.fixtures.aws import FAKE_CREDENTIALS, free_port, wait_for_http
+from tests.fixtures.aws import FAKE_CREDENTIALS, free_port, running_moto_server
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerExecution"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/inventory-monitor/serving:abc123"
@@ -73,25 +72,9 @@ def serve_moto_with_update_endpoint() -> None:
 @pytest.fixture(scope="module")
 def sm_moto() -> Iterator[str]:
     """moto server (S3, SageMaker + UpdateEndpoint, Application Auto Scaling) on 127.0.0.1."""
-    port = free_port()
     code = "from tests.test_sagemaker import serve_moto_with_update_endpoint as f; f()"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **FAKE_CREDENTIALS},
-        cwd=Path(__file__).resolve().parents[1],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/moto-api/")
+    with running_moto_server(["-c", code], cwd=Path(__file__).resolve().parents[1]) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 class Runtime:
