@@ -632,7 +632,9 @@ class _Objective:
                 raise _TrialError(f"train reported {sorted(metrics)} but not {self.cfg.metric}")
             value = float(metrics[self.cfg.metric])
             history.append((int(epoch), value))
-            trial.report(value, int(epoch))
+            # A retried trial inherits its predecessor's reports; report only the epochs it lacks.
+            if int(epoch) not in frozen.intermediate_values:
+                trial.report(value, int(epoch))
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: {self.cfg.metric}={value:.4g}")
 
