@@ -241,7 +241,12 @@ def _config_error_for(e: Exception, bucket: str, endpoint_url: str | None, unsig
 
     where = endpoint_url or "AWS S3"
     if isinstance(e, EndpointConnectionError | ConnectTimeoutError):
-        return ConfigError(f"cannot reach the S3 endpoint {where}: is it running? (check --endpoint-url)")
+        if endpoint_url:
+            return ConfigError(f"cannot reach the S3 endpoint {where}: is it running? (check --endpoint-url)")
+        return ConfigError(
+            f"cannot reach AWS S3 for s3://{bucket}: check the network (proxy, firewall), or use a local "
+            "mirror in the bucket layout (--source DIR; make run DATA_SOURCE=DIR)"
+        )
     if isinstance(e, NoCredentialsError):
         return ConfigError(
             f"no AWS credentials for s3://{bucket}: configure them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "

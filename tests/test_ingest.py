@@ -149,6 +149,17 @@ def test_s3_configuration_errors_are_one_line(
         assert err.startswith("error: ") and message in err and "\n" not in err, err
 
 
+def test_unreachable_aws_suggests_a_local_mirror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    # No --endpoint-url: the default AWS endpoint, made unreachable for the test (boto3's own env var).
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert main(["--source", "s3://aft-vbi-pds", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach AWS S3 for s3://aft-vbi-pds") and "--source DIR" in err, err
+
+
 # ------------------------------------------------------------------------------------- local source
 
 
