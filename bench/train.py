@@ -113,22 +113,6 @@ def unpack(pack_path: Path, data_root: Path, limit: int | None = None) -> list[M
     return rows
 
 
-def stratified_split(
-    rows: list[ManifestRow], seed: int = 0, ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
-) -> dict[str, list[ManifestRow]]:
-    """Per-class shuffle and cut (same idea as components.split), fixed seed."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, list[ManifestRow]] = {"train": [], "val": [], "test": []}
-    for c in sorted({r.count for r in rows}):
-        group = [r for r in rows if r.count == c]
-        group = [group[i] for i in rng.permutation(len(group))]
-        n_val, n_test = round(len(group) * ratios[1]), round(len(group) * ratios[2])
-        out["val"] += group[:n_val]
-        out["test"] += group[n_val : n_val + n_test]
-        out["train"] += group[n_val + n_test :]
-    return out
-
-
 def env_info() -> dict[str, Any]:
     import torch
 
@@ -178,7 +162,9 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
 
     work = Path(args.work)
     rows = unpack(Path(args.pack), work / "data", args.limit)
-    split = stratified_split(rows, seed=0)
+    from components.split import assign_splits
+
+    split, _ = assign_splits(rows, (0.7, 0.15, 0.15), seed=0)  # the same split the pipeline makes
     for name, r in split.items():
         write_manifest(work / f"{name}.csv", r)
     result["data"] = {

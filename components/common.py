@@ -24,8 +24,11 @@ def setup_logging(level: str | int = "INFO") -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file + rename so readers never see a partial file."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` via a temp file + rename so readers never see a partial file.
+
+    ``fsync=False`` skips the flush to disk for bulk writes whose integrity is checked another way.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,8 +38,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

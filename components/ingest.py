@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -37,6 +36,7 @@ from typing import Any, Protocol
 
 from components.common import (
     ConfigError,
+    atomic_write_bytes,
     atomic_write_json,
     format_table,
     parse_int_list,
@@ -472,14 +472,7 @@ def write_file(path: Path, data: bytes) -> None:
     No fsync per file (it dominated the cost of small images): after a power loss a file could be
     short, and the resume journal's size check catches exactly that.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def fetch_one(src: Source, cand: Candidate, out_dir: Path, classes: frozenset[int]) -> Outcome:

@@ -313,8 +313,20 @@ def _index_entry(version: str, uri: str, digest: str, metrics: dict[str, Any]) -
         "uri": uri,
         "sha256": digest,
         "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
+        "metrics": flatten_metrics(metrics),
     }
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"val": {"accuracy": 0.4}}`` -> ``{"val_accuracy": 0.4}``: scalars only, for the version index."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{name}_"))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+    return flat
 
 
 def _merge_index(index: dict[str, Any] | None, name: str, entry: dict[str, Any]) -> dict[str, Any]:

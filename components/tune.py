@@ -532,10 +532,17 @@ def best_train_config(best_params_json: str | os.PathLike[str], base: TrainConfi
     params = data.get("params") if isinstance(data, dict) else None
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"{best_params_json} holds no tuned params: did a trial complete?")
+    return apply_params(params, base, source=str(best_params_json))
+
+
+def apply_params(
+    params: Mapping[str, Any], base: TrainConfig, *, source: str = "tuned parameters"
+) -> TrainConfig:
+    """``base`` with ``params`` applied; a name that is no TrainConfig field is an error, not ignored."""
     names = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(params) - names)
     if unknown:
-        raise ConfigError(f"{best_params_json}: {unknown} are not TrainConfig fields")
+        raise ConfigError(f"{source}: {unknown} are not TrainConfig fields")
     return dataclasses.replace(base, **params)
 
 

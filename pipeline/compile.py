@@ -56,6 +56,16 @@ def compile_pipeline(out: str | os.PathLike[str], params: Mapping[str, Any], opt
     return out
 
 
+def parse_bool(raw: str) -> bool:
+    """``true/false``, ``1/0``, ``yes/no`` (any case) -> bool; anything else is a ValueError."""
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise ValueError(raw)
+
+
 def add_build_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared with ``pipeline.submit``."""
     p.add_argument("--profile", default="quick", choices=profile_names(), help="parameter preset")
@@ -97,7 +107,7 @@ def parse_param_overrides(items: list[str], profile: str) -> dict[str, Any]:
             raise ConfigError(f"--param {name!r} is not a pipeline parameter; known: {sorted(base)}")
         kind = type(base[name])
         try:
-            out[name] = kind(raw) if kind is not str else raw
+            out[name] = parse_bool(raw) if kind is bool else kind(raw) if kind is not str else raw
         except ValueError as e:
             raise ConfigError(f"--param {name}: expected a {kind.__name__}, got {raw!r}") from e
     return out

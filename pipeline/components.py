@@ -177,21 +177,6 @@ def keep_tune_reports(result: Any, dest: Path) -> Path:
     return dest
 
 
-def train_overrides(best_params_json: str) -> dict[str, Any]:
-    """Tuned values for :class:`components.train.TrainConfig` (unknown names are an error, not ignored)."""
-    import dataclasses
-
-    from components.common import ConfigError
-    from components.train import TrainConfig
-
-    params = json.loads(best_params_json or "{}")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise ConfigError(f"tuned parameters {unknown} are not TrainConfig fields")
-    return params
-
-
 # ------------------------------------------------------------------------------------ component bodies
 
 
@@ -449,7 +434,8 @@ def train_model(
     from components.common import parse_int_list
     from components.train import TrainConfig
     from components.train import train as run_training
-    from pipeline.components import html_report, optional_int, step_errors, train_overrides
+    from components.tune import apply_params
+    from pipeline.components import html_report, optional_int, step_errors
 
     out = Path(model.path)
     with step_errors("train", model.path):
@@ -470,8 +456,7 @@ def train_model(
             model_name=model_name,
             progress=False,
         )
-        for key, value in train_overrides(best_params).items():
-            setattr(cfg, key, value)
+        cfg = apply_params(json.loads(best_params or "{}"), cfg)
         result = run_training(cfg)
         if int8:
             from serving.quantize import quantize_model

@@ -14,6 +14,7 @@ from typing import Any
 
 from components import __version__
 from components.common import ConfigError
+from components.modelspec import HEADS
 
 #: What every pipeline parameter means (also the ``--help`` text and the README table).
 PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
@@ -131,7 +132,7 @@ def pipeline_parameters(profile: str, overrides: Mapping[str, Any] | None = None
         expected = type(params[key])
         if expected is float and isinstance(value, int):
             value = float(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if type(value) is not expected:
             raise ConfigError(f"{key} must be a {expected.__name__}, got {value!r}")
         params[key] = value
     validate_parameters(params)
@@ -159,8 +160,8 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
         )
     if not 0.0 <= params["accuracy_threshold"] <= 1.0:
         raise ConfigError(f"accuracy_threshold must be in [0, 1], got {params['accuracy_threshold']}")
-    if params["head"] not in ("classification", "ordinal", "regression"):
-        raise ConfigError(f"head must be classification, ordinal or regression, got {params['head']!r}")
+    if params["head"] not in HEADS:
+        raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {params['head']!r}")
     if params["device"] not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {params['device']!r}")
     if params["weights"] not in ("none", "imagenet"):

@@ -195,6 +195,8 @@ def test_local_file_list_with_missing_ids(abid_dir: Path, tmp_path: Path, capsys
     assert sorted(r.id for r in rows) == sorted(set(selected) - set(absent))
     assert all(r.count == selected[r.id] for r in rows)
     _check_images_are_originals(out, abid_dir)
+    # readable by other users: a server or a pod under another UID reads these files
+    assert all((out / r.path).stat().st_mode & 0o044 == 0o044 for r in rows)
 
 
 def test_resume_after_a_killed_run(abid_dir: Path, tmp_path: Path):

@@ -292,9 +292,18 @@ def test_component_helpers(monkeypatch, tmp_path):
     from pipeline import components as comp
 
     assert comp.worker_ids(3) == [0, 1, 2]
-    assert comp.train_overrides('{"lr": 0.1, "head": "ordinal"}') == {"lr": 0.1, "head": "ordinal"}
+    from components.train import TrainConfig
+    from components.tune import apply_params
+
+    base = TrainConfig(train_csv=tmp_path / "t.csv", val_csv=tmp_path / "v.csv", out_dir=tmp_path / "m")
+    tuned = apply_params({"lr": 0.1, "head": "ordinal"}, base)
+    assert (tuned.lr, tuned.head, tuned.out_dir) == (0.1, "ordinal", base.out_dir)
     with pytest.raises(compile_cli.ConfigError, match="not TrainConfig fields"):
-        comp.train_overrides('{"lr": 0.1, "learning_rate": 1}')
+        apply_params({"lr": 0.1, "learning_rate": 1}, base)
+    overrides = compile_cli.parse_param_overrides(["int8=false", "epochs=3"], "quick")
+    assert overrides == {"int8": False, "epochs": 3}
+    with pytest.raises(compile_cli.ConfigError, match="int8"):
+        compile_cli.parse_param_overrides(["int8=maybe"], "quick")
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     with pytest.raises(compile_cli.ConfigError, match="optuna-db Secret"):
         comp.resolve_storage("")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import boto3
@@ -55,6 +56,24 @@ def test_local_publish_layout_manifest_and_prediction(random_model_dir: Path, tm
     container = isvc["spec"]["predictor"]["containers"][0]
     assert {"name": "STORAGE_URI", "value": str(dest)} in container["env"]
     assert "--model_dir=/mnt/models" in container["args"]
+
+
+def test_version_index_records_the_models_metrics(random_model_dir: Path, tmp_path: Path):
+    model = tmp_path / "model"
+    shutil.copytree(random_model_dir, model)
+    spec = load_model_spec(model)
+    spec.metrics = {
+        "val": {"accuracy": 0.42, "rmse": 1.05, "per_class": [0.1, 0.2]},
+        "int8_gate": {"accepted": True},
+    }
+    spec.save(model)
+    publish(model, str(tmp_path / "store"), version="v1")
+    index = json.loads((tmp_path / "store" / "inventory-counter" / "versions.json").read_text())
+    assert index["versions"][0]["metrics"] == {
+        "val_accuracy": 0.42,
+        "val_rmse": 1.05,
+        "int8_gate_accepted": True,
+    }
 
 
 def test_versions_are_immutable_unless_forced(random_model_dir: Path, tmp_path: Path):
@@ -188,7 +207,7 @@ def test_local_store_is_readable_by_other_users(random_model_dir: Path, tmp_path
 
     model = Path(shutil.copytree(random_model_dir, tmp_path / "model"))
     (model / "metrics.json").write_text("{}")
-    (model / "metrics.json").chmod(0o600)  # what atomic_write_* leaves
+    (model / "metrics.json").chmod(0o600)  # a private file must still publish readable
     result = publish(model, str(tmp_path / "store"), version="v1")
     assert "metrics.json" in result.files
     paths = [Path(result.uri), *Path(result.uri).iterdir(), Path(result.index_uri), result.manifest_path]

