@@ -7,9 +7,10 @@ later fits reuse it. A JSON index beside it lists ids, labels and SHA-256s, so a
 images is never picked up by mistake.
 
 Training moves uint8 batches (or the whole set, when it fits) to the device and augments and normalizes
-there, so the GPU is never waiting for the CPU. Normalization uses the same numbers as
-:func:`components.preprocess.normalize`; the augmentations never crop the frame's content away
-on purpose (items at the edge count), and padding is black rather than mirrored, which would add items.
+there, so the GPU is never waiting for the CPU. Normalization takes its numbers from
+:func:`components.preprocess.normalize_constants`, as :func:`components.preprocess.normalize` does; the
+augmentations never crop the frame's content away on purpose (items at the edge count), and padding is
+black rather than mirrored, which would add items.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from components.common import ConfigError, atomic_write_json, read_json
 from components.manifest import ManifestRow
-from components.preprocess import PreprocessSpec, load_uint8
+from components.preprocess import PreprocessSpec, load_uint8, normalize_constants
 
 LOG = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -161,13 +162,11 @@ def build_cache(
 # --------------------------------------------------------------------------------------- torch side
 
 
-def normalize_constants(spec: PreprocessSpec, device: Any) -> tuple[Any, Any]:
-    """``(scale, shift)`` as ``[1,3,1,1]`` tensors: ``x_uint8 * scale - shift`` == preprocess.normalize."""
+def device_normalize_constants(spec: PreprocessSpec, device: Any) -> tuple[Any, Any]:
+    """:func:`components.preprocess.normalize_constants` as ``[1,3,1,1]`` tensors on ``device``."""
     import torch
 
-    std = np.asarray(spec.std, dtype=np.float32)
-    scale = (1.0 / (255.0 * std)).astype(np.float32)
-    shift = (np.asarray(spec.mean, dtype=np.float32) / std).astype(np.float32)
+    scale, shift = normalize_constants(spec)
     return (
         torch.from_numpy(scale).view(1, 3, 1, 1).to(device),
         torch.from_numpy(shift).view(1, 3, 1, 1).to(device),
@@ -184,7 +183,7 @@ def to_float_nchw(batch_uint8_nhwc: Any, channels_last: bool = False) -> Any:
 
 def normalize_batch(batch_uint8_nhwc: Any, spec: PreprocessSpec, channels_last: bool = False) -> Any:
     """Device-side twin of :func:`components.preprocess.normalize` (same formula, same constants)."""
-    scale, shift = normalize_constants(spec, batch_uint8_nhwc.device)
+    scale, shift = device_normalize_constants(spec, batch_uint8_nhwc.device)
     return to_float_nchw(batch_uint8_nhwc, channels_last) * scale - shift
 
 
@@ -233,7 +232,7 @@ def augment_batch(
         c = 1 + (rand(n, 1, 1, 1) * 2 - 1) * 0.25 * strength
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * c + mean * b).clamp_(0, 1)
-    scale, shift = normalize_constants(spec, dev)
+    scale, shift = device_normalize_constants(spec, dev)
     x = x * (scale * 255.0) - shift
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -14,6 +14,7 @@ expected)`` triple; :class:`ExportWrapper` bakes that into the ONNX graph (see
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -126,17 +127,27 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(model, head, classes).eval().to("cpu").float()
     dummy = torch.zeros(2, 3, image_size, image_size)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with torch.no_grad():
-        torch.onnx.export(
-            wrapper,
-            (dummy,),
-            str(tmp),
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}},
-            opset_version=opset,
-            dynamo=False,
-        )
-    os.replace(tmp, path)
+    # A unique temp name in the target directory: concurrent exports never share it, and the rename
+    # stays on one filesystem (atomic).
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        # mkstemp makes 0600 files; the model must be readable by a server running under another UID.
+        os.fchmod(fd, 0o644)
+        os.close(fd)
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                (dummy,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}},
+                opset_version=opset,
+                dynamo=False,
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

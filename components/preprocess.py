@@ -125,15 +125,24 @@ def load_uint8(
     return arr
 
 
+def normalize_constants(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float32 ``(scale, shift)``, shape ``(3,)``: normalized = ``x_uint8 * scale - shift``.
+
+    The single source of the normalization numbers; :func:`normalize` and the training device path
+    (:mod:`components.data`) both use it, so they cannot drift apart.
+    """
+    std = np.asarray(spec.std, dtype=np.float32)
+    scale = (np.float32(1.0) / (np.float32(255.0) * std)).astype(np.float32)
+    shift = (np.asarray(spec.mean, dtype=np.float32) / std).astype(np.float32)
+    return scale, shift
+
+
 def normalize(batch_uint8: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """``(N, H, W, 3)`` or ``(H, W, 3)`` uint8 -> float32 NCHW/CHW normalized with ``spec``."""
     x = np.asarray(batch_uint8)
     if x.dtype != np.uint8 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 (..., H, W, 3), got {x.dtype} {x.shape}")
-    scale = (1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32))).astype(np.float32)
-    shift = (np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32)).astype(
-        np.float32
-    )
+    scale, shift = normalize_constants(spec)
     out = x.astype(np.float32) * scale - shift
     return np.ascontiguousarray(np.moveaxis(out, -1, -3))
 

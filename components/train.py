@@ -7,8 +7,9 @@ Images are decoded once into a uint8 cache (:mod:`components.data`), augmented a
 training device, and trained with bf16 autocast + channels_last on CUDA. The model is selected on the
 validation set only (the test set is never looked at here unless ``--test`` is given, and then only
 reported). Each epoch ends with an atomic checkpoint, so ``--resume`` continues an interrupted run and a
-finished one is not retrained. The output directory holds ``model.onnx``, ``model.pt``, ``model.json``,
-``metrics.json``, ``confusion_matrix.png``, ``training_curves.png`` and ``MODEL_CARD.md``.
+finished one is not retrained; either is refused if the data or a setting that shapes training changed.
+The output directory holds ``model.onnx``, ``model.pt``, ``model.json``, ``metrics.json``,
+``confusion_matrix.png``, ``training_curves.png`` and ``MODEL_CARD.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.common import ConfigError, atomic_write_json, format_table, parse_int_list, setup_logging
+from components.common import (
+    ConfigError,
+    atomic_write_json,
+    format_table,
+    parse_int_list,
+    read_json,
+    setup_logging,
+)
 from components.data import DeviceImages, augment_batch, build_cache, data_hash, normalize_batch
 from components.evaluate import count_metrics
 from components.manifest import load_labelled
@@ -47,8 +55,33 @@ from components.preprocess import PreprocessSpec
 
 LOG = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
-#: Written last, after the export: its presence means the run is complete and need not be retrained.
+#: Written last, after the export: the run's settings, data hashes and results. Its presence means the
+#: run is complete and need not be retrained, even after ``checkpoint.pt`` was deleted (tune, pipeline).
 DONE_FILE = "checkpoint.json"
+#: Settings that may differ on ``--resume``: where things are read from or written to, and how fast or
+#: verbosely the run goes. The data behind the manifest paths is checked by content hash instead.
+#: Everything else in :meth:`TrainConfig.to_params` must match the run being resumed.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "train_csv",
+        "val_csv",
+        "test_csv",
+        "out_dir",
+        "data_root",
+        "cache_dir",
+        "device",
+        "num_threads",
+        "decode_workers",
+        "compile",
+        "eval_batch_size",
+        "checkpoint_every",
+        "progress",
+        "resume",
+        "export",
+        "model_name",
+        "version",
+    }
+)
 METRICS_FILE = "metrics.json"
 CURVES_PNG = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -273,6 +306,10 @@ class Trainer:
         self.device = device
         self.cuda = device.type == "cuda"
         if self.cuda:
+            # Speed on GPU: cuDNN autotuning pays off with the fixed input shapes here, and TF32 matmuls
+            # and convolutions run several times faster on Ampere+ at accuracy that does not matter for
+            # training (bf16 autocast is coarser still). These flags are process-wide, so they are set
+            # only when training on CUDA; CPU runs and CPU-only processes are left untouched.
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -376,6 +413,71 @@ def _load_split(csv: Path, cfg: TrainConfig, what: str) -> tuple[list[Any], list
     return _limited(rows, paths, cfg.limit)
 
 
+def _resume_mismatches(old: dict[str, Any], fingerprint: dict[str, Any], source: Path) -> list[str]:
+    """``name: old -> new`` for every setting or data hash that differs (allowed changes skipped)."""
+    diffs = []
+    old_params = old.get("params", old.get("args")) or {}
+    new_params = fingerprint["params"]
+    for key in sorted(set(old_params) | set(new_params)):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        a, b = old_params.get(key, "<unset>"), new_params.get(key, "<unset>")
+        if a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    for key, what in (("train_data_sha256", "training data"), ("val_data_sha256", "validation data")):
+        if key not in old:
+            LOG.warning("--resume: %s records no hash of the %s; cannot check it is unchanged", source, what)
+        elif old[key] != fingerprint[key]:
+            diffs.append(f"{what} (manifest rows: ids, sha256, counts)")
+    return diffs
+
+
+def _check_resume(old: dict[str, Any], fingerprint: dict[str, Any], source: Path) -> None:
+    """ConfigError naming every difference between the run in ``source`` and this one."""
+    diffs = _resume_mismatches(old, fingerprint, source)
+    if diffs:
+        raise ConfigError(
+            f"--resume: {source} was made with different settings or data ({'; '.join(diffs)}); "
+            "use a new --out for the new settings, or drop --resume to retrain from scratch"
+        )
+
+
+def _finished_run(
+    cfg: TrainConfig, out_dir: Path, fingerprint: dict[str, Any], t_start: float
+) -> TrainResult | None:
+    """The stored result when ``out_dir`` holds a finished run of the same settings and data, else None.
+
+    Only the small ``checkpoint.json`` (and the exported model) are needed, not ``checkpoint.pt``.
+    """
+    done_path = out_dir / DONE_FILE
+    if not done_path.is_file():
+        return None
+    try:
+        done = read_json(done_path)
+    except ConfigError:
+        return None
+    if (
+        not isinstance(done, dict)
+        or not done.get("finished")
+        or "params" not in done
+        or "metrics" not in done
+    ):
+        return None  # written by an older version: fall back to checkpoint.pt
+    _check_resume(done, fingerprint, done_path)
+    if cfg.export and (not done.get("exported") or not (out_dir / ONNX_FILE).is_file()):
+        return None  # the exported model is missing: finish the run again from checkpoint.pt
+    LOG.info("%s already holds a finished run; not retraining", out_dir)
+    return TrainResult(
+        out_dir,
+        done["metrics"],
+        int(done["best_epoch"]),
+        int(done["epochs_run"]),
+        bool(done["stopped_early"]),
+        list(done.get("history", [])),
+        time.perf_counter() - t_start,
+    )
+
+
 # --------------------------------------------------------------------------------------- train
 
 
@@ -391,36 +493,24 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
 
-    ckpt: dict[str, Any] | None = None
-    if cfg.resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        old = ckpt.get("args", {})
-        for key in ("head", "image_size", "classes", "epochs", "batch_size"):
-            new = cfg.to_params()[key]
-            if old.get(key) != new:
-                raise ConfigError(
-                    f"--resume: checkpoint {ckpt_path} was made with {key}={old.get(key)!r}, now {new!r}; "
-                    "use the same settings or a new --out"
-                )
-        done = out_dir / DONE_FILE
-        if done.is_file() and (out_dir / METRICS_FILE).is_file() and (out_dir / ONNX_FILE).is_file():
-            from components.common import read_json
-
-            LOG.info("%s already holds a finished run; not retraining", out_dir)
-            metrics = read_json(out_dir / METRICS_FILE)
-            return TrainResult(
-                out_dir,
-                {k: v for k, v in metrics.items() if k != "history"},
-                ckpt["best_epoch"],
-                ckpt["epoch"],
-                ckpt["stopped_early"],
-                ckpt["history"],
-                time.perf_counter() - t_start,
-            )
-    (out_dir / DONE_FILE).unlink(missing_ok=True)
-
     train_rows, train_paths = _load_split(Path(cfg.train_csv), cfg, "train")
     val_rows, val_paths = _load_split(Path(cfg.val_csv), cfg, "val")
+    fingerprint = {
+        "params": cfg.to_params(),
+        "train_data_sha256": data_hash(train_rows),
+        "val_data_sha256": data_hash(val_rows),
+    }
+
+    ckpt: dict[str, Any] | None = None
+    if cfg.resume:
+        finished = _finished_run(cfg, out_dir, fingerprint, t_start)
+        if finished is not None:
+            return finished
+        if ckpt_path.is_file():
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            _check_resume(ckpt, fingerprint, ckpt_path)
+    (out_dir / DONE_FILE).unlink(missing_ok=True)
+
     train_cache = build_cache(
         train_rows,
         train_paths,
@@ -520,7 +610,7 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
                     "scheduler": trainer.sched.state_dict(),
                     "generator": trainer.gen.get_state(),
                     "epoch": epoch + 1,
-                    "args": cfg.to_params(),
+                    **fingerprint,
                     "best_key": best_key,
                     "best_epoch": best_epoch,
                     "best_state": None if best_epoch == epoch + 1 else best_state,
@@ -565,9 +655,13 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
         out_dir / DONE_FILE,
         {
             "finished": True,
+            **fingerprint,
+            "exported": cfg.export,
             "epochs_run": len(history),
             "best_epoch": best_epoch,
             "stopped_early": stopped_early,
+            "metrics": metrics,
+            "history": history,
         },
     )
     return TrainResult(
@@ -729,7 +823,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--selection-metric", default=d.selection_metric, choices=SELECTION_METRICS)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue MODEL_DIR's run (same settings and data)")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="use at most N images per manifest (smoke runs)")

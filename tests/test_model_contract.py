@@ -61,3 +61,14 @@ def test_model_spec_round_trip_and_errors(tmp_path: Path) -> None:
 def test_weights_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expected imagenet, none or a path"):
         build_model(5, weights=str(tmp_path / "nope.pt"))
+
+
+def test_failed_onnx_export_leaves_no_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_export(*args: object, **kwargs: object) -> None:
+        Path(str(args[2])).write_bytes(b"partial")
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    with pytest.raises(RuntimeError, match="export failed"):
+        export_onnx(build_model(5, "ordinal"), "ordinal", (1, 2, 3, 4, 5), 32, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

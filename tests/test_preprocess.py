@@ -17,6 +17,7 @@ from components.preprocess import (
     PreprocessSpec,
     load_uint8,
     normalize,
+    normalize_constants,
     preprocess_batch,
     preprocess_bytes,
 )
@@ -59,6 +60,16 @@ def test_normalize_matches_definition() -> None:
     out = normalize(x, spec)
     expected = (x / 255.0 - np.array(spec.mean)) / np.array(spec.std)
     np.testing.assert_allclose(out, np.moveaxis(expected, -1, 1), atol=1e-5)
+
+
+def test_normalize_constants_are_the_ones_normalize_uses() -> None:
+    spec = PreprocessSpec(image_size=16, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
+    scale, shift = normalize_constants(spec)
+    assert scale.shape == shift.shape == (3,) and scale.dtype == shift.dtype == np.float32
+    np.testing.assert_allclose(scale, 1 / (255 * np.array(spec.std)), rtol=1e-6)
+    np.testing.assert_allclose(shift, np.array(spec.mean) / np.array(spec.std), rtol=1e-6)
+    x = np.arange(16 * 16 * 3, dtype=np.int64).reshape(16, 16, 3).astype(np.uint8)
+    np.testing.assert_array_equal(normalize(x, spec), np.moveaxis(x * scale - shift, -1, 0))
 
 
 @pytest.mark.parametrize(

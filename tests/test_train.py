@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from components.common import ConfigError
 from components.data import augment_batch, build_cache, normalize_batch
-from components.manifest import load_labelled
+from components.manifest import load_labelled, read_manifest, write_manifest
 from components.modelspec import load_model_spec
 from components.preprocess import PreprocessSpec, load_uint8, normalize, preprocess_batch
 from components.train import CHECKPOINT_FILE, loss_fn, main, train
@@ -92,7 +93,25 @@ def test_resume_continues_from_checkpoint(
     assert seen == [1] and not (out / "model.onnx").exists()
     assert torch.load(out / CHECKPOINT_FILE, weights_only=False)["epoch"] == 1
 
-    result = train(tiny_train_config(tiny_split, out, resume=True), on_epoch=lambda e, m: seen.append(e))
+    # Settings that change the training, or other training data, are refused by name.
+    with pytest.raises(ConfigError, match=r"lr: 0\.05 -> 0\.1.*new --out.*drop --resume"):
+        train(tiny_train_config(tiny_split, out, resume=True, lr=0.1))
+    with pytest.raises(ConfigError, match="head: 'ordinal' -> 'classification'"):
+        train(tiny_train_config(tiny_split, out, resume=True, head="classification"))
+    fewer = write_manifest(tmp_path / "fewer.csv", read_manifest(tiny_split["train"])[:-1])
+    with pytest.raises(ConfigError, match="training data"):
+        train(tiny_train_config(tiny_split, out, resume=True, train_csv=fewer))
+    assert torch.load(out / CHECKPOINT_FILE, weights_only=False)["epoch"] == 1  # left as it was
+
+    # Run-time settings may change: another thread count resumes.
+    threads = torch.get_num_threads()
+    try:
+        result = train(
+            tiny_train_config(tiny_split, out, resume=True, num_threads=2, progress=True),
+            on_epoch=lambda e, m: seen.append(e),
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert seen == [1, 2]  # only epoch 2 was trained again
     assert result.epochs_run == 2 and (out / "model.onnx").is_file()
     # Interrupted + resumed == uninterrupted (same seed, same data): the fixture's run.
@@ -101,7 +120,9 @@ def test_resume_continues_from_checkpoint(
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
 
-    # A finished run is not retrained (the CLI returns at once with the stored figures).
+    # A finished run is not retrained (the CLI returns at once with the stored figures), even after its
+    # checkpoint.pt was deleted (as tune and the pipeline do): checkpoint.json is enough.
+    (out / CHECKPOINT_FILE).unlink()
     mtime = (out / "model.onnx").stat().st_mtime_ns
     argv = [
         "--train",
@@ -116,6 +137,8 @@ def test_resume_continues_from_checkpoint(
         "2",
         "--batch-size",
         "10",
+        "--lr",
+        "0.05",
         "--head",
         "ordinal",
         "--resume",
@@ -127,6 +150,12 @@ def test_resume_continues_from_checkpoint(
     ]
     assert main(argv) == 0
     assert "val_accuracy" in capsys.readouterr().out
+    assert (out / "model.onnx").stat().st_mtime_ns == mtime
+    assert not (out / CHECKPOINT_FILE).exists()
+    # ... and a finished run is checked against the new settings too.
+    argv[argv.index("--lr") + 1] = "0.1"
+    assert main(argv) == 2
+    assert "lr: 0.05 -> 0.1" in capsys.readouterr().err
     assert (out / "model.onnx").stat().st_mtime_ns == mtime
 
 
