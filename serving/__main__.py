@@ -109,7 +109,7 @@ def run_server(args: argparse.Namespace) -> None:
     model.on_batch = metrics.observe_batch
     model.on_images = metrics.observe_images
     app = model_server.app  # the FastAPI app KServe's REST server serves
-    install_error_handlers(app, on_reject=metrics.observe_rejected)
+    install_error_handlers(app)
     app.add_middleware(
         RequestGuard,
         max_body_bytes=int(args.max_request_mb * 1024 * 1024),

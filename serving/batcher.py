@@ -10,7 +10,6 @@ is one image and latency is minimal; under heavy load batches grow by themselves
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -63,8 +62,10 @@ class MicroBatcher:
             np.empty((max_batch_size, *self._item_shape), dtype=np.float32) for _ in range(workers)
         ]
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Item] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
 
     async def submit(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Queue one item (``item_shape`` float32) and wait for its outputs (one row of each)."""
@@ -82,18 +83,31 @@ class MicroBatcher:
 
     def _ensure_started(self) -> None:
         # Started lazily on the serving event loop (the model loads before that loop exists).
-        if not self._tasks or any(t.done() for t in self._tasks):
+        if self._closed:
+            raise RuntimeError("the micro-batcher is closed")
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A new event loop: whatever belonged to the old one cannot run here any more.
             for t in self._tasks:
                 t.cancel()
+            self._loop = loop
             self._queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-            self._tasks = [
-                loop.create_task(self._run(i), name=f"micro-batcher-{i}") for i in range(self.workers)
-            ]
+            self._tasks = [self._start_worker(i) for i in range(self.workers)]
+            return
+        # Same loop: restart only a worker that died and keep the queue, so queued items are served.
+        for i, t in enumerate(self._tasks):
+            if t.done():
+                if not t.cancelled() and t.exception() is not None:
+                    logger.error("micro-batcher worker %d died: %r; restarting it", i, t.exception())
+                self._tasks[i] = self._start_worker(i)
 
-    async def _collect(self, first: _Item) -> list[_Item]:
+    def _start_worker(self, worker: int) -> asyncio.Task[None]:
+        assert self._loop is not None
+        return self._loop.create_task(self._run(worker), name=f"micro-batcher-{worker}")
+
+    async def _collect(self, batch: list[_Item]) -> None:
+        # Appends to ``batch`` in place, so a worker cancelled mid-collection still knows its items.
         assert self._queue is not None
-        batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             try:
@@ -108,7 +122,6 @@ class MicroBatcher:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
                 break
-        return batch
 
     def _run_batch(self, worker: int, arrays: list[np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         n = len(arrays)
@@ -121,32 +134,83 @@ class MicroBatcher:
 
     async def _run(self, worker: int) -> None:
         assert self._queue is not None
+        queue = self._queue
         loop = asyncio.get_running_loop()
-        while True:
-            first = await self._queue.get()
-            batch = [it for it in await self._collect(first) if not it.future.done()]
-            if not batch:
-                continue
+        batch: list[_Item] = []
+        try:
+            while True:
+                batch = [await queue.get()]
+                await self._collect(batch)
+                batch = [it for it in batch if not it.future.done()]
+                if not batch:
+                    continue
+                try:
+                    out, seconds = await loop.run_in_executor(
+                        self._executor, self._run_batch, worker, [it.x for it in batch]
+                    )
+                    for i, it in enumerate(batch):
+                        if not it.future.done():  # the client may have gone away
+                            it.future.set_result({k: v[i] for k, v in out.items()})
+                except Exception as e:  # one bad batch must not stop the server
+                    logger.exception("inference failed for a batch of %d", len(batch))
+                    _fail(batch, RuntimeError(f"inference failed: {e}"))
+                    batch = []
+                    continue
+                size, batch = len(batch), []
+                self._observe(size, seconds)
+        finally:
+            # Cancelled (closed) or died: nobody else will answer the items this worker holds.
+            _fail(batch, RuntimeError("the micro-batcher stopped before running this item"))
+
+    def _observe(self, size: int, seconds: float) -> None:
+        # Metrics only: a failing observer is logged and must never cost a caller its answer.
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(size, seconds)
+        except Exception:
+            logger.exception("batch observer failed (batch of %d)", size)
+
+    def _fail_queued(self) -> None:
+        queue = self._queue
+        while queue is not None and not queue.empty():
+            _fail([queue.get_nowait()], RuntimeError("the micro-batcher is closed"))
+
+    def _shutdown_on_loop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self._fail_queued()
+
+    def close(self) -> None:
+        """Stop accepting items, fail every queued one and release the inference threads.
+
+        Synchronous, for shutdown hooks; callable from the serving loop or from another thread.
+        Items a worker is running get their error once the loop processes the cancellation.
+        """
+        self._closed = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
             try:
-                out, seconds = await loop.run_in_executor(
-                    self._executor, self._run_batch, worker, [it.x for it in batch]
-                )
-            except Exception as e:  # one bad batch must not stop the server
-                logger.exception("inference failed for a batch of %d", len(batch))
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(RuntimeError(f"inference failed: {e}"))
-                continue
-            if self._on_batch is not None:
-                self._on_batch(len(batch), seconds)
-            for i, it in enumerate(batch):
-                if not it.future.done():  # the client may have gone away
-                    it.future.set_result({k: v[i] for k, v in out.items()})
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                self._shutdown_on_loop()
+            else:
+                loop.call_soon_threadsafe(self._shutdown_on_loop)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def aclose(self) -> None:
-        """Stop the worker and the inference thread (pending callers get CancelledError)."""
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Stop the workers and the inference threads; every pending caller gets a RuntimeError."""
+        self._closed = True
+        tasks = list(self._tasks)
+        self._shutdown_on_loop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_queued()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _fail(items: list[_Item], error: Exception) -> None:
+    for it in items:
+        if not it.future.done():
+            it.future.set_exception(error)

@@ -9,7 +9,6 @@ rejection instead of a traceback, so a flood of bad requests cannot flood the lo
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -54,23 +53,18 @@ def from_image_error(e: ImageError, index: int | None = None) -> BadRequest:
     return cls(f"{where}{e}")
 
 
-def error_handler(
-    on_reject: Callable[[int], None] | None = None,
-) -> Callable[[Request, Exception], Awaitable[Response]]:
-    """FastAPI handler for :class:`BadRequest` and subclasses; ``on_reject(status)`` feeds metrics."""
+async def handle_bad_request(request: Request, exc: Exception) -> Response:
+    """FastAPI handler for :class:`BadRequest` and subclasses: one warning line, JSON error body.
 
-    async def handle(request: Request, exc: Exception) -> Response:
-        status = int(getattr(exc, "status_code", 400))
-        logger.warning("rejected %s %s -> %d: %s", request.method, request.url.path, status, exc)
-        if on_reject is not None:
-            on_reject(status)
-        return json_response({"error": str(exc)}, status)
-
-    return handle
+    The rejection metric is counted in :class:`serving.server.RequestGuard`, for every 4xx.
+    """
+    status = int(getattr(exc, "status_code", 400))
+    logger.warning("rejected %s %s -> %d: %s", request.method, request.url.path, status, exc)
+    return json_response({"error": str(exc)}, status)
 
 
-def install_error_handlers(app: FastAPI, on_reject: Callable[[int], None] | None = None) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on ``app`` (before the server starts, as Starlette requires)."""
-    handler: Any = error_handler(on_reject)
+    handler: Any = handle_bad_request
     for cls in (BadRequest, PayloadTooLarge, UnsupportedMediaType):
         app.add_exception_handler(cls, handler)

@@ -1,9 +1,10 @@
 """The KServe model: exported ONNX counter on onnxruntime, fed by the shared preprocessing.
 
-Request flow (all off the event loop except parsing and formatting):
+Request flow (all off the event loop except checking the request's structure and formatting):
 
 1. :meth:`InventoryCounter.preprocess` turns a V1 JSON body, a V2 ``InferRequest`` or a raw image
-   body into image bytes (:func:`parse_request`), then decodes them on a thread pool with
+   body into per-image sources (:func:`parse_request`; a body still in bytes is parsed on the decode
+   pool), then base64-decodes and decodes each image on that pool with
    :func:`components.preprocess.load_uint8` (JPEG draft mode, whole frame) and normalizes them
    exactly as in training.
 2. :meth:`InventoryCounter.predict` hands each image to the :class:`~serving.batcher.MicroBatcher`,
@@ -101,7 +102,7 @@ class OnnxCounter:
         options = options or ServingOptions()
         self.model_dir = Path(model_dir)
         self.spec: ModelSpec = load_model_spec(self.model_dir)
-        self.onnx_path = self._choose_file(options.int8)
+        self.onnx_path = choose_onnx_file(self.model_dir, self.spec, options.int8)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -129,9 +130,6 @@ class OnnxCounter:
         size = self.spec.preprocess.image_size
         self.item_shape = (3, size, size)
 
-    def _choose_file(self, int8: str) -> Path:
-        return choose_onnx_file(self.model_dir, self.spec, int8)
-
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """One batch through the model (thread-safe; onnxruntime releases the GIL)."""
         outs = self.session.run(self.output_names, {self.input_name: x})
@@ -141,11 +139,15 @@ class OnnxCounter:
 # ----------------------------------------------------------------------------- request parsing
 
 
+#: One image as the request carried it: raw bytes, or base64 text decoded later on the decode pool.
+ImageSource = bytes | str
+
+
 @dataclass
 class ParsedRequest:
-    """Image bytes from any protocol, plus what is needed to answer in the same protocol."""
+    """Image sources from any protocol, plus what is needed to answer in the same protocol."""
 
-    images: list[bytes]
+    images: list[ImageSource]
     protocol: str  # "v1" (JSON instances), "v2" (InferRequest), "raw" (image body)
     request_id: str | None = None
 
@@ -171,9 +173,15 @@ class Prediction:
 V1_SHAPE_HINT = '{"instances": [{"image_bytes": {"b64": "<base64 JPEG>"}}, ...]}'
 
 
-def _b64(text: Any, where: str) -> bytes:
+def _b64_text(text: Any, where: str) -> str:
+    """Check that a base64 field is a string; decoding it waits for the decode pool."""
     if not isinstance(text, str):
         raise BadRequest(f"{where}: expected a base64 string, got {type(text).__name__}")
+    return text
+
+
+def _b64(text: Any, where: str) -> bytes:
+    _b64_text(text, where)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -187,8 +195,8 @@ def _check_count(n: int, max_instances: int) -> None:
         raise PayloadTooLarge(f"{n} images in one request, over the limit of {max_instances}; split it up")
 
 
-def parse_v1(body: Any, max_instances: int) -> list[bytes]:
-    """V1 JSON ``{"instances": [{"image_bytes": {"b64": ...}}, ...]}`` -> image bytes."""
+def parse_v1(body: Any, max_instances: int) -> list[ImageSource]:
+    """V1 JSON ``{"instances": [{"image_bytes": {"b64": ...}}, ...]}`` -> base64 texts (not decoded)."""
     if not isinstance(body, dict):
         raise BadRequest(f"expected a JSON object like {V1_SHAPE_HINT}, got {type(body).__name__}")
     if "instances" not in body:
@@ -197,12 +205,12 @@ def parse_v1(body: Any, max_instances: int) -> list[bytes]:
     if not isinstance(instances, list):
         raise BadRequest(f"'instances' must be a list, got {type(instances).__name__}")
     _check_count(len(instances), max_instances)
-    images = []
+    images: list[ImageSource] = []
     for i, inst in enumerate(instances):
         value = inst.get("image_bytes", inst) if isinstance(inst, dict) else None
         if not isinstance(value, dict) or "b64" not in value:
             raise BadRequest(f"instance {i}: expected {{'image_bytes': {{'b64': '<base64 JPEG>'}}}}")
-        images.append(_b64(value["b64"], f"instance {i}"))
+        images.append(_b64_text(value["b64"], f"instance {i}"))
     return images
 
 
@@ -215,7 +223,7 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def parse_v2(request: InferRequest, max_instances: int) -> list[bytes]:
+def parse_v2(request: InferRequest, max_instances: int) -> list[ImageSource]:
     """V2 ``InferRequest`` with one BYTES input (base64 strings in JSON, raw bytes over gRPC)."""
     inputs = request.inputs or []
     if not inputs:
@@ -237,7 +245,7 @@ def parse_v2(request: InferRequest, max_instances: int) -> list[bytes]:
         raise BadRequest(f"input {inp.name!r}: shape {inp.shape} does not match {len(items)} elements")
     _check_count(len(items), max_instances)
     return [
-        bytes(v) if isinstance(v, bytes | bytearray) else _b64(v, f"instance {i}")
+        bytes(v) if isinstance(v, bytes | bytearray) else _b64_text(v, f"instance {i}")
         for i, v in enumerate(items)
     ]
 
@@ -245,13 +253,23 @@ def parse_v2(request: InferRequest, max_instances: int) -> list[bytes]:
 def parse_request(
     payload: Any, max_instances: int, request_id: str | None = None, content_type: str = ""
 ) -> ParsedRequest:
-    """Any supported request body -> :class:`ParsedRequest` (raises :class:`BadRequest`)."""
+    """Any supported request body -> :class:`ParsedRequest` (raises :class:`BadRequest`).
+
+    A body still in bytes is parsed here (JSON included), so call this off the event loop for those;
+    base64 texts are only checked to be strings and are decoded later by :func:`decode_one`.
+    """
     if isinstance(payload, InferRequest):
         return ParsedRequest(parse_v2(payload, max_instances), "v2", payload.id)
     if isinstance(payload, bytes | bytearray | memoryview):
         # KServe passes non-JSON content types through untouched: an image/* body is one image.
         # A JSON body sent with a generic type (curl -d uses form encoding) is still V1 JSON.
         data = bytes(payload)
+        if content_type == "application/json":  # e.g. SageMaker's /invocations: JSON or nothing
+            try:
+                body = orjson.loads(data)
+            except orjson.JSONDecodeError as e:
+                raise BadRequest(f"body is not valid JSON: {e}") from e
+            return ParsedRequest(parse_v1(body, max_instances), "v1", request_id)
         if not content_type.startswith("image/") and data.lstrip()[:1] == b"{":
             try:
                 return ParsedRequest(parse_v1(orjson.loads(data), max_instances), "v1", request_id)
@@ -261,8 +279,13 @@ def parse_request(
     return ParsedRequest(parse_v1(payload, max_instances), "v1", request_id)
 
 
-def decode_one(data: bytes, spec: ModelSpec, max_pixels: int) -> np.ndarray:
-    """Image bytes -> float32 CHW model input, exactly as in training (JPEG draft, whole frame)."""
+def decode_one(data: ImageSource, spec: ModelSpec, max_pixels: int, index: int = 0) -> np.ndarray:
+    """Image bytes (or their base64 text) -> float32 CHW model input, exactly as in training.
+
+    Runs on the decode pool: base64, JPEG draft decode and normalization all stay off the event loop.
+    """
+    if isinstance(data, str):
+        data = _b64(data, f"instance {index}")
     pp = spec.preprocess
     return normalize(load_uint8(data, pp.image_size, resample=pp.resample, max_pixels=max_pixels), pp)
 
@@ -351,10 +374,13 @@ class InventoryCounter(Model):
         return self.ready
 
     def stop(self) -> None:
-        """Release threads on shutdown."""
+        """Release the micro-batcher (its tasks and inference threads) and the decode pool."""
         self.ready = False
+        if self.batcher is not None:
+            self.batcher.close()
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool = None
 
     def _observe_batch(self, size: int, seconds: float) -> None:
         if self.on_batch is not None:
@@ -373,15 +399,21 @@ class InventoryCounter(Model):
 
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> DecodedRequest:
         """Parse the body and decode every image on the decode pool (never on the event loop)."""
-        if self.counter is None or self._decode_pool is None:
+        pool = self._decode_pool
+        if self.counter is None or pool is None:
             raise InferenceError(f"model {self.name} is not loaded")
         headers = headers or {}
         content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        parsed = parse_request(payload, self.options.max_instances, headers.get("x-request-id"), content_type)
+        args = (payload, self.options.max_instances, headers.get("x-request-id"), content_type)
         loop = asyncio.get_running_loop()
+        if isinstance(payload, bytes | bytearray | memoryview):
+            parsed = await loop.run_in_executor(pool, parse_request, *args)  # JSON parsing of up to 16 MB
+        else:
+            parsed = parse_request(*args)  # already parsed by KServe: structure checks only
         spec, max_pixels = self.counter.spec, self.options.max_pixels
         jobs = [
-            loop.run_in_executor(self._decode_pool, decode_one, b, spec, max_pixels) for b in parsed.images
+            loop.run_in_executor(pool, decode_one, src, spec, max_pixels, i)
+            for i, src in enumerate(parsed.images)
         ]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for i, r in enumerate(results):

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request, Response
 
-from serving.errors import BadRequest, UnsupportedMediaType, json_response
+from serving.errors import UnsupportedMediaType, json_response
 
 JSON_TYPES = ("application/json", "")
 IMAGE_TYPES = ("application/x-image", "application/octet-stream")
@@ -40,14 +39,11 @@ def register_sagemaker_routes(app: FastAPI, model: Any) -> None:
                 'application/json {"instances": [{"image_bytes": {"b64": "..."}}]}'
             )
         body = await request.body()
+        headers = dict(request.headers)
         if ctype in JSON_TYPES:
-            try:
-                payload: Any = orjson.loads(body)
-            except orjson.JSONDecodeError as e:
-                raise BadRequest(f"body is not valid JSON: {e}") from e
-        else:
-            payload = body
-        response, _ = await model(payload, headers=dict(request.headers))
+            # The model parses the JSON on its decode pool, not here on the event loop.
+            headers["content-type"] = "application/json"
+        response, _ = await model(body, headers=headers)
         return json_response(response)
 
     app.add_api_route("/ping", ping, methods=["GET"], include_in_schema=False)

@@ -45,7 +45,10 @@ class ServingMetrics:
         )
         self.images = Counter("inventory_images", "images decoded for inference", registry=registry)
         self.rejected = Counter(
-            "inventory_rejected_requests", "requests answered with a 4xx", ["status"], registry=registry
+            "inventory_rejected_requests",
+            "requests answered with a 4xx (ours, KServe's and FastAPI's)",
+            ["status"],
+            registry=registry,
         )
 
     def observe_batch(self, size: int, seconds: float) -> None:
@@ -70,7 +73,9 @@ class RequestGuard:
     """ASGI middleware: body size limit before reading, one structured log line per request.
 
     A ``Content-Length`` over the limit is answered 413 without reading the body; a chunked body
-    is counted while it streams and stopped with 413 as soon as it passes the limit.
+    is counted while it streams and stopped with 413 as soon as it passes the limit. Every answer
+    with a 4xx status, whoever produced it (our handlers, KServe's 400/404, FastAPI's 422), is
+    reported to ``on_reject(status)`` from the one place all responses pass through.
     """
 
     def __init__(
@@ -91,7 +96,13 @@ class RequestGuard:
 
         async def logged_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                state["status"] = int(message["status"])
+                status = int(message["status"])
+                state["status"] = status
+                if 400 <= status < 500 and self.on_reject is not None:
+                    try:
+                        self.on_reject(status)
+                    except Exception:  # metrics must never break a response
+                        access_logger.exception("rejection observer failed")
             await send(message)
 
         async def counted_receive() -> Message:
@@ -106,8 +117,6 @@ class RequestGuard:
             rejection = self._early_rejection(scope, headers)
             if rejection is not None:
                 status, message = rejection
-                if self.on_reject is not None:
-                    self.on_reject(status)
                 await _send_json(logged_send, status, {"error": message})
             else:
                 await self.app(scope, counted_receive, logged_send)

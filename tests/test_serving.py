@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.fixtures.aws import free_port
 from tests.fixtures.serving import (
     REPO_ROOT,
     RunningServer,
@@ -97,8 +98,13 @@ def test_readiness_false_until_load_and_ping_follows(random_model_dir: Path, pla
 
     assert model.ready is False
     assert asyncio.run(ping()) == 503
-    assert model.load() is True and model.ready is True
-    assert asyncio.run(ping()) == 200
+    try:
+        assert model.load() is True and model.ready is True
+        assert asyncio.run(ping()) == 200
+    finally:
+        model.stop()
+    assert model.ready is False and asyncio.run(ping()) == 503
+    assert model.batcher is not None and model.batcher._executor._shutdown
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -138,6 +144,101 @@ def test_micro_batcher_batches_keeps_order_and_survives_errors(workers: int) -> 
     assert after == 14.0
 
 
+def test_micro_batcher_answers_every_caller_when_the_observer_raises() -> None:
+    from serving.batcher import MicroBatcher
+
+    observed: list[int] = []
+
+    def observer(n: int, seconds: float) -> None:
+        observed.append(n)
+        raise RuntimeError("metrics backend down")
+
+    async def scenario() -> list[float]:
+        b = MicroBatcher(
+            lambda x: {"double": x[:, 0] * 2}, (1,), max_batch_size=4, max_wait_ms=5, on_batch=observer
+        )
+        try:
+            first = await asyncio.wait_for(
+                asyncio.gather(*(b.submit(np.array([float(i)], np.float32)) for i in range(10))), 10
+            )
+            # The worker survived the observer: later items are still served.
+            later = await asyncio.wait_for(b.submit(np.array([21.0], np.float32)), 10)
+        finally:
+            await b.aclose()
+        return [float(r["double"]) for r in [*first, later]]
+
+    assert asyncio.run(scenario()) == [2.0 * i for i in range(10)] + [42.0]
+    assert sum(observed) == 11
+
+
+def test_micro_batcher_aclose_fails_pending_callers() -> None:
+    import threading
+
+    from serving.batcher import MicroBatcher
+
+    release = threading.Event()
+
+    def slow_infer(x: np.ndarray) -> dict[str, np.ndarray]:
+        release.wait(10)
+        return {"double": x[:, 0] * 2}
+
+    async def scenario() -> list[BaseException | dict]:
+        b = MicroBatcher(slow_infer, (1,), max_batch_size=2, max_wait_ms=0)
+        # Two items run (blocked in inference), four more wait in the queue.
+        calls = [asyncio.ensure_future(b.submit(np.array([float(i)], np.float32))) for i in range(6)]
+        await asyncio.sleep(0.1)
+        await b.aclose()
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        with pytest.raises(RuntimeError, match="closed"):
+            await b.submit(np.array([1.0], np.float32))
+        return results
+
+    results = asyncio.run(scenario())
+    assert len(results) == 6
+    assert all(isinstance(r, RuntimeError) for r in results), results
+
+
+def test_request_guard_counts_every_4xx(plain_argv: None) -> None:
+    from fastapi import FastAPI
+
+    from serving.errors import BadRequest, install_error_handlers
+    from serving.server import RequestGuard
+
+    app = FastAPI()
+    install_error_handlers(app)
+    rejected: list[int] = []
+
+    @app.get("/ok")
+    async def ok() -> dict:
+        return {"ok": True}
+
+    @app.get("/bad")
+    async def bad() -> dict:
+        raise BadRequest("no good")
+
+    @app.get("/items/{n}")
+    async def item(n: int) -> dict:
+        return {"n": n}
+
+    app.add_middleware(RequestGuard, max_body_bytes=10, on_reject=rejected.append)
+
+    async def calls() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return [
+                (await c.get("/ok")).status_code,
+                (await c.get("/bad")).status_code,  # our handler
+                (await c.get("/items/abc")).status_code,  # FastAPI validation
+                (await c.get("/missing")).status_code,  # routing
+                (await c.post("/ok", content=b"x" * 11)).status_code,  # the guard's own limit
+            ]
+
+    statuses = asyncio.run(calls())
+    assert statuses == [200, 400, 422, 404, 413]
+    assert sorted(rejected) == [400, 404, 413, 422]  # each once, the 200 not at all
+
+
 def test_sagemaker_serve_defaults(plain_argv: None) -> None:
     from serving.__main__ import SAGEMAKER_MODEL_DIR, parse_args
 
@@ -150,7 +251,9 @@ def test_cli_config_errors_exit_2(tmp_path: Path, plain_argv: None) -> None:
     from serving.__main__ import main
 
     assert main(["--model_name", "x"]) == 2  # no --model_dir
-    assert main(["--model_dir", str(tmp_path / "missing"), "--http_host", "127.0.0.1"]) == 2
+    missing = ["--model_dir", str(tmp_path / "missing"), "--http_host", "127.0.0.1"]
+    # Should loading ever succeed, the server must not take a fixed port such as 8080.
+    assert main([*missing, "--http_port", str(free_port())]) == 2
 
 
 # ----------------------------------------------------------------------------- protocols over HTTP
@@ -203,11 +306,20 @@ def test_sagemaker_routes(served_model: RunningServer, client: httpx.Client, jpe
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2
     r = client.post(f"{served_model.url}/invocations", content=b"x", headers={"content-type": "text/csv"})
     assert r.status_code == 415 and "image/jpeg" in r.json()["error"]
+    r = client.post(
+        f"{served_model.url}/invocations", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    r = client.post(f"{served_model.url}/invocations", json={"instances": [{"b64": "***"}]})
+    assert r.status_code == 400 and "instance 0: invalid base64" in r.json()["error"]
 
 
 def test_readiness_and_metrics(served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]) -> None:
     assert client.get(f"{served_model.url}/v2/models/inventory-counter/ready").status_code == 200
     assert client.get(f"{served_model.url}/v1/models/inventory-counter").json()["ready"] is True
+    # Metrics are cumulative over the module's server (earlier multi-image requests formed batches
+    # too), so judge the burst of single-image requests by the difference it makes.
+    before = client.get(f"{served_model.url}/metrics").text
 
     async def burst() -> None:
         async with httpx.AsyncClient(timeout=30) as c:
@@ -222,16 +334,23 @@ def test_readiness_and_metrics(served_model: RunningServer, client: httpx.Client
     asyncio.run(burst())
     text = client.get(f"{served_model.url}/metrics").text
     assert "request_predict_seconds" in text  # KServe's own
-    count = _metric(text, "inventory_batch_size_count")
-    ones = _metric(text, 'inventory_batch_size_bucket{le="1.0"}')
-    assert count >= 1 and ones < count, "concurrent requests were never batched together"
-    assert _metric(text, "inventory_images_total") >= 24
+
+    def delta(name: str) -> float:
+        return _metric(text, name) - _metric(before, name, default=0.0)
+
+    batches = delta("inventory_batch_size_count")
+    singles = delta('inventory_batch_size_bucket{le="1.0"}')
+    assert batches >= 1 and delta("inventory_batch_size_sum") == 24
+    assert singles < batches, "the concurrent requests were never batched together"
+    assert delta("inventory_images_total") == 24
 
 
-def _metric(text: str, name: str) -> float:
+def _metric(text: str, name: str, default: float | None = None) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
+    if default is not None:
+        return default
     raise AssertionError(f"{name} not in /metrics")
 
 
@@ -264,7 +383,13 @@ def _bad_requests(server: RunningServer, jpeg: bytes) -> list[tuple[str, str, di
         ("not an image", p, {"content": b"hello, not a jpeg", "headers": img}, 400, "not a supported image"),
         ("truncated jpeg", p, {"content": jpeg[: len(jpeg) // 2], "headers": img}, 400, "truncated"),
         ("empty body", p, {"content": b"", "headers": img}, 400, "empty"),
-        ("empty json body", p, {"content": b"", "headers": {"content-type": "application/json"}}, 400, ""),
+        (
+            "empty json body",
+            p,
+            {"content": b"", "headers": {"content-type": "application/json"}},
+            400,
+            "Unrecognized request format",
+        ),
         ("wrong field", p, {"json": {"inputs": [b64]}}, 400, "instances"),
         ("bad instance", p, {"json": {"instances": [{"image": b64}]}}, 400, "image_bytes"),
         ("bad base64", p, {"json": {"instances": [{"b64": "***"}]}}, 400, "base64"),
@@ -288,12 +413,20 @@ def _bad_requests(server: RunningServer, jpeg: bytes) -> list[tuple[str, str, di
 def test_bad_inputs_get_4xx_with_message(
     served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]
 ) -> None:
+    bad = _bad_requests(served_model, jpegs[0])
+    before = client.get(f"{served_model.url}/metrics").text
     failures = []
-    for name, url, kwargs, status, text in _bad_requests(served_model, jpegs[0]):
+    for name, url, kwargs, status, text in bad:
         r = client.post(url, **kwargs)
         if r.status_code != status or text not in r.json().get("error", ""):
             failures.append(f"{name}: {r.status_code} {r.text[:200]}")
     assert not failures, "\n".join(failures)
+    # Every rejection is counted once, KServe's own 400 (empty JSON) and 404 (unknown model) included.
+    after = client.get(f"{served_model.url}/metrics").text
+    for status in sorted({s for _, _, _, s, _ in bad}):
+        name = f'inventory_rejected_requests_total{{status="{status}"}}'
+        expected = sum(1 for *_, s, _ in bad if s == status)
+        assert _metric(after, name) - _metric(before, name, default=0.0) == expected, status
 
 
 def test_chunked_body_over_limit_is_413(served_model: RunningServer, client: httpx.Client) -> None:
