@@ -51,8 +51,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     MPLCONFIGDIR=/tmp/matplotlib
-# 8080: KServe REST (V1/V2) or SageMaker (/ping, /invocations); 8081: KServe gRPC.
-EXPOSE 8080 8081
+# 8080: KServe REST (V1/V2) or SageMaker (/ping, /invocations). gRPC is off by default; with
+# --enable_grpc, publish --grpc_port at run time (docker run -p, a containerPort).
+EXPOSE 8080
 # KServe: args `--model_dir /mnt/models --model_name inventory-counter`; SageMaker: `serve`.
 ENTRYPOINT ["/opt/venv/bin/python", "-m", "serving"]
 WORKDIR /opt/app

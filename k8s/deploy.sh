@@ -3,7 +3,8 @@
 #
 #   make deploy                       # kind (cluster "kind", context kind-kind)
 #   make deploy CLUSTER=minikube      # minikube (profile "minikube")
-#   make deploy PROFILE=sagemaker     # AWS SageMaker: SAGEMAKER_ROLE, IMAGE_URI (ECR), MODEL_DIR
+#   make deploy PROFILE=sagemaker     # AWS SageMaker: SAGEMAKER_ROLE, IMAGE_URI (ECR), MODEL_DIR and
+#                                     # SAGEMAKER_MAX_RPS or SAGEMAKER_TARGET_INVOCATIONS (below)
 #   bash k8s/deploy.sh --render s3://models/inventory-counter/V   # print the manifests, touch nothing
 #
 # Local path: check the tools and KServe -> build the serving image (tagged with the git sha) -> load
@@ -13,7 +14,11 @@
 # Env: CLUSTER (kind|minikube), KIND_CLUSTER_NAME (kind), MINIKUBE_PROFILE (minikube), KUBE_CONTEXT
 # (default: the context kind/minikube created), IMAGE_REPO (inventory-monitor), IMAGE_TAG (git sha),
 # MODEL_DIR (runs/local/model), BASE_IMAGE / EXTRA_CA_CERTS (passed to docker build when set),
-# WAIT_TIMEOUT (300s), PYTHON (.venv/bin/python), ABID_DIR (for the sample image).
+# WAIT_TIMEOUT (300s), PYTHON (.venv/bin/python), ABID_DIR (for the sample image), DOCKER_BUILDKIT (0).
+# PROFILE=sagemaker maps SAGEMAKER_ROLE, IMAGE_URI, MODEL_DIR, AWS_REGION, SAGEMAKER_BUCKET,
+# SAGEMAKER_ENDPOINT (inventory-counter), SAGEMAKER_INSTANCE_TYPE (ml.m5.large), SAGEMAKER_MIN (1),
+# SAGEMAKER_MAX (3), SAGEMAKER_MAX_RPS, SAGEMAKER_TARGET_INVOCATIONS and SMOKE_IMAGE to the flags of
+# `python -m serving.sagemaker deploy`; SAGEMAKER_ARGS adds any other flags last (they win).
 # Nothing is written into the repository: the manifests are rendered from a private temp copy that
 # also holds the S3 credentials (random on the first deploy), and it is deleted on exit.
 set -euo pipefail
@@ -61,11 +66,23 @@ if [ "${PROFILE:-}" = "sagemaker" ]; then
   check_model_dir
   [ -n "${SAGEMAKER_ROLE:-}" ] || die "SAGEMAKER_ROLE is not set: the ARN of the SageMaker execution role"
   [ -n "${IMAGE_URI:-}" ] || die "IMAGE_URI is not set: the serving image pushed to ECR (…amazonaws.com/…:tag)"
-  # SAGEMAKER_ARGS: more flags, e.g. "--max-rps 40 --instance-type ml.m5.large" (see --help).
+  sm_args=(
+    --model-dir "$MODEL_DIR" --image-uri "$IMAGE_URI" --role "$SAGEMAKER_ROLE"
+    --endpoint-name "${SAGEMAKER_ENDPOINT:-inventory-counter}"
+    --instance-type "${SAGEMAKER_INSTANCE_TYPE:-ml.m5.large}"
+    --min "${SAGEMAKER_MIN:-1}" --max "${SAGEMAKER_MAX:-3}"
+  )
+  if [ -n "${AWS_REGION:-}" ]; then sm_args+=(--region "$AWS_REGION"); fi
+  if [ -n "${SAGEMAKER_BUCKET:-}" ]; then sm_args+=(--bucket "$SAGEMAKER_BUCKET"); fi
+  if [ -n "${SAGEMAKER_MAX_RPS:-}" ]; then sm_args+=(--max-rps "$SAGEMAKER_MAX_RPS"); fi
+  if [ -n "${SAGEMAKER_TARGET_INVOCATIONS:-}" ]; then
+    sm_args+=(--target-invocations "$SAGEMAKER_TARGET_INVOCATIONS")
+  fi
+  if [ -n "${SMOKE_IMAGE:-}" ]; then sm_args+=(--smoke-image "$SMOKE_IMAGE"); fi
+  # SAGEMAKER_ARGS: any other flags, e.g. "--no-autoscaling" or "--dry-run" (see --help); last, so they win.
   read -r -a extra <<< "${SAGEMAKER_ARGS:-}"
-  log "deploying $MODEL_DIR to SageMaker with $IMAGE_URI"
-  exec "$PY" -m serving.sagemaker deploy --model-dir "$MODEL_DIR" --image-uri "$IMAGE_URI" \
-    --role "$SAGEMAKER_ROLE" "${extra[@]}"
+  log "deploying $MODEL_DIR to SageMaker endpoint ${SAGEMAKER_ENDPOINT:-inventory-counter} with $IMAGE_URI"
+  exec "$PY" -m serving.sagemaker deploy "${sm_args[@]}" ${extra[@]+"${extra[@]}"}
 fi
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,7 +211,9 @@ build_args=()
 [ -n "${BASE_IMAGE:-}" ] && build_args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 [ -n "${EXTRA_CA_CERTS:-}" ] && build_args+=(--build-arg "EXTRA_CA_CERTS=$EXTRA_CA_CERTS")
 log "building $IMAGE"
-docker build "${build_args[@]}" -f docker/serving.Dockerfile -t "$IMAGE" .
+# The classic builder by default, like `make images` (DOCKER_BUILDKIT=1 to use BuildKit).
+DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-0}" docker build ${build_args[@]+"${build_args[@]}"} \
+  -f docker/serving.Dockerfile -t "$IMAGE" .
 log "loading $IMAGE into $CLUSTER"
 if [ "$CLUSTER" = kind ]; then
   kind load docker-image "$IMAGE" --name "$KIND_CLUSTER_NAME"

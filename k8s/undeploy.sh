@@ -8,7 +8,8 @@
 #   make undeploy PROFILE=sagemaker   # the SageMaker endpoint, its config, model and scaling policy
 #
 # Env: as k8s/deploy.sh (CLUSTER, KIND_CLUSTER_NAME, MINIKUBE_PROFILE, KUBE_CONTEXT, IMAGE_REPO,
-# WAIT_TIMEOUT, PYTHON). Safe to run twice: what is already gone is skipped.
+# WAIT_TIMEOUT, PYTHON); PROFILE=sagemaker: SAGEMAKER_ENDPOINT (inventory-counter), AWS_REGION, and
+# SAGEMAKER_ARGS for more `teardown` flags. Safe to run twice: what is already gone is skipped.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,8 +26,11 @@ die() { printf 'error: %s\n' "$*" >&2; exit 2; }
 if [ "${PROFILE:-}" = "sagemaker" ]; then
   [ -x "$PY" ] || die "$PY not found: run 'make setup' (or set PYTHON)"
   cd "$ROOT"
+  sm_args=(--endpoint-name "${SAGEMAKER_ENDPOINT:-inventory-counter}")
+  if [ -n "${AWS_REGION:-}" ]; then sm_args+=(--region "$AWS_REGION"); fi
   read -r -a extra <<< "${SAGEMAKER_ARGS:-}"
-  exec "$PY" -m serving.sagemaker teardown "${extra[@]}"
+  log "tearing down SageMaker endpoint ${SAGEMAKER_ENDPOINT:-inventory-counter}"
+  exec "$PY" -m serving.sagemaker teardown "${sm_args[@]}" ${extra[@]+"${extra[@]}"}
 fi
 
 case "$CLUSTER" in

@@ -11,7 +11,7 @@ The path from a trained model to an autoscaled endpoint:
 3. create the Model and an EndpointConfig whose names carry a hash of their content, then create the
    Endpoint, or ``UpdateEndpoint`` it to the new config (SageMaker's blue/green update: no downtime);
 4. smoke-invoke the endpoint with a real image; if that fails after an update, roll the endpoint back
-   to the previous config;
+   to the previous config (and re-register the autoscaling an instance-type change had removed);
 5. register the variant with Application Auto Scaling and put a target-tracking policy on
    ``SageMakerVariantInvocationsPerInstance``. The target is derived from a *measured* capacity
    (``--max-rps`` from the load test x 0.5 safety factor x 60 s), not a guess;
@@ -895,6 +895,64 @@ def _remove_autoscaling(clients: Clients, resource_id: str) -> list[str]:
     return removed
 
 
+@dataclass(frozen=True)
+class SavedAutoscaling:
+    """A variant's scalable target and policies as described, to re-register them after a rollback."""
+
+    target: dict[str, Any]
+    policies: tuple[dict[str, Any], ...]
+
+
+#: Fields of a described policy that PutScalingPolicy accepts back (besides the target key and name).
+_POLICY_FIELDS = ("PolicyType", "TargetTrackingScalingPolicyConfiguration", "StepScalingPolicyConfiguration")
+
+
+def _read_autoscaling(clients: Clients, resource_id: str) -> SavedAutoscaling | None:
+    """The variant's scalable target and its policies, or None when it is not registered."""
+    targets = aws_call(
+        "describe_scalable_targets",
+        clients.autoscaling.describe_scalable_targets,
+        ServiceNamespace="sagemaker",
+        ResourceIds=[resource_id],
+        ScalableDimension=SCALABLE_DIMENSION,
+    ).get("ScalableTargets", [])
+    target = next((t for t in targets if t["ResourceId"] == resource_id), None)
+    if target is None:
+        return None
+    policies = aws_call(
+        "describe_scaling_policies",
+        clients.autoscaling.describe_scaling_policies,
+        ServiceNamespace="sagemaker",
+        ResourceId=resource_id,
+        ScalableDimension=SCALABLE_DIMENSION,
+    ).get("ScalingPolicies", [])
+    return SavedAutoscaling(
+        target=target, policies=tuple(p for p in policies if p["ResourceId"] == resource_id)
+    )
+
+
+def _restore_autoscaling(clients: Clients, saved: SavedAutoscaling) -> list[str]:
+    """Register the saved target (min/max, suspended state) and put its policies back, as they were."""
+    t = saved.target
+    key = _target_key(t["ResourceId"])
+    target_params: dict[str, Any] = {**key, "MinCapacity": t["MinCapacity"], "MaxCapacity": t["MaxCapacity"]}
+    if t.get("SuspendedState"):
+        target_params["SuspendedState"] = t["SuspendedState"]
+    aws_call("register_scalable_target", clients.autoscaling.register_scalable_target, **target_params)
+    restored = [f"scalable-target/{t['ResourceId']}"]
+    for p in saved.policies:
+        params = {k: p[k] for k in _POLICY_FIELDS if k in p}
+        aws_call(
+            "put_scaling_policy",
+            clients.autoscaling.put_scaling_policy,
+            PolicyName=p["PolicyName"],
+            **key,
+            **params,
+        )
+        restored.append(f"scaling-policy/{p['PolicyName']}")
+    return restored
+
+
 def apply_autoscaling(plan: DeployPlan, clients: Clients) -> None:
     """Register min/max and (re)put the target-tracking policy; both calls are upserts."""
     if plan.config.target_invocations is None:
@@ -942,21 +1000,37 @@ def _existing_endpoint(plan: DeployPlan, clients: Clients) -> dict[str, Any] | N
     return endpoint
 
 
-def _prepare_update(plan: DeployPlan, clients: Clients, endpoint: dict[str, Any]) -> int | None:
-    """Initial count for the new config; unblocks an instance-type change (returns the count)."""
+def _prepare_update(
+    plan: DeployPlan, clients: Clients, endpoint: dict[str, Any]
+) -> tuple[int | None, SavedAutoscaling | None]:
+    """Initial count for the new config; unblocks an instance-type change.
+
+    Returns the count and, when the variant's autoscaling had to be removed, what it was (a rollback
+    registers it again).
+    """
     c = plan.config
     count, itype = _current_variant(clients, endpoint, c.variant_name)
+    saved = None
     if itype and itype != c.instance_type:
         # Application Auto Scaling rejects an update that changes the instance type of a scaled variant.
+        saved = _read_autoscaling(clients, plan.resource_id)
         removed = _remove_autoscaling(clients, plan.resource_id)
         if removed:
             log.info("instance type %s -> %s: removed %s before the update", itype, c.instance_type, removed)
     # start the new fleet at today's size (within min..max): an update must not drop capacity under load
-    return max(c.min_instances, min(c.max_instances, int(count))) if count else None
+    initial = max(c.min_instances, min(c.max_instances, int(count))) if count else None
+    return initial, saved
 
 
-def _rollback(plan: DeployPlan, clients: Clients, old_config: str, error: DeployError) -> DeployError:
-    """Point the endpoint back at ``old_config`` and delete the new config/model; returns the error."""
+def _rollback(
+    plan: DeployPlan,
+    clients: Clients,
+    old_config: str,
+    error: DeployError,
+    saved_autoscaling: SavedAutoscaling | None = None,
+) -> DeployError:
+    """Point the endpoint back at ``old_config``, restore the autoscaling an instance-type change removed,
+    and delete the new config/model; returns the error."""
     c = plan.config
     log.error("smoke test failed; rolling %s back to %s", c.endpoint_name, old_config)
     aws_call(
@@ -966,9 +1040,21 @@ def _rollback(plan: DeployPlan, clients: Clients, old_config: str, error: Deploy
         EndpointConfigName=old_config,
     )
     _wait(clients, "endpoint_in_service", c.endpoint_name, plan.waiter_config())
+    message = f"{error}; rolled {c.endpoint_name} back to {old_config}"
+    if saved_autoscaling is not None:
+        try:
+            restored = _restore_autoscaling(clients, saved_autoscaling)
+        except DeployError as e:
+            log.error("could not restore the autoscaling of %s: %s", c.endpoint_name, e)
+            message += (
+                f" but could not restore its autoscaling ({e}): run `python -m serving.sagemaker status` "
+                "and deploy the previous version again"
+            )
+        else:
+            log.info("restored %s", ", ".join(restored))
     keep = set(_models_of_config(clients, old_config))
     _delete_config_and_models(clients, plan.endpoint_config_name, c.endpoint_name, keep)
-    return DeployError(f"{error}; rolled {c.endpoint_name} back to {old_config}")
+    return DeployError(message)
 
 
 def deploy(plan: DeployPlan, clients: Clients) -> DeployResult:
@@ -984,7 +1070,7 @@ def deploy(plan: DeployPlan, clients: Clients) -> DeployResult:
     if _exists("describe_model", sm.describe_model, ModelName=plan.model_name) is None:
         log.info("creating model %s (%s)", plan.model_name, c.image_uri)
         aws_call("create_model", sm.create_model, **plan.model_request())
-    initial = _prepare_update(plan, clients, endpoint) if endpoint else None
+    initial, saved_autoscaling = _prepare_update(plan, clients, endpoint) if endpoint else (None, None)
     config_name = plan.endpoint_config_name
     if (
         _exists("describe_endpoint_config", sm.describe_endpoint_config, EndpointConfigName=config_name)
@@ -1016,7 +1102,7 @@ def deploy(plan: DeployPlan, clients: Clients) -> DeployResult:
         except DeployError as e:
             if old_config is None:
                 raise DeployError(f"{e}; the endpoint is up but unhealthy: fix it and deploy again") from e
-            raise _rollback(plan, clients, old_config, e) from e
+            raise _rollback(plan, clients, old_config, e, saved_autoscaling) from e
 
     apply_autoscaling(plan, clients)
     deleted: list[str] = []

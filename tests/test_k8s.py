@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -222,6 +223,10 @@ def test_inferenceservice_is_standard_mode_with_a_cpu_hpa(rendered: dict[str, li
         assert c["env"][0]["name"] == "STORAGE_URI"
         assert c["env"][0]["value"].startswith("s3://models/inventory-counter/")
         assert "--model_dir=/mnt/models" in c["args"] and "--model_name=inventory-counter" in c["args"]
+        # Thread pools come from the server's own reading of the cgroup CPU quota (cores / workers);
+        # a flag or OMP_NUM_THREADS set to the CPU limit would oversubscribe it.
+        assert not [a for a in c["args"] if a.startswith(("--intra_op_threads", "--decode_threads"))]
+        assert not {e["name"] for e in c["env"]} & {"OMP_NUM_THREADS", "CPU_LIMIT"}, target
         assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert (
             pred["serviceAccountName"]
@@ -268,6 +273,19 @@ def test_pods_run_as_non_root(rendered: dict[str, list[dict[str, Any]]]) -> None
             assert sc["allowPrivilegeEscalation"] is False, (target, c["name"])
             assert sc["readOnlyRootFilesystem"] is True, (target, c["name"])
             assert sc["capabilities"]["drop"] == ["ALL"], (target, c["name"])
+
+
+def test_minio_home_is_writable(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """MinIO creates $HOME/.minio/certs at start; with a read-only root FS, HOME must be an emptyDir."""
+    for target in ("overlays/kind", "overlays/minikube"):
+        minio = next(d for d in rendered[target] if d["kind"] == "Deployment")
+        assert minio["metadata"]["name"] == "minio", target
+        spec = minio["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert mounts.get(env.get("HOME")) in empty_dirs, (target, env.get("HOME"), mounts)
 
 
 def test_s3_secret_comes_from_the_env_file_with_kserve_annotations(
@@ -394,6 +412,108 @@ def test_deploy_rejects_bad_settings_early(bare_path: Path, model_dir: Path, tmp
         script_env(bare_path, PROFILE="sagemaker", MODEL_DIR=str(model_dir), SAGEMAKER_ROLE="arn:x"),
     )
     assert proc.returncode == 2 and "IMAGE_URI is not set" in proc.stderr
+
+
+SM_ROLE = "arn:aws:iam::123456789012:role/SageMakerExecution"
+SM_IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/inventory-monitor/serving:abc123"
+
+
+@pytest.fixture
+def sm_model_dir(tmp_path: Path) -> Path:
+    """A model directory serving.sagemaker accepts (model.json + the ONNX file)."""
+    from components.modelspec import ModelSpec
+
+    d = tmp_path / "sm-model"
+    d.mkdir()
+    ModelSpec(version="1").save(d)
+    (d / "model.onnx").write_bytes(b"onnx")
+    return d
+
+
+def sagemaker_env(bindir: Path, **extra: str) -> dict[str, str]:
+    """The real serving.sagemaker (this interpreter) in --dry-run: it prints its calls and makes none."""
+    extra = {"SAGEMAKER_ARGS": "--dry-run", **extra}
+    env = script_env(bindir, PYTHON=sys.executable, PROFILE="sagemaker", **extra)
+    # any real AWS call would fail to connect
+    aws = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
+    return {**env, **aws}
+
+
+def dry_run_calls(proc: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
+    assert proc.returncode == 0, proc.stderr
+    return {c["operation"]: c["params"] for c in map(json.loads, proc.stdout.splitlines())}
+
+
+def test_deploy_sagemaker_maps_the_documented_variables(
+    bare_path: Path, sm_model_dir: Path, tmp_path: Path
+) -> None:
+    smoke = tmp_path / "bin.jpg"
+    smoke.write_bytes(b"\xff\xd8\xff")
+    env = sagemaker_env(
+        bare_path,
+        MODEL_DIR=str(sm_model_dir),
+        IMAGE_URI=SM_IMAGE,
+        SAGEMAKER_ROLE=SM_ROLE,
+        AWS_REGION="eu-west-1",
+        SAGEMAKER_BUCKET="my-models",
+        SAGEMAKER_ENDPOINT="inv-test",
+        SAGEMAKER_INSTANCE_TYPE="ml.c5.xlarge",
+        SAGEMAKER_MIN="2",
+        SAGEMAKER_MAX="5",
+        SAGEMAKER_MAX_RPS="49",
+        SMOKE_IMAGE=str(smoke),
+    )
+    calls = dry_run_calls(run_script("deploy.sh", env))
+    assert calls["create_bucket"] == {
+        "Bucket": "my-models",
+        "CreateBucketConfiguration": {"LocationConstraint": "eu-west-1"},
+    }
+    assert calls["create_model"]["ExecutionRoleArn"] == SM_ROLE
+    assert calls["create_model"]["PrimaryContainer"]["Image"] == SM_IMAGE
+    assert calls["create_endpoint"]["EndpointName"] == "inv-test"
+    (variant,) = calls["create_endpoint_config"]["ProductionVariants"]
+    assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.c5.xlarge", 2)
+    target = calls["register_scalable_target"]
+    assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (
+        "endpoint/inv-test/variant/AllTraffic",
+        2,
+        5,
+    )
+    tt = calls["put_scaling_policy"]["TargetTrackingScalingPolicyConfiguration"]
+    assert tt["TargetValue"] == 1470.0  # 49 req/s x 0.5 x 60
+    assert calls["invoke_endpoint"]["Body"] == f"<{smoke}>"
+
+    # defaults, SAGEMAKER_TARGET_INVOCATIONS, and SAGEMAKER_ARGS last (it wins over the mapped flags)
+    env = sagemaker_env(
+        bare_path,
+        MODEL_DIR=str(sm_model_dir),
+        IMAGE_URI=SM_IMAGE,
+        SAGEMAKER_ROLE=SM_ROLE,
+        AWS_REGION="eu-west-1",
+        SAGEMAKER_TARGET_INVOCATIONS="600",
+    )
+    calls = dry_run_calls(run_script("deploy.sh", env))
+    assert calls["create_endpoint"]["EndpointName"] == "inventory-counter"
+    assert calls["create_endpoint_config"]["ProductionVariants"][0]["InstanceType"] == "ml.m5.large"
+    assert calls["create_bucket"]["Bucket"] == "sagemaker-eu-west-1-123456789012"
+    target = calls["register_scalable_target"]
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 3)
+    assert calls["put_scaling_policy"]["TargetTrackingScalingPolicyConfiguration"]["TargetValue"] == 600.0
+    assert "invoke_endpoint" not in calls
+    env["SAGEMAKER_ARGS"] = "--dry-run --max 6"
+    calls = dry_run_calls(run_script("deploy.sh", env))
+    assert calls["register_scalable_target"]["MaxCapacity"] == 6
+
+
+def test_undeploy_sagemaker_passes_the_endpoint_and_region(bare_path: Path) -> None:
+    # teardown has no dry run: an invalid name is rejected before any client exists, and the message
+    # shows which name and region reached serving.sagemaker.
+    env = sagemaker_env(bare_path, SAGEMAKER_ENDPOINT="not_a_valid_name", SAGEMAKER_ARGS="")
+    proc = run_script("undeploy.sh", {**env, "AWS_REGION": "eu-west-1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "--endpoint-name 'not_a_valid_name' is invalid" in proc.stderr
+    proc = run_script("undeploy.sh", {**env, "AWS_REGION": "mars"})
+    assert proc.returncode == 2 and "'mars' is not an AWS region name" in proc.stderr, proc.stderr
 
 
 def test_undeploy_checks_its_tools(bare_path: Path) -> None:

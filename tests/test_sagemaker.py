@@ -213,6 +213,8 @@ def test_target_comes_from_measured_capacity() -> None:
     assert smd.target_from_max_rps(12.8) == 384
     # the reference project's instance served 770/minute: half of that, not 50, is the target
     assert smd.target_from_max_rps(770 / 60) == 385
+    # bench/results/serve.json: 2,960/min (~49 req/s) is the highest level with p99 <= 300 ms
+    assert smd.target_from_max_rps(49) == 1470
     with pytest.raises(smd.ConfigError, match="positive"):
         smd.target_from_max_rps(0)
 
@@ -389,6 +391,55 @@ def test_failed_smoke_test_rolls_back_to_the_previous_version(
         "ScalingPolicies"
     ]
     assert policy["TargetTrackingScalingPolicyConfiguration"]["TargetValue"] == 300.0
+
+
+def test_instance_type_change_with_a_failed_smoke_test_keeps_the_old_autoscaling(
+    aws: str,
+    clients: dict[str, Any],
+    runtime: Runtime,
+    model_dir: Path,
+    smoke_image: Path,
+    capsys: Any,
+) -> None:
+    sm, aas = clients["sagemaker"], clients["application-autoscaling"]
+    argv = deploy_args(
+        model_dir, "--max-rps", "10", "--min", "1", "--max", "3", "--scale-in-cooldown", "120",
+        "--smoke-image", str(smoke_image),
+    )  # fmt: skip
+    assert smd.main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    runtime.fail = True
+    # a new instance type removes the variant's autoscaling before UpdateEndpoint; the smoke test fails
+    argv = deploy_args(
+        model_dir, "--max-rps", "20", "--min", "2", "--max", "4", "--instance-type", "ml.c5.xlarge",
+        "--smoke-image", str(smoke_image),
+    )  # fmt: skip
+    assert smd.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"rolled {EP} back to {first['endpoint_config_name']}" in err
+    assert "could not restore" not in err
+    endpoint = sm.describe_endpoint(EndpointName=EP)
+    assert endpoint["EndpointConfigName"] == first["endpoint_config_name"]
+    (variant,) = sm.describe_endpoint_config(EndpointConfigName=first["endpoint_config_name"])[
+        "ProductionVariants"
+    ]
+    assert variant["InstanceType"] == "ml.m5.large"
+    assert [c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]] == [
+        first["endpoint_config_name"]
+    ]
+    # the old scalable target and policy are registered again, with the old values
+    (target,) = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (RID, 1, 3)
+    (policy,) = aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]
+    assert policy["PolicyName"] == f"{EP}-invocations-per-instance"
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    tt = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert tt["TargetValue"] == 300.0  # 10 req/s x 0.5 x 60, not the failed version's 600
+    assert (
+        tt["PredefinedMetricSpecification"]["PredefinedMetricType"]
+        == "SageMakerVariantInvocationsPerInstance"
+    )
+    assert (tt["ScaleInCooldown"], tt["ScaleOutCooldown"]) == (120, 60)
 
 
 def test_teardown_leaves_nothing_and_is_idempotent(
