@@ -164,13 +164,6 @@ def render_inference_service(
     """
     ns = f"\n  namespace: {namespace}" if namespace else ""
     sa = f"\n    serviceAccountName: {service_account}" if service_account else ""
-    cpu_limit = (
-        "\n            valueFrom:"
-        "\n              resourceFieldRef:"
-        "\n                containerName: kserve-container"
-        "\n                resource: limits.cpu"
-        '\n                divisor: "1"'
-    )
     return f"""\
 # {name} version {version}, rendered by components.publish; apply with kubectl apply -f.
 apiVersion: serving.kserve.io/v1beta1
@@ -211,13 +204,9 @@ spec:
           - --model_dir=/mnt/models
           - --model_name={name}
           - --http_port=8080
-          - --intra_op_threads=$(CPU_LIMIT)
-          - --decode_threads=$(CPU_LIMIT)
         env:
           - name: STORAGE_URI
             value: "{storage_uri}"
-          - name: CPU_LIMIT{cpu_limit}
-          - name: OMP_NUM_THREADS{cpu_limit}
         ports:
           - name: http1
             containerPort: 8080
