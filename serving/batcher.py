@@ -79,6 +79,8 @@ class MicroBatcher:
 
     async def submit_many(self, items: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Queue several items at once (one request with many images); results keep their order."""
+        if len(items) == 1:  # the common case: no gather task per request
+            return [await self.submit(items[0])]
         return list(await asyncio.gather(*(self.submit(x) for x in items)))
 
     def _ensure_started(self) -> None:

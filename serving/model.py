@@ -53,7 +53,7 @@ class ServingOptions:
     max_instances: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_threads: int = 0  # 0: one per CPU core
-    inference_workers: int = 2  # batches run in parallel (CPU: 2 single-threaded beat 1 two-threaded)
+    inference_workers: int = 0  # batches run in parallel; 0: one per 4 CPU cores (see resolve_workers)
     intra_op_threads: int = 0  # 0: CPU cores / inference_workers
     int8: str = "auto"  # auto: use model.int8.onnx when model.json lists it (it passed the accuracy gate)
     providers: tuple[str, ...] = field(default_factory=tuple)  # empty: CUDA when available, else CPU
@@ -65,13 +65,25 @@ class ServingOptions:
             (self.max_instances >= 1, f"--max_instances must be >= 1, got {self.max_instances}"),
             (self.max_pixels >= 1, f"--max_pixels must be >= 1, got {self.max_pixels}"),
             (self.decode_threads >= 0, f"--decode_threads must be >= 0, got {self.decode_threads}"),
-            (self.inference_workers >= 1, f"--inference_workers must be >= 1, got {self.inference_workers}"),
+            (self.inference_workers >= 0, f"--inference_workers must be >= 0, got {self.inference_workers}"),
             (self.intra_op_threads >= 0, f"--intra_op_threads must be >= 0, got {self.intra_op_threads}"),
             (self.int8 in INT8_CHOICES, f"--int8 must be one of {list(INT8_CHOICES)}, got {self.int8!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def resolve_workers(self, cores: int | None = None) -> int:
+        """Batches run in parallel: as asked, or one per 4 cores (at least one).
+
+        On 2 cores one batch on both cores keeps requests in arrival order: measured at 8 clients,
+        p99 fell from ~270 ms (two single-threaded batches) to ~210 ms at the same throughput, and
+        one image alone takes ~23 ms instead of ~37 ms. Past ~4 threads onnxruntime's speed-up per
+        thread flattens, so bigger machines run more batches side by side.
+        """
+        if self.inference_workers:
+            return self.inference_workers
+        return max(1, (cores or cpu_count()) // 4)
 
 
 def cpu_count() -> int:
@@ -106,7 +118,7 @@ class OnnxCounter:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = options.intra_op_threads or max(1, cpu_count() // options.inference_workers)
+        so.intra_op_num_threads = options.intra_op_threads or max(1, cpu_count() // options.resolve_workers())
         so.inter_op_num_threads = 1
         # Don't busy-wait between batches: the decode threads need those cores.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -354,7 +366,7 @@ class InventoryCounter(Model):
             size,
             max_batch_size=self.options.max_batch_size,
             max_wait_ms=self.options.max_wait_ms,
-            workers=self.options.inference_workers,
+            workers=self.options.resolve_workers(),
             on_batch=self._observe_batch,
         )
         self._decode_pool = ThreadPoolExecutor(
@@ -406,10 +418,10 @@ class InventoryCounter(Model):
         content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         args = (payload, self.options.max_instances, headers.get("x-request-id"), content_type)
         loop = asyncio.get_running_loop()
-        if isinstance(payload, bytes | bytearray | memoryview):
+        if isinstance(payload, bytes | bytearray | memoryview) and not content_type.startswith("image/"):
             parsed = await loop.run_in_executor(pool, parse_request, *args)  # JSON parsing of up to 16 MB
         else:
-            parsed = parse_request(*args)  # already parsed by KServe: structure checks only
+            parsed = parse_request(*args)  # an image body, or JSON KServe parsed: no heavy work here
         spec, max_pixels = self.counter.spec, self.options.max_pixels
         jobs = [
             loop.run_in_executor(pool, decode_one, src, spec, max_pixels, i)

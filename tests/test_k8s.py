@@ -460,7 +460,7 @@ def test_deploy_sagemaker_maps_the_documented_variables(
         SAGEMAKER_INSTANCE_TYPE="ml.c5.xlarge",
         SAGEMAKER_MIN="2",
         SAGEMAKER_MAX="5",
-        SAGEMAKER_MAX_RPS="49",
+        SAGEMAKER_MAX_RPS="52",
         SMOKE_IMAGE=str(smoke),
     )
     calls = dry_run_calls(run_script("deploy.sh", env))
@@ -480,7 +480,7 @@ def test_deploy_sagemaker_maps_the_documented_variables(
         5,
     )
     tt = calls["put_scaling_policy"]["TargetTrackingScalingPolicyConfiguration"]
-    assert tt["TargetValue"] == 1470.0  # 49 req/s x 0.5 x 60
+    assert tt["TargetValue"] == 1560.0  # 52 req/s x 0.5 x 60
     assert calls["invoke_endpoint"]["Body"] == f"<{smoke}>"
 
     # defaults, SAGEMAKER_TARGET_INVOCATIONS, and SAGEMAKER_ARGS last (it wins over the mapped flags)

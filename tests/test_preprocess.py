@@ -70,6 +70,12 @@ def test_normalize_constants_are_the_ones_normalize_uses() -> None:
     np.testing.assert_allclose(shift, np.array(spec.mean) / np.array(spec.std), rtol=1e-6)
     x = np.arange(16 * 16 * 3, dtype=np.int64).reshape(16, 16, 3).astype(np.uint8)
     np.testing.assert_array_equal(normalize(x, spec), np.moveaxis(x * scale - shift, -1, 0))
+    # A batch gets exactly (bit for bit) the same float32 arithmetic, each image on its own.
+    batch = np.random.default_rng(1).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    out = normalize(batch, spec)
+    assert out.shape == (3, 3, 16, 16) and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, np.moveaxis(batch.astype(np.float32) * scale - shift, -1, 1))
+    np.testing.assert_array_equal(out[2], normalize(batch[2], spec))
 
 
 @pytest.mark.parametrize(

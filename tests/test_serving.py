@@ -354,11 +354,56 @@ def _metric(text: str, name: str, default: float | None = None) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_structured_request_log(served_model: RunningServer) -> None:
-    lines = [ln for ln in served_model.log().splitlines() if '"event": "request"' in ln]
-    assert lines, "no structured request log lines"
-    entry = json.loads(lines[-1][lines[-1].index("{") :])
-    assert {"method", "path", "status", "ms"} <= set(entry)
+def _request_log_lines(server: RunningServer) -> list[dict]:
+    lines = [ln for ln in server.log().splitlines() if '"event": "request"' in ln]
+    return [json.loads(ln[ln.index("{") :]) for ln in lines]
+
+
+def test_structured_request_log_one_line_per_request(
+    served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]
+) -> None:
+    assert _request_log_lines(served_model), "no structured request log lines"
+    before = len(_request_log_lines(served_model))
+    rid = "log-test-1"
+    r = client.post(
+        served_model.predict_url(),
+        content=jpegs[0],
+        headers={"content-type": "image/jpeg", "x-request-id": rid},
+    )
+    assert r.status_code == 200
+    entries = _request_log_lines(served_model)
+    assert len(entries) == before + 1
+    assert {"method", "path", "status", "ms"} <= set(entries[-1]) and entries[-1]["request_id"] == rid
+    # uvicorn's own access line and KServe's latency line would repeat the same request.
+    log = served_model.log()
+    assert "uvicorn.access" not in log and "preprocess_ms" not in log
+
+
+def test_server_runs_on_uvloop(served_model: RunningServer) -> None:
+    # KServe 0.21 ignores --event-loop in a single process; the server installs the policy itself.
+    assert "event loop: uvloop" in served_model.log()
+
+
+def test_event_loop_policy_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.common import ConfigError
+    from serving.server import install_event_loop_policy
+
+    monkeypatch.setattr(asyncio, "set_event_loop_policy", lambda policy: None)  # keep pytest's loop
+    assert install_event_loop_policy("asyncio") == "asyncio"
+    assert install_event_loop_policy("auto") == "uvloop"
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if uvloop were not installed
+    assert install_event_loop_policy("auto") == "asyncio"
+    with pytest.raises(ConfigError, match="needs the uvloop package"):
+        install_event_loop_policy("uvloop")
+
+
+@pytest.mark.parametrize(
+    ("asked", "cores", "expected"), [(0, 1, 1), (0, 2, 1), (0, 8, 2), (0, 16, 4), (3, 2, 3)]
+)
+def test_inference_workers_default_scales_with_cores(asked: int, cores: int, expected: int) -> None:
+    from serving.model import ServingOptions
+
+    assert ServingOptions(inference_workers=asked).resolve_workers(cores) == expected
 
 
 # ----------------------------------------------------------------------------- bad input

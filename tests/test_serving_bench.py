@@ -46,6 +46,10 @@ def test_bench_against_server_and_naive_baseline(
         assert [lv["concurrency"] for lv in levels] == [1, 2]
         assert all(lv["requests"] > 0 and lv["errors"] == 0 for lv in levels), levels
         assert all(lv["p50_ms"] <= lv["p99_ms"] for lv in levels)
+        # The load generator's own CPU is reported: it shares the cores with the server.
+        assert all(lv["client_cores"] is not None and lv["client_cores"] > 0 for lv in levels), levels
+    # The baseline is started by the tool, so its CPU time per request is known too.
+    assert all(lv["server_cpu_ms_per_request"] > 0 for lv in report["results"]["naive baseline"])
     assert set(report["ratio_vs_baseline"]) == {"1", "2"}
     assert out.with_suffix(".png").stat().st_size > 1000
 
