@@ -23,9 +23,12 @@ IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 CLUSTER ?= kind
 COMPONENTS_IMAGE ?= $(IMAGE_REPO)/components:$(IMAGE_TAG)
 MODEL_DIR ?= $(RUN_DIR)/model
+# make gpu-prep: what a GPU machine without PyPI or the raw images needs (bench/gpu_session.sh)
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := optuna alembic SQLAlchemy colorlog Mako
 
-.PHONY: help setup run test lint fmt compile submit bench-ingest bench-train bench-serve images \
-	deploy undeploy k8s-check clean
+.PHONY: help setup run test lint fmt compile submit bench-ingest bench-train bench-serve gpu-prep \
+	images deploy undeploy k8s-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -67,6 +70,17 @@ bench-train: $(STAMP) ## training throughput and accuracy -> bench/results/train
 
 bench-serve: $(STAMP) ## load test of the model server vs a naive baseline -> bench/results/serve.json
 	$(PY) bench/serve.py
+
+gpu-prep: $(STAMP) ## data packs (.gpu/) + Optuna wheels (.whl/) for bench/gpu_session.sh on a GPU machine
+	$(PY) bench/train.py pack --out .gpu/abid_224_q90.npz
+	$(PY) bench/train.py pack --all-counts --quality 80 --out .gpu/abid_all_224_q80.npz
+	@for name in $(GPU_WHEELS); do \
+	  pin=$$(grep -i "^$$name==" constraints.txt) || { echo "$$name is not pinned in constraints.txt"; exit 2; }; \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d .whl "$$pin" || exit; \
+	done
+	@du -sh .gpu/* .whl
 
 k8s-check: $(STAMP) ## offline checks of the kustomize overlays and Dockerfiles
 	$(PY) -m pytest tests/test_k8s.py tests/test_docker.py -m "not docker"

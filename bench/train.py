@@ -25,6 +25,7 @@ Recorded runs (bench/results/, one NVIDIA H200, torch 2.11):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -61,16 +62,39 @@ def subset_ids(abid: Path, classes: tuple[int, ...] = (1, 2, 3, 4, 5)) -> list[t
     return sorted(out)
 
 
-def pack(out: Path, image_size: int = 224, quality: int = 90, workers: int = 4) -> dict[str, Any]:
-    """Resize the subset once (the training decode) and store it as JPEG bytes in one .npz."""
+def out_of_range_ids(abid: Path, classes: tuple[int, ...] = (1, 2, 3, 4, 5)) -> list[tuple[str, int]]:
+    """(id, EXPECTED_QUANTITY) of the images whose count is outside ``classes`` (0 and 6+), sorted.
+
+    They are never in val or test (those hold classes 1-5 only), so they may feed a pretraining stage.
+    """
+    out = []
+    for meta in sorted((abid / "metadata").glob("*.json")):
+        q = json.loads(meta.read_text()).get("EXPECTED_QUANTITY")
+        if isinstance(q, int) and q not in classes and (abid / "bin-images" / f"{meta.stem}.jpg").is_file():
+            out.append((meta.stem, q))
+    return out
+
+
+def pack(
+    out: Path,
+    image_size: int = 224,
+    quality: int = 90,
+    workers: int = 4,
+    all_counts: bool = False,
+    abid: Path = ABID,
+) -> dict[str, Any]:
+    """Resize the subset once (the training decode) and store it as JPEG bytes in one .npz.
+
+    ``all_counts`` adds the images with counts outside 1-5 (for ``gpu --pretrain-epochs``).
+    """
     from PIL import Image
 
     from components.preprocess import load_uint8
 
-    items = subset_ids(ABID)
+    items = subset_ids(abid) + (out_of_range_ids(abid) if all_counts else [])
 
     def enc(item: tuple[str, int]) -> bytes:
-        arr = load_uint8(ABID / "bin-images" / f"{item[0]}.jpg", image_size)
+        arr = load_uint8(abid / "bin-images" / f"{item[0]}.jpg", image_size)
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, "JPEG", quality=quality)
         return buf.getvalue()
@@ -111,6 +135,178 @@ def unpack(pack_path: Path, data_root: Path, limit: int | None = None) -> list[M
         s = int(z["image_size"])
         rows.append(ManifestRow(str(ids[i]), int(labels[i]), rel, sha256_bytes(blob), s, s, "abid-pack"))
     return rows
+
+
+def prepare_data(pack_path: Path, work: Path, limit: int | None = None) -> dict[str, Any]:
+    """Unpack, then the pipeline's split of the 1-5 images into work/{train,val,test}.csv.
+
+    Images with other counts (a pack made with ``--all-counts``) go to work/extra.csv only.
+    """
+    from components.split import assign_splits
+
+    t0 = time.perf_counter()
+    rows = unpack(pack_path, work / "data", limit)
+    in_range = [r for r in rows if 1 <= r.count <= 5]
+    extra = [r for r in rows if not 1 <= r.count <= 5]
+    split, _ = assign_splits(in_range, (0.7, 0.15, 0.15), seed=0)  # the same split the pipeline makes
+    for name, r in split.items():
+        write_manifest(work / f"{name}.csv", r)
+    (work / "extra.csv").unlink(missing_ok=True)
+    if extra:
+        write_manifest(work / "extra.csv", extra)
+    z = np.load(pack_path)
+    return {
+        "source": f"{pack_path}: ../shared/abid resized to {int(z['image_size'])} px by "
+        f"components.preprocess.load_uint8, re-encoded as JPEG q{int(z['quality'])}",
+        "split": {k: len(v) for k, v in split.items()},
+        "out_of_range_images": len(extra),
+        "split_seed": 0,
+        "test_majority_rate": max(np.bincount([r.count for r in split["test"]])) / len(split["test"]),
+        "unpack_s": time.perf_counter() - t0,
+    }
+
+
+def pretrain(args: argparse.Namespace, work: Path, dev: str) -> dict[str, Any]:
+    """Stage 1 on every count: the training split plus the 0 and 6+ images, counts capped.
+
+    An ordinal head over 0..cap learns "more items than k" from 50 % more images; the runs then
+    start from its backbone (``--weights PATH`` drops the head). Val and test images never enter.
+    """
+    from components.manifest import read_manifest
+    from components.train import TrainConfig, train
+
+    cap = args.pretrain_cap
+    extra = work / "extra.csv"
+    rows = read_manifest(work / "train.csv") + (read_manifest(extra) if extra.is_file() else [])
+    capped = [dataclasses.replace(r, count=min(r.count, cap)) for r in rows]
+    write_manifest(work / "pretrain.csv", capped)
+    cfg = TrainConfig(
+        train_csv=work / "pretrain.csv",
+        val_csv=work / "val.csv",
+        out_dir=work / "pretrain",
+        data_root=work / "data",
+        classes=tuple(range(cap + 1)),
+        head="ordinal",
+        image_size=args.image_size,
+        epochs=args.pretrain_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        ema=args.ema,
+        aug_strength=args.aug_strength,
+        label_smoothing=0.0,
+        device=dev,
+        seed=args.seed,
+        num_threads=args.threads,
+        cache_dir=work / "cache",
+        checkpoint_every=args.checkpoint_every,
+        progress=False,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        selection_metric="val_rmse",
+    )
+    t = time.perf_counter()
+    res = train(cfg)
+    return {
+        "images": len(capped),
+        "count_cap": cap,
+        "epochs": args.pretrain_epochs,
+        "seconds": time.perf_counter() - t,
+        "best_epoch": res.best_epoch,
+        "weights": str(work / "pretrain" / "model.pt"),
+    }
+
+
+def tune_run(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline's tune -> final fit, timed: ``--trials`` Optuna trials, then the best params' fit."""
+    import torch
+
+    from components.train import TrainConfig, train
+    from components.tune import SearchSpace, TuneConfig, best_train_config, tune
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    result: dict[str, Any] = {
+        "benchmark": "tune_and_final_fit",
+        "env": env_info(),
+        "args": vars(args) | {"out": str(out)},
+    }
+
+    def save() -> None:
+        result["elapsed_s"] = time.perf_counter() - t0
+        atomic_write_json(out / args.result_name, result)
+
+    result["data"] = prepare_data(Path(args.pack), work, args.limit)
+    save()
+    shared = {
+        "device": dev,
+        "cache_dir": work / "cache",
+        "num_threads": args.threads,
+        "ema": args.ema,
+        "checkpoint_every": args.checkpoint_every,
+        "max_steps_per_epoch": args.max_steps_per_epoch,
+        "progress": False,
+    }
+    space = SearchSpace(image_sizes=tuple(args.image_sizes), heads=tuple(args.heads))
+    tcfg = TuneConfig(
+        train_csv=work / "train.csv",
+        val_csv=work / "val.csv",
+        out_dir=work / "tune",
+        n_trials=args.trials,
+        data_root=work / "data",
+        epochs=args.trial_epochs,
+        space=space,
+        train_overrides=shared,
+        pruner=args.pruner,
+        seed=args.seed,
+        progress=False,
+    )
+    t1 = time.perf_counter()
+    tr = tune(tcfg)
+    tune_s = time.perf_counter() - t1
+    result["tune"] = {
+        "seconds": tune_s,
+        "trials": args.trials,
+        "epochs_per_trial": args.trial_epochs,
+        "pruner": args.pruner,
+        "complete": tr.n_complete,
+        "pruned": tr.n_pruned,
+        "failed": tr.n_failed,
+        "best_val_accuracy": tr.best_value,
+        "best_params": tr.best_params,
+    }
+    save()
+    base = TrainConfig(
+        train_csv=work / "train.csv",
+        val_csv=work / "val.csv",
+        test_csv=work / "test.csv",
+        out_dir=work / "final",
+        data_root=work / "data",
+        epochs=args.final_epochs,
+        **shared,
+    )
+    cfg = best_train_config(tr.best_params_path, base)
+    t2 = time.perf_counter()
+    res = train(cfg)
+    fit_s = time.perf_counter() - t2
+    m = res.metrics
+    result["final_fit"] = {
+        "seconds": fit_s,
+        "epochs": args.final_epochs,
+        "best_epoch": res.best_epoch,
+        "params": {k: getattr(cfg, k) for k in tr.best_params},
+        "val": {k: m["val"][k] for k in ("accuracy", "rmse", "mae", "n")},
+        "test": {k: m["test"][k] for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy")},
+    }
+    total = tune_s + fit_s
+    result["tune_plus_final_fit_s"] = total
+    result["target"] = {"seconds": 600, "met": total <= 600}
+    save()
+    print(f"tune {tune_s:.0f} s + final fit {fit_s:.0f} s = {total:.0f} s (target 600 s); "
+          f"test accuracy {m['test']['accuracy']:.3f}, rmse {m['test']['rmse']:.3f}", flush=True)  # fmt: skip
+    return result
 
 
 def env_info() -> dict[str, Any]:
@@ -161,20 +357,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         atomic_write_json(out / "train_gpu.json", result)
 
     work = Path(args.work)
-    rows = unpack(Path(args.pack), work / "data", args.limit)
-    from components.split import assign_splits
-
-    split, _ = assign_splits(rows, (0.7, 0.15, 0.15), seed=0)  # the same split the pipeline makes
-    for name, r in split.items():
-        write_manifest(work / f"{name}.csv", r)
-    result["data"] = {
-        "source": f"{args.pack}: the 1-5 subset of ../shared/abid, resized to 224 px by "
-        "components.preprocess.load_uint8, re-encoded as JPEG q90",
-        "split": {k: len(v) for k, v in split.items()},
-        "split_seed": 0,
-        "test_majority_rate": max(np.bincount([r.count for r in split["test"]])) / len(split["test"]),
-        "unpack_s": time.perf_counter() - t0,
-    }
+    result["data"] = prepare_data(Path(args.pack), work, args.limit)
     save()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     result["throughput"] = []
@@ -213,11 +396,19 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(r), flush=True)
         save()
 
+    weights = "none"
+    if args.pretrain_epochs > 0:
+        result["pretrain"] = pretrain(args, work, dev)
+        weights = result["pretrain"]["weights"]
+        print(json.dumps(result["pretrain"]), flush=True)
+        save()
     result["runs"] = []
     for i, spec in enumerate(args.runs):
         head, _, extra = spec.partition(":")
+        # "weights=none" runs a spec from scratch although --pretrain-epochs made a backbone.
         overrides = {
-            k: type(getattr(args, k))(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)
+            k: v if k == "weights" else type(getattr(args, k))(v)
+            for k, v in (kv.split("=") for kv in extra.split(",") if kv)
         }
         if i > 0 and time.perf_counter() - t0 > args.budget_s:
             result["runs"].append({"run": spec, "skipped": "time budget"})
@@ -231,6 +422,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
             out_dir=mdir,
             data_root=work / "data",
             head=head,
+            weights=kw.get("weights", weights),
             image_size=kw["image_size"],
             epochs=kw["epochs"],
             batch_size=kw["batch_size"],
@@ -262,6 +454,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
             "run": spec,
             "head": head,
             "overrides": overrides,
+            "weights": cfg.weights,
             "seconds": time.perf_counter() - t1,
             "best_epoch": res.best_epoch,
             "epochs_run": res.epochs_run,
@@ -349,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     pk.add_argument("--out", type=Path, default=REPO / ".gpu" / "abid_224_q90.npz")
     pk.add_argument("--image-size", type=int, default=224)
     pk.add_argument("--quality", type=int, default=90)
+    pk.add_argument(
+        "--all-counts", action="store_true", help="also the 0 and 6+ images (for --pretrain-epochs)"
+    )
     c = sub.add_parser("cpu")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--image-size", type=int, default=224)
@@ -384,10 +580,36 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--keep-models", action="store_true")
     g.add_argument("--tta", action="store_true", help="flip averaging in each run's exported graph")
     g.add_argument("--ensemble", action="store_true", help="also score the average of the runs (one graph)")
+    g.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=0,
+        help="first train on every count (train split + the 0/6+ images of an --all-counts pack)",
+    )
+    g.add_argument("--pretrain-cap", type=int, default=10, help="counts above this are this in pretraining")
+    t = sub.add_parser("tune", help="timed Optuna tune + final fit with the best parameters")
+    t.add_argument("--pack", type=Path, default=REPO / ".gpu" / "abid_224_q90.npz")
+    t.add_argument("--out", type=Path, default=RESULTS)
+    t.add_argument("--result-name", default="train_gpu_tune.json")
+    t.add_argument("--work", type=Path, default=Path("/tmp/bench_tune"))
+    t.add_argument("--limit", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--trials", type=int, default=20)
+    t.add_argument("--trial-epochs", type=int, default=15)
+    t.add_argument("--final-epochs", type=int, default=150)
+    t.add_argument("--image-sizes", type=int, nargs="+", default=[160, 224])
+    t.add_argument("--heads", nargs="+", default=["classification", "ordinal", "regression"])
+    t.add_argument("--pruner", default="hyperband", choices=["median", "hyperband", "none"])
+    t.add_argument("--ema", type=float, default=0.998)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--max-steps-per-epoch", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "pack":
-        print(json.dumps(pack(args.out, args.image_size, args.quality)))
+        print(json.dumps(pack(args.out, args.image_size, args.quality, all_counts=args.all_counts)))
+    elif args.cmd == "tune":
+        tune_run(args)
     elif args.cmd == "gpu":
         r = gpu_run(args)
         print(json.dumps(r.get("selected", {})))

@@ -1,0 +1,111 @@
+"""bench/train.py, the script a GPU session runs, on a tiny pack of real ABID images on the CPU.
+
+A GPU session has minutes and no PyPI: the pack, the split, the timed tune + final fit and the
+pretraining stage must work before it starts, so they run here at 32 px for a step per epoch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from components.manifest import read_manifest
+from tests.fixtures.data import REPO_ROOT
+
+PER_CLASS = 12
+N_EXTRA = 10
+
+
+def _bench_train() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_train", REPO_ROOT / "bench" / "train.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_train() -> ModuleType:
+    return _bench_train()
+
+
+@pytest.fixture(scope="module")
+def mini_abid(abid_dir: Path, tmp_path_factory: pytest.TempPathFactory, bench_train: ModuleType) -> Path:
+    """A bucket-layout directory of links to a few real images per class, plus some 0/6+ images."""
+    root = tmp_path_factory.mktemp("mini_abid")
+    (root / "bin-images").mkdir()
+    (root / "metadata").mkdir()
+    file_list = json.loads((abid_dir / "file_list.json").read_text())
+    picked: dict[str, list[str]] = {}
+    for c in "12345":
+        metas = [m for m in file_list[c] if (abid_dir / "bin-images" / f"{Path(m).stem}.jpg").is_file()]
+        picked[c] = metas[:PER_CLASS]
+    extra = bench_train.out_of_range_ids(abid_dir)[:N_EXTRA]
+    ids = [Path(m).stem for metas in picked.values() for m in metas] + [i for i, _ in extra]
+    for i in ids:
+        (root / "bin-images" / f"{i}.jpg").symlink_to(abid_dir / "bin-images" / f"{i}.jpg")
+        (root / "metadata" / f"{i}.json").symlink_to(abid_dir / "metadata" / f"{i}.json")
+    (root / "file_list.json").write_text(json.dumps(picked))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pack_path(mini_abid: Path, tmp_path_factory: pytest.TempPathFactory, bench_train: ModuleType) -> Path:
+    out = tmp_path_factory.mktemp("pack") / "pack.npz"
+    info = bench_train.pack(out, image_size=32, quality=90, workers=2, all_counts=True, abid=mini_abid)
+    assert info["n"] == 5 * PER_CLASS + N_EXTRA
+    return out
+
+
+def test_pack_keeps_labels_and_out_of_range_images_stay_out_of_val_and_test(
+    pack_path: Path, bench_train: ModuleType, tmp_path: Path
+) -> None:
+    z = np.load(pack_path)
+    labels = z["labels"]
+    assert np.bincount(labels, minlength=6)[1:6].tolist() == [PER_CLASS] * 5
+    assert int((labels < 1).sum() + (labels > 5).sum()) == N_EXTRA
+    info = bench_train.prepare_data(pack_path, tmp_path)
+    assert info["out_of_range_images"] == N_EXTRA
+    assert sum(info["split"].values()) == 5 * PER_CLASS
+    extra_ids = {r.id for r in read_manifest(tmp_path / "extra.csv")}
+    for name in ("train", "val", "test"):
+        rows = read_manifest(tmp_path / f"{name}.csv")
+        assert rows and all(1 <= r.count <= 5 for r in rows)
+        assert not extra_ids & {r.id for r in rows}
+
+
+def test_timed_tune_then_final_fit(pack_path: Path, bench_train: ModuleType, tmp_path: Path) -> None:
+    argv = ["tune", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+            "--trials", "2", "--trial-epochs", "1", "--final-epochs", "1", "--image-sizes", "32",
+            "--heads", "ordinal", "--threads", "1", "--max-steps-per-epoch", "1"]  # fmt: skip
+    assert bench_train.main(argv) == 0
+    r = json.loads((tmp_path / "out" / "train_gpu_tune.json").read_text())
+    assert r["tune"]["complete"] + r["tune"]["pruned"] == 2 and r["tune"]["failed"] == 0
+    assert r["final_fit"]["params"] == r["tune"]["best_params"]  # the fit used the tuned parameters
+    assert r["final_fit"]["test"]["n"] == r["data"]["split"]["test"]
+    assert r["tune_plus_final_fit_s"] == pytest.approx(r["tune"]["seconds"] + r["final_fit"]["seconds"])
+    assert r["target"]["met"] == (r["tune_plus_final_fit_s"] <= 600)
+
+
+def test_pretraining_on_every_count_feeds_the_runs(
+    pack_path: Path, bench_train: ModuleType, tmp_path: Path
+) -> None:
+    argv = ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+            "--bench-batch", "--compile-below", "0", "--image-size", "32", "--epochs", "1",
+            "--batch-size", "16", "--threads", "1", "--max-steps-per-epoch", "1", "--pretrain-epochs", "1",
+            "--runs", "ordinal:weights=none", "ordinal"]  # fmt: skip
+    assert bench_train.main(argv) == 0
+    r = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
+    pre = r["pretrain"]
+    assert pre["images"] == r["data"]["split"]["train"] + N_EXTRA
+    pretrain_rows = read_manifest(tmp_path / "w" / "pretrain.csv")
+    assert max(row.count for row in pretrain_rows) <= pre["count_cap"]
+    assert [run["weights"] for run in r["runs"]] == ["none", pre["weights"]]
+    assert "selected" in r
