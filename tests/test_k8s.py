@@ -544,7 +544,15 @@ def test_deploy_render_sets_image_tag_and_model_version(cluster: str) -> None:
 
 
 def test_shell_scripts_parse_and_pass_shellcheck() -> None:
-    scripts = [K8S / "deploy.sh", K8S / "undeploy.sh", REPO / "docker" / "base" / "build-base.sh"]
+    scripts = sorted(
+        {
+            *K8S.glob("*.sh"),
+            *(REPO / "docker").rglob("*.sh"),
+            *(REPO / "bench").glob("*.sh"),
+            REPO / ".ci" / "run",
+        }
+    )
+    assert {"deploy.sh", "undeploy.sh", "build-base.sh", "gpu_session.sh", "run"} <= {p.name for p in scripts}
     for script in scripts:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
