@@ -20,10 +20,13 @@ import argparse
 import hashlib
 import logging
 import os
+import random
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +52,10 @@ DEFAULT_SERVING_IMAGE = f"inventory-monitor/serving:{__version__}"
 DEFAULT_SERVICE_ACCOUNT = "inventory-counter"
 MANIFEST_FILE = "inferenceservice.yaml"
 VERSIONS_FILE = "versions.json"
+#: Lock file beside the versions of a local store (see :func:`_store_lock`).
+LOCK_FILE = ".publish.lock"
+#: Read-merge-write rounds of an S3 versions.json before giving up (each loses to another publish).
+INDEX_ATTEMPTS = 10
 #: Files copied besides the ONNX model(s) when the model directory has them (small, useful to humans).
 EXTRA_FILES: tuple[str, ...] = ("MODEL_CARD.md", "metrics.json")
 # The model name becomes the InferenceService name: a DNS-1035 label.
@@ -382,22 +389,82 @@ def _publish_s3(
     return f"s3://{store.bucket}/{base}", s3
 
 
-def _read_s3_index(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
+@contextmanager
+def _store_lock(parent: Path) -> Iterator[None]:
+    """Serialize publishes into one local model folder: the version check, the copy, versions.json.
+
+    Pipeline runs may publish at the same time; without the lock two read-merge-write cycles of
+    versions.json interleave and one version drops out of the index. ``flock`` is released by the
+    kernel when a holder dies, so a killed publish never leaves the store locked.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    with open(parent / LOCK_FILE, "a+b") as fh:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock between processes
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_s3_index(s3: Any, bucket: str, key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(index, ETag)``; ``(None, None)`` when there is none yet, ``(None, ETag)`` when it is broken."""
     import json
 
     from botocore.exceptions import ClientError
 
     try:
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        obj = s3.get_object(Bucket=bucket, Key=key)
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None
+            return None, None
         raise
+    etag = obj.get("ETag")
     try:
-        return json.loads(body)
+        return json.loads(obj["Body"].read()), etag
     except json.JSONDecodeError:
         log.warning("s3://%s/%s is not valid JSON; starting a new index", bucket, key)
-        return None
+        return None, etag
+
+
+def _update_s3_index(s3: Any, bucket: str, key: str, name: str, entry: dict[str, Any]) -> None:
+    """Read-merge-write versions.json as an S3 conditional write, again whenever another publish won.
+
+    The write carries ``If-Match: <ETag read>`` (or ``If-None-Match: *`` for a new index), so a
+    concurrent publish that wrote in between makes it fail with 412 instead of being overwritten.
+    A store without conditional writes (``NotImplemented``) gets a plain write and a warning.
+    """
+    import json
+
+    from botocore.exceptions import ClientError
+
+    for attempt in range(INDEX_ATTEMPTS):
+        index, etag = _read_s3_index(s3, bucket, key)
+        merged = _merge_index(index, name, entry)
+        body = (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            s3.put_object(Bucket=bucket, Key=key, Body=body, **condition)
+            return
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))  # another publish won: merge again
+                continue
+            if code == "NotImplemented":
+                log.warning("s3://%s has no conditional writes; concurrent publishes may race", bucket)
+                s3.put_object(Bucket=bucket, Key=key, Body=body)
+                return
+            raise
+    raise ConfigError(
+        f"s3://{bucket}/{key} changed {INDEX_ATTEMPTS} times while this publish merged into it; "
+        "the model files are in place, publish again with --force to record the version"
+    )
 
 
 def publish(
@@ -430,26 +497,25 @@ def publish(
 
     if parsed.kind == "local":
         assert parsed.root is not None
-        dest = _publish_local(model_dir, parsed.root, model_name, version, files, force, model_json)
-        uri = str(dest)
-        index_path = parsed.root / model_name / VERSIONS_FILE
-        index = read_json(index_path) if index_path.is_file() else None
-        entry = _index_entry(version, uri, digest, spec.metrics)
-        atomic_write_json(index_path, _merge_index(index, model_name, entry))
+        with _store_lock(parsed.root / model_name):
+            dest = _publish_local(model_dir, parsed.root, model_name, version, files, force, model_json)
+            uri = str(dest)
+            index_path = parsed.root / model_name / VERSIONS_FILE
+            index = read_json(index_path) if index_path.is_file() else None
+            entry = _index_entry(version, uri, digest, spec.metrics)
+            atomic_write_json(index_path, _merge_index(index, model_name, entry))
         index_uri = str(index_path)
         default_manifest = parsed.root / model_name / f"{version}.{MANIFEST_FILE}"
     else:
         uri, s3 = _publish_s3(
             model_dir, parsed, store, model_name, version, files, force, model_json, endpoint_url
         )
-        import json
-
         key = "/".join(p for p in (parsed.prefix, model_name, VERSIONS_FILE) if p)
         try:
-            index = _read_s3_index(s3, parsed.bucket, key)
-            merged = _merge_index(index, model_name, _index_entry(version, uri, digest, spec.metrics))
-            body = (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode("utf-8")
-            s3.put_object(Bucket=parsed.bucket, Key=key, Body=body)
+            entry = _index_entry(version, uri, digest, spec.metrics)
+            _update_s3_index(s3, parsed.bucket, key, model_name, entry)
+        except ConfigError:
+            raise
         except Exception as e:
             raise _s3_error(e, store) from e
         index_uri = f"s3://{parsed.bucket}/{key}"

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
+from botocore.exceptions import ClientError
 
+import components.publish as publish_module
 from components.common import ConfigError
 from components.modelspec import MODEL_JSON, ONNX_FILE, load_model_spec
-from components.publish import default_version, main, publish
+from components.publish import LOCK_FILE, default_version, main, publish
 
 
 def _predict(model_dir: Path, image: Path) -> int:
@@ -40,7 +45,8 @@ def test_local_publish_layout_manifest_and_prediction(random_model_dir: Path, tm
     assert result.uri == str(dest)
     assert sorted(p.name for p in dest.iterdir()) == sorted(result.files)
     assert result.files[-1] == MODEL_JSON and ONNX_FILE in result.files
-    assert not [p for p in (store / "inventory-counter").iterdir() if p.name.startswith(".")], "staging left"
+    hidden = [p.name for p in (store / "inventory-counter").iterdir() if p.name.startswith(".")]
+    assert hidden == [LOCK_FILE], "staging left"
 
     spec = load_model_spec(dest)
     assert spec.version == "v1" and spec.name == "inventory-counter"
@@ -87,9 +93,90 @@ def test_versions_are_immutable_unless_forced(random_model_dir: Path, tmp_path: 
     index = json.loads((tmp_path / "store" / "inventory-counter" / "versions.json").read_text())
     assert [v["version"] for v in index["versions"]] == ["v1", "v2"] and index["latest"] == "v2"
     leftovers = [
-        p.name for p in (tmp_path / "store" / "inventory-counter").iterdir() if p.name.startswith(".")
+        p.name
+        for p in (tmp_path / "store" / "inventory-counter").iterdir()
+        if p.name.startswith(".") and p.name != LOCK_FILE
     ]
     assert leftovers == []
+
+
+def _widen_merge_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every read-merge-write of versions.json slow, so racing publishes surely overlap."""
+    real = publish_module._merge_index
+
+    def slow(index, name, entry):
+        time.sleep(0.05)
+        return real(index, name, entry)
+
+    monkeypatch.setattr(publish_module, "_merge_index", slow)
+
+
+def _publish_concurrently(model_dir: Path, store: str, tmp_path: Path, versions: list[str], **kw) -> None:
+    def one(v: str) -> None:
+        publish(model_dir, store, version=v, manifest_path=tmp_path / f"{v}.yaml", **kw)
+
+    with ThreadPoolExecutor(len(versions)) as pool:
+        list(pool.map(one, versions))
+
+
+def test_concurrent_local_publishes_all_reach_the_index(
+    random_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    _widen_merge_window(monkeypatch)
+    versions = [f"v{i}" for i in range(6)]
+    _publish_concurrently(random_model_dir, str(tmp_path / "store"), tmp_path, versions)
+    index = json.loads((tmp_path / "store" / "inventory-counter" / "versions.json").read_text())
+    assert sorted(v["version"] for v in index["versions"]) == versions
+    assert all(load_model_spec(tmp_path / "store" / "inventory-counter" / v).version == v for v in versions)
+
+
+def test_concurrent_s3_publishes_all_reach_the_index(
+    random_model_dir: Path, tmp_path: Path, aws_env: str, monkeypatch: pytest.MonkeyPatch
+):
+    boto3.client("s3", endpoint_url=aws_env).create_bucket(Bucket="race")
+    _widen_merge_window(monkeypatch)
+    versions = [f"v{i}" for i in range(5)]
+    _publish_concurrently(random_model_dir, "s3://race/m", tmp_path, versions, endpoint_url=aws_env)
+    body = boto3.client("s3", endpoint_url=aws_env).get_object(
+        Bucket="race", Key="m/inventory-counter/versions.json"
+    )
+    index = json.loads(body["Body"].read())
+    assert sorted(v["version"] for v in index["versions"]) == versions
+
+
+class _FakeS3:
+    """get/put of one object; conditional puts answer with ``conditional_error`` (a store's reply)."""
+
+    def __init__(self, conditional_error: str | None) -> None:
+        self.body: bytes | None = None
+        self.conditional_error = conditional_error
+        self.puts = 0
+
+    def get_object(self, Bucket: str, Key: str) -> dict:  # noqa: N803 - boto3's names
+        if self.body is None:
+            raise ClientError({"Error": {"Code": "NoSuchKey"}}, "GetObject")
+        return {"Body": io.BytesIO(self.body), "ETag": '"e1"'}
+
+    def put_object(self, Bucket: str, Key: str, Body: bytes, **condition: str) -> dict:  # noqa: N803
+        self.puts += 1
+        if condition and self.conditional_error:
+            raise ClientError({"Error": {"Code": self.conditional_error}}, "PutObject")
+        self.body = Body
+        return {}
+
+
+def test_s3_store_without_conditional_writes_still_gets_the_index() -> None:
+    s3 = _FakeS3("NotImplemented")
+    publish_module._update_s3_index(s3, "b", "k", "inventory-counter", {"version": "v1"})
+    assert json.loads(s3.body)["latest"] == "v1" and s3.puts == 2
+
+
+def test_s3_index_that_keeps_changing_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(publish_module.time, "sleep", lambda s: None)
+    s3 = _FakeS3("PreconditionFailed")
+    with pytest.raises(ConfigError, match="publish again with --force"):
+        publish_module._update_s3_index(s3, "b", "k", "inventory-counter", {"version": "v1"})
+    assert s3.puts == publish_module.INDEX_ATTEMPTS and s3.body is None
 
 
 def test_default_version_is_timestamp_plus_content_hash(random_model_dir: Path, tmp_path: Path):
