@@ -9,7 +9,8 @@ or a person can find the latest one without listing the bucket.
 A store is ``s3://bucket/prefix`` (any S3 API: AWS, MinIO, moto; ``--endpoint-url`` for non-AWS) or
 a local directory. Versions are immutable: publishing an existing version fails unless ``force``.
 Local publishes are atomic (staged in a temp dir, then renamed); S3 publishes upload ``model.json``
-last, so a reader that finds ``model.json`` finds a complete model.
+last (and a forced replacement deletes the old one first), so a reader that finds ``model.json``
+finds a complete model.
 
 Also renders ``inferenceservice.yaml`` (``serving.kserve.io/v1beta1``) pointing at the version.
 """
@@ -371,6 +372,11 @@ def _publish_s3(
                 f"s3://{store.bucket}/{base}/ already exists: versions are immutable; pick another "
                 "--version or --force"
             )
+        if old_keys:
+            # Replacing a version: take its model.json away first, so while the new files upload a
+            # reader finds an incomplete version (and fails clearly) rather than the old model.json
+            # beside the new weights.
+            s3.delete_object(Bucket=store.bucket, Key=f"{base}/{MODEL_JSON}")
         new_keys = set()
         for f in files:  # model.json is last in ``files``: it marks the version complete
             key = f"{base}/{f}"

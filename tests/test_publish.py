@@ -220,6 +220,40 @@ def test_s3_publish_is_downloadable_like_the_storage_initializer(
     assert {"name": "STORAGE_URI", "value": "s3://models/prod/inventory-counter/v7"} in env
 
 
+def test_s3_forced_replacement_hides_the_old_model_json_first(
+    random_model_dir: Path, tmp_path: Path, aws_env: str, monkeypatch: pytest.MonkeyPatch
+):
+    boto3.client("s3", endpoint_url=aws_env).create_bucket(Bucket="force")
+    publish(random_model_dir, "s3://force", version="v1", endpoint_url=aws_env, manifest_path=tmp_path / "a")
+    calls: list[tuple[str, str]] = []
+    real_client = publish_module._s3_client
+
+    def recording_client(endpoint_url, store):
+        client = real_client(endpoint_url, store)
+
+        def record(params, model, **kw):
+            calls.append((model.name, params.get("Key", "")))
+
+        client.meta.events.register("before-parameter-build.s3", record)
+        return client
+
+    monkeypatch.setattr(publish_module, "_s3_client", recording_client)
+    publish(
+        random_model_dir,
+        "s3://force",
+        version="v1",
+        endpoint_url=aws_env,
+        force=True,
+        manifest_path=tmp_path / "b",
+    )
+    # Objects change on DeleteObject, PutObject and (for the large ONNX file) CompleteMultipartUpload.
+    changes = ("DeleteObject", "PutObject", "CompleteMultipartUpload")
+    writes = [(op, key.rsplit("/", 1)[-1]) for op, key in calls if op in changes]
+    assert writes[0] == ("DeleteObject", MODEL_JSON)
+    model_writes = [f for op, f in writes[1:] if f != "versions.json"]
+    assert model_writes[-1] == MODEL_JSON and ONNX_FILE in model_writes[:-1]
+
+
 def test_s3_missing_bucket_is_a_config_error(random_model_dir: Path, aws_env: str, tmp_path: Path):
     with pytest.raises(ConfigError, match="does not exist"):
         publish(random_model_dir, "s3://no-such-bucket/x", endpoint_url=aws_env, manifest_path=tmp_path / "m")
