@@ -127,7 +127,7 @@ async def run_level(
     counter = iter(range(1 << 62))
     # aiohttp, not httpx: the load generator shares the machine with the server, and httpx spends
     # ~4 ms of client CPU per request here against aiohttp's ~1 ms, which the server would lose.
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=60.0)
     client_cpu0 = own_cpu_seconds()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:

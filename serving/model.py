@@ -118,7 +118,8 @@ class OnnxCounter:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = options.intra_op_threads or max(1, cpu_count() // options.resolve_workers())
+        self.intra_op_threads = options.intra_op_threads or max(1, cpu_count() // options.resolve_workers())
+        so.intra_op_num_threads = self.intra_op_threads
         so.inter_op_num_threads = 1
         # Don't busy-wait between batches: the decode threads need those cores.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -374,7 +375,8 @@ class InventoryCounter(Model):
         )
         self.ready = True
         logger.info(
-            "loaded %s (%s, %d px, classes %s) on %s; max batch %d, max wait %.1f ms",
+            "loaded %s (%s, %d px, classes %s) on %s; max batch %d, max wait %.1f ms, "
+            "%d inference worker(s) x %d onnxruntime thread(s)",
             counter.onnx_path,
             counter.spec.head,
             counter.spec.preprocess.image_size,
@@ -382,6 +384,8 @@ class InventoryCounter(Model):
             counter.providers,
             self.options.max_batch_size,
             self.options.max_wait_ms,
+            self.batcher.workers,
+            counter.intra_op_threads,
         )
         return self.ready
 

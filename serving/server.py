@@ -177,7 +177,7 @@ def install_event_loop_policy(event_loop: str) -> str:
         import uvloop
     except ImportError as e:
         if event_loop == "uvloop":
-            raise ConfigError("--event_loop uvloop needs the uvloop package (pip install uvloop)") from e
+            raise ConfigError("--event-loop uvloop needs the uvloop package (pip install uvloop)") from e
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
@@ -198,8 +198,8 @@ class HostModelServer(ModelServer):
         KServe 0.21 hands ``--event_loop`` to uvicorn, but then runs uvicorn inside its own
         ``asyncio.run``, so uvicorn never creates the loop and the flag has no effect: the stdlib
         loop always runs. Installing the policy first makes ``auto`` (uvloop when installed, as
-        uvicorn documents it) and ``uvloop`` real; uvloop roughly halves the event loop's CPU per
-        request, the largest cost after inference itself.
+        uvicorn documents it) and ``uvloop`` real: measured here, ~1.5 ms less server CPU per
+        request at 8 clients (34.5 -> 33 ms), all of it on the event loop that every request crosses.
         """
         chosen = install_event_loop_policy(self.event_loop)
         logging.getLogger("serving").info("event loop: %s", chosen)
