@@ -299,6 +299,8 @@ def test_serving_image_is_small_non_root_and_torch_free(
         check=False,
     )  # fmt: skip
     assert no_torch.returncode == 0, "torch, torchvision or pip is installed in the serving image"
+    logs = docker_engine.run(["logs", kserve.cid], check=False)
+    assert "event loop: uvloop" in logs.stdout + logs.stderr, "the image's server does not run on uvloop"
     print(f"\nserving image: {info['Size'] / 1e6:.0f} MB, storage driver {docker_engine.storage_driver}")
 
 
