@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -240,6 +241,10 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
 
     result["data"] = prepare_data(Path(args.pack), work, args.limit)
     save()
+    # A fresh study and fit every time: an old study.db would be loaded and its used-up trial
+    # budget would make the tune look instant.
+    for stale in (work / "tune", work / "final"):
+        shutil.rmtree(stale, ignore_errors=True)
     shared = {
         "device": dev,
         "cache_dir": work / "cache",
@@ -274,6 +279,7 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
         "complete": tr.n_complete,
         "pruned": tr.n_pruned,
         "failed": tr.n_failed,
+        "run_by_this_benchmark": tr.n_run_here,
         "best_val_accuracy": tr.best_value,
         "best_params": tr.best_params,
     }

@@ -88,10 +88,16 @@ def test_timed_tune_then_final_fit(pack_path: Path, bench_train: ModuleType, tmp
     assert bench_train.main(argv) == 0
     r = json.loads((tmp_path / "out" / "train_gpu_tune.json").read_text())
     assert r["tune"]["complete"] + r["tune"]["pruned"] == 2 and r["tune"]["failed"] == 0
+    assert r["tune"]["run_by_this_benchmark"] == 2
     assert r["final_fit"]["params"] == r["tune"]["best_params"]  # the fit used the tuned parameters
     assert r["final_fit"]["test"]["n"] == r["data"]["split"]["test"]
     assert r["tune_plus_final_fit_s"] == pytest.approx(r["tune"]["seconds"] + r["final_fit"]["seconds"])
     assert r["target"]["met"] == (r["tune_plus_final_fit_s"] <= 600)
+    # A second run in the same work directory measures a fresh study, not the finished one.
+    assert bench_train.main(argv) == 0
+    again = json.loads((tmp_path / "out" / "train_gpu_tune.json").read_text())
+    assert again["tune"]["run_by_this_benchmark"] == 2
+    assert again["tune"]["complete"] + again["tune"]["pruned"] == 2
 
 
 def test_pretraining_on_every_count_feeds_the_runs(
