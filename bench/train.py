@@ -2,7 +2,10 @@
 
 ``python bench/train.py`` (``make bench-train``)
     CPU throughput of the real train step at 224 px -> ``bench/results/train_cpu.json``; on a machine
-    with CUDA also the GPU throughput and an accuracy run (as ``--gpu`` does).
+    with CUDA also the GPU throughput and an accuracy run (as ``gpu`` does), then ``tune``.
+``python bench/train.py tune --pack .gpu/abid_224_q90.npz``
+    The pipeline's tune -> final fit on the GPU, timed (20 Optuna trials, then 150 epochs with the best
+    parameters) -> ``train_gpu_tune.json``; target: both together in <= 10 minutes.
 ``python bench/train.py pack --out .gpu/abid_224_q90.npz``
     Decodes the subset (file_list.json classes 1-5 present in ../shared/abid) once with
     ``components.preprocess.load_uint8`` at 224 px and re-encodes it as JPEG q90 into one compact file,
@@ -10,7 +13,9 @@
 ``python bench/train.py gpu --pack .gpu/abid_224_q90.npz --out RESULTS_DIR``
     On the GPU machine: throughput at 224 px (bf16, channels_last), then the accuracy run(s) on a fixed
     stratified 70/15/15 split (seed 0; selection on val only), the chosen model evaluated on test through
-    the exported ONNX model (``components.evaluate``). Writes ``train_gpu.json``.
+    the exported ONNX model (``components.evaluate``). Writes ``train_gpu.json``. With a pack made by
+    ``pack --all-counts``, ``--pretrain-epochs N`` first trains on the training split plus the 0 and
+    6+ images and starts the runs from that backbone (a run spec ``HEAD:weights=none`` does not).
 
 The re-encoding (JPEG q90 of the already resized 224 px frames) is a second lossy step that the
 training path from raw images does not have; results note it.
@@ -633,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if torch.cuda.is_available() and args.cmd is None:
-            return main(["gpu"])
+            return main(["gpu"]) or main(["tune"])
     return 0
 
 
