@@ -15,7 +15,15 @@ import pytest
 from PIL import Image
 
 from components.common import ConfigError, sha256_file
-from components.ingest import REPORT_FILE, STATE_FILE, ingest, main, standard_file_list, stem_of
+from components.ingest import (
+    REPORT_FILE,
+    STATE_FILE,
+    ingest,
+    main,
+    round_robin,
+    standard_file_list,
+    stem_of,
+)
 from components.manifest import load_labelled, read_manifest
 from tests.fixtures.aws import free_port
 from tests.fixtures.s3data import (
@@ -199,38 +207,76 @@ def test_local_file_list_with_missing_ids(abid_dir: Path, tmp_path: Path, capsys
     assert all((out / r.path).stat().st_mode & 0o044 == 0o044 for r in rows)
 
 
+def _linked_source(abid_dir: Path, root: Path, per_class: int) -> tuple[Path, list[str]]:
+    """A bucket-layout copy of ``per_class`` listed images per class, as links to the sample's files.
+
+    Returns the root and the ids in the order ingest fetches them (round-robin over the classes).
+    """
+    listed = json.loads((abid_dir / "file_list.json").read_text())
+    by_class: list[list[str]] = []
+    for keys in listed.values():
+        ids = [stem_of(k) for k in keys]
+        present = [
+            i
+            for i in ids
+            if (abid_dir / "metadata" / f"{i}.json").is_file()
+            and (abid_dir / "bin-images" / f"{i}.jpg").is_file()
+        ]
+        by_class.append(present[:per_class])
+    for sub in ("metadata", "bin-images"):
+        (root / sub).mkdir(parents=True)
+    for ids in by_class:
+        for i in ids:
+            (root / "metadata" / f"{i}.json").symlink_to(abid_dir / "metadata" / f"{i}.json")
+            (root / "bin-images" / f"{i}.jpg").symlink_to(abid_dir / "bin-images" / f"{i}.jpg")
+    (root / "file_list.json").write_text(
+        json.dumps({c: [f"metadata/{i}.json" for i in ids] for c, ids in zip(listed, by_class, strict=True)})
+    )
+    return root, round_robin(by_class)
+
+
 def test_resume_after_a_killed_run(abid_dir: Path, tmp_path: Path):
+    # The 9th image to be fetched is a FIFO: opening it blocks until a writer appears, so the run
+    # stops right there, with exactly 8 objects done, and is killed mid-run (no timing race).
+    source, order = _linked_source(abid_dir, tmp_path / "bucket", per_class=20)
+    assert len(order) == 100
+    blocker = source / "bin-images" / f"{order[8]}.jpg"
+    blocker.unlink()
+    os.mkfifo(blocker)
     out = tmp_path / "data"
-    args = f"--source {abid_dir} --out {out} --per-class 20 --workers 1 --no-progress".split()
-    cmd = [sys.executable, "-m", "components.ingest", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "components.ingest", "--source", str(source), "--out", str(out)]
+    cmd += ["--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     journal = out / STATE_FILE
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
         if journal.is_file() and len(journal.read_text().splitlines()) >= 8:
             break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1].decode()
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert not (out / "manifest.csv").exists()
-    done = [json.loads(line)["id"] for line in journal.read_text().splitlines()[:8]]
+    done = [json.loads(line)["id"] for line in journal.read_text().splitlines()]
+    assert done == order[:8]
     # Damage one completed image (as a full disk would) and leave a stale temp file behind.
     damaged = out / "images" / f"{done[0]}.jpg"
     damaged.write_bytes(damaged.read_bytes()[:100])
     (out / "images" / f".{done[1]}.jpg.x.tmp").write_bytes(b"partial")
+    blocker.unlink()
+    blocker.symlink_to(abid_dir / "bin-images" / blocker.name)
 
-    result = ingest(str(abid_dir), out, per_class=20, workers=4, progress=False)
+    result = ingest(str(source), out, workers=4, progress=False)
     assert result.n_images == 100
-    assert result.n_resumed >= 7  # the completed objects were not fetched again...
+    assert result.n_resumed == 7  # the completed objects were not fetched again...
     assert (
         damaged.read_bytes() == (abid_dir / "bin-images" / damaged.name).read_bytes()
     )  # ...the damaged one was
     assert not list((out / "images").glob(".*.tmp"))
 
-    fresh = ingest(str(abid_dir), tmp_path / "fresh", per_class=20, workers=4, progress=False)
+    fresh = ingest(str(source), tmp_path / "fresh", workers=4, progress=False)
     assert fresh.manifest_path.read_text() == result.manifest_path.read_text()
-    again = ingest(str(abid_dir), out, per_class=20, workers=4, progress=False)
+    again = ingest(str(source), out, workers=4, progress=False)
     assert again.n_resumed == 100 and _report(out)["n_downloaded"] == 0
 
 
