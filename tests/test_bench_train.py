@@ -115,3 +115,22 @@ def test_pretraining_on_every_count_feeds_the_runs(
     assert max(row.count for row in pretrain_rows) <= pre["count_cap"]
     assert [run["weights"] for run in r["runs"]] == ["none", pre["weights"]]
     assert "selected" in r
+
+
+def test_cpu_throughput_at_each_thread_count(bench_train: ModuleType, tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "train_cpu.json"
+        assert bench_train.main(["cpu", "--threads", "1", "2", "--image-size", "32", "--batch-size", "4",
+                                 "--steps", "1", "--out", str(out)]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    r = json.loads(out.read_text())
+    assert [run["threads"] for run in r["runs"]] == [1, 2]
+    assert all(run["image_size"] == 32 and run["images_per_s"] > 0 for run in r["runs"])
+    assert r["best"] == max(r["runs"], key=lambda run: run["images_per_s"])
+    assert r["env"]["cpu_count"] >= 1 and "load_average_1m_after" in r["env"]
+    with pytest.raises(SystemExit, match="--threads"):
+        bench_train.cpu_bench([0], 32, 4, 1)
