@@ -93,11 +93,37 @@ def test_timed_tune_then_final_fit(pack_path: Path, bench_train: ModuleType, tmp
     assert r["final_fit"]["test"]["n"] == r["data"]["split"]["test"]
     assert r["tune_plus_final_fit_s"] == pytest.approx(r["tune"]["seconds"] + r["final_fit"]["seconds"])
     assert r["target"]["met"] == (r["tune_plus_final_fit_s"] <= 600)
-    # A second run in the same work directory measures a fresh study, not the finished one.
-    assert bench_train.main(argv) == 0
+    assert "pretrained_fit" not in r and r["selected"]["fit"] == "final_fit"
+    # A second run in the same work directory measures a fresh study, not the finished one; this
+    # time the tuned fit runs again from a backbone pretrained on every count.
+    assert bench_train.main([*argv, "--pretrain-epochs", "1"]) == 0
     again = json.loads((tmp_path / "out" / "train_gpu_tune.json").read_text())
     assert again["tune"]["run_by_this_benchmark"] == 2
     assert again["tune"]["complete"] + again["tune"]["pruned"] == 2
+    pre, fits = again["pretrain"], (again["final_fit"], again["pretrained_fit"])
+    assert pre["images"] == again["data"]["split"]["train"] + N_EXTRA
+    assert [f["weights"] for f in fits] == ["none", pre["weights"]]
+    assert fits[0]["params"] == fits[1]["params"] == again["tune"]["best_params"]
+    chosen = max(fits, key=lambda f: (f["val"]["accuracy"], -f["val"]["rmse"]))
+    assert again["selected"]["val_accuracy"] == chosen["val"]["accuracy"]
+    assert again["selected"]["test_accuracy"] == chosen["test"]["accuracy"]
+    # Out of time: the pretrained fit is skipped and said so, the timed figures stay.
+    assert bench_train.main([*argv, "--pretrain-epochs", "1", "--budget-s", "0"]) == 0
+    late = json.loads((tmp_path / "out" / "train_gpu_tune.json").read_text())
+    assert "time budget" in late["pretrained_fit"]["skipped"] and "pretrain" not in late
+    assert late["target"]["met"] == (late["tune_plus_final_fit_s"] <= 600)
+
+
+def test_pretraining_needs_the_out_of_range_images(
+    mini_abid: Path, bench_train: ModuleType, tmp_path: Path
+) -> None:
+    small = tmp_path / "classes_1_5.npz"
+    bench_train.pack(small, image_size=32, quality=90, workers=2, abid=mini_abid)
+    argv = ["tune", "--pack", str(small), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+            "--trials", "1", "--pretrain-epochs", "1"]  # fmt: skip
+    with pytest.raises(SystemExit, match="all-counts"):
+        bench_train.main(argv)
+    assert not (tmp_path / "w" / "tune").exists()  # refused before any trial ran
 
 
 def test_pretraining_on_every_count_feeds_the_runs(
