@@ -348,17 +348,27 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
                 f"pretrained on every count: test accuracy {pm['accuracy']:.3f}, rmse {pm['rmse']:.3f}",
                 flush=True,
             )
-    name, best = max(fits, key=lambda f: (f[1]["val"]["accuracy"], -f[1]["val"]["rmse"]))  # val only
-    result["selected"] = {
-        "fit": name,
+    result["selected"] = select_on_val(fits, "fit")
+    save()
+    return result
+
+
+def val_rank(fit: dict[str, Any]) -> tuple[float, float]:
+    """Selection order: val accuracy, then lower val RMSE. Test figures never take part."""
+    return fit["val"]["accuracy"], -fit["val"]["rmse"]
+
+
+def select_on_val(fits: list[tuple[str, dict[str, Any]]], label: str) -> dict[str, Any]:
+    """The chosen fit's name and figures, ``fits`` being (name, fit) pairs."""
+    name, best = max(fits, key=lambda f: val_rank(f[1]))
+    return {
+        label: name,
         "selected_on": "val accuracy (tie-break val rmse)",
         "val_accuracy": best["val"]["accuracy"],
         "val_rmse": best["val"]["rmse"],
         "test_accuracy": best["test"]["accuracy"],
         "test_rmse": best["test"]["rmse"],
     }
-    save()
-    return result
 
 
 def env_info() -> dict[str, Any]:
@@ -412,6 +422,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from components.train import TrainConfig, benchmark_throughput, train
+    from components.tune import apply_params
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -466,27 +477,32 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(r), flush=True)
         save()
 
+    # The runs' shared settings; a run spec overrides some of them, pretraining borrows them.
+    base = TrainConfig(
+        train_csv=work / "train.csv",
+        val_csv=work / "val.csv",
+        test_csv=work / "test.csv",
+        out_dir=work / "model",
+        data_root=work / "data",
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        ema=args.ema,
+        aug_strength=args.aug_strength,
+        label_smoothing=args.label_smoothing,
+        device=dev,
+        seed=args.seed,
+        num_threads=args.threads,
+        cache_dir=work / "cache",
+        checkpoint_every=args.checkpoint_every,
+        progress=False,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        tta=args.tta,
+    )
     weights = "none"
     if args.pretrain_epochs > 0:
-        base = TrainConfig(
-            train_csv=work / "train.csv",
-            val_csv=work / "val.csv",
-            out_dir=work / "pretrain",
-            data_root=work / "data",
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            ema=args.ema,
-            aug_strength=args.aug_strength,
-            device=dev,
-            seed=args.seed,
-            num_threads=args.threads,
-            cache_dir=work / "cache",
-            checkpoint_every=args.checkpoint_every,
-            progress=False,
-            max_steps_per_epoch=args.max_steps_per_epoch,
-        )
         result["pretrain"] = pretrain(base, work, args.pretrain_epochs, args.pretrain_cap)
         weights = result["pretrain"]["weights"]
         print(json.dumps(result["pretrain"]), flush=True)
@@ -503,32 +519,8 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
             result["runs"].append({"run": spec, "skipped": "time budget"})
             break
         mdir = (out if args.keep_models else work) / f"model_{i}_{head}"
-        kw = dict(vars(args)) | overrides
-        cfg = TrainConfig(
-            train_csv=work / "train.csv",
-            val_csv=work / "val.csv",
-            test_csv=work / "test.csv",
-            out_dir=mdir,
-            data_root=work / "data",
-            head=head,
-            weights=kw.get("weights", weights),
-            image_size=kw["image_size"],
-            epochs=kw["epochs"],
-            batch_size=kw["batch_size"],
-            lr=kw["lr"],
-            weight_decay=kw["weight_decay"],
-            ema=kw["ema"],
-            aug_strength=kw["aug_strength"],
-            label_smoothing=kw["label_smoothing"],
-            device=dev,
-            seed=kw["seed"],
-            num_threads=args.threads,
-            cache_dir=work / "cache",
-            checkpoint_every=args.checkpoint_every,
-            progress=False,
-            max_steps_per_epoch=args.max_steps_per_epoch,
-            tta=args.tta,
-        )
+        run_base = dataclasses.replace(base, out_dir=mdir, head=head, weights=weights)
+        cfg = apply_params(overrides, run_base, source=f"--runs {spec!r}")
         t1 = time.perf_counter()
         try:
             res = train(cfg)
@@ -568,15 +560,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
             result["ensemble"] = {"error": f"{type(e).__name__}: {e}"}
         save()
     if done:
-        best = max(done, key=lambda r: (r["val"]["accuracy"], -r["val"]["rmse"]))  # chosen on val only
-        result["selected"] = {
-            "run": best["run"],
-            "selected_on": "val accuracy (tie-break val rmse)",
-            "test_accuracy": best["test"]["accuracy"],
-            "test_rmse": best["test"]["rmse"],
-            "val_accuracy": best["val"]["accuracy"],
-            "val_rmse": best["val"]["rmse"],
-        }
+        result["selected"] = select_on_val([(r["run"], r) for r in done], "run")
     save()
     return result
 
@@ -590,7 +574,7 @@ def ensemble(runs: list[dict[str, Any]], work: Path, args: argparse.Namespace) -
     from components.modelspec import ModelSpec, load_model_spec
     from components.train import AverageModel
 
-    head = max(runs, key=lambda r: (r["val"]["accuracy"], -r["val"]["rmse"]))["head"]
+    head = max(runs, key=val_rank)["head"]
     members = [r for r in runs if r["head"] == head]
     spec = load_model_spec(members[0]["model_dir"])
     models = []
