@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) ## create or refresh .venv with every extra (dev)
 
-run: $(STAMP) ## the whole pipeline locally with kfp.local (PROFILE=quick|full, DATA_SOURCE=s3://…|DIR)
+run: $(STAMP) ## the whole pipeline locally with kfp.local (PROFILE=quick|full|scratch, DATA_SOURCE=s3://…|DIR)
 	$(PY) -m pipeline.run_local --profile $(PROFILE) --source $(DATA_SOURCE) --out $(RUN_DIR)
 
 test: $(STAMP) ## the test suite (starts its own S3, PostgreSQL, KServe and Docker servers)

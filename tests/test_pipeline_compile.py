@@ -16,7 +16,7 @@ import yaml
 from pipeline import compile as compile_cli
 from pipeline import submit as submit_cli
 from pipeline.pipeline import BuildOptions, build_pipeline
-from pipeline.profiles import PARAMETER_HELP, PROFILES, pipeline_parameters
+from pipeline.profiles import PARAMETER_HELP, PROFILES, parameter_table, pipeline_parameters
 
 IMAGE = "registry.example/inventory-monitor/components:abc123"
 EXPECTED_ROOT_TASKS = {
@@ -96,6 +96,13 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
     best = spec["root"]["dag"]["tasks"]["select-best"]["inputs"]["parameters"]
     assert best["trials_run"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
     assert best["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    # the weight average is part of the recipe the trials score, the flips only of the exported model
+    assert params["ema"]["componentInputParameter"] == "pipelinechannel--ema"
+    assert best["ema"]["componentInputParameter"] == "ema"
+    train = spec["root"]["dag"]["tasks"]["train-model"]["inputs"]["parameters"]
+    assert train["ema"]["componentInputParameter"] == "ema"
+    assert train["tta"]["componentInputParameter"] == "tta"
+    assert "tta" not in params and "tta" not in best
 
 
 def test_publish_is_gated_on_test_accuracy(full):
@@ -139,7 +146,7 @@ def test_artifact_types(full):
     }
 
 
-@pytest.mark.parametrize("profile", ["quick", "full"])
+@pytest.mark.parametrize("profile", list(PROFILES))
 def test_parameters_and_defaults_come_from_the_profile(tmp_path, profile):
     spec, _ = _compile(tmp_path, profile)
     inputs = spec["root"]["inputDefinitions"]["parameters"]
@@ -244,6 +251,8 @@ def test_compile_flags_override_build_options(tmp_path):
             "tune_trials (4) must be >= n_tune_workers",
         ),
         (["--param", "accuracy_threshold=1.5"], "accuracy_threshold"),
+        (["--param", "ema=1.0"], "ema must be in [0, 1)"),
+        (["--param", "tta=maybe"], "tta"),
         (["--tune-parallelism", "0"], "--tune-parallelism"),
     ],
 )
@@ -323,3 +332,17 @@ def test_component_helpers(monkeypatch, tmp_path):
         raise ValueError("boom")
     note = (tmp_path / "task" / comp.ERROR_NOTE).read_text()
     assert '"step": "ingest"' in note and '"message": "boom"' in note
+
+
+def test_readme_parameter_table_is_the_generated_one():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert parameter_table() in readme, "README is stale: paste pipeline.profiles.parameter_table()"
+
+
+def test_tune_workers_train_with_the_pipeline_weight_average(tmp_path):
+    from pipeline.components import make_tune_config
+
+    cfg = make_tune_config(tmp_path, "w0", "run-1", "sqlite:///x.db", 4, "d", "t.csv", "v.csv", "1,2,3",
+                           "ordinal", "none", 32, 8, 1, 0.9, 0, "cpu", 1)  # fmt: skip
+    assert cfg.train_overrides["ema"] == 0.9
+    assert cfg.train_overrides["classes"] == (1, 2, 3) and cfg.train_overrides["image_size"] == 32

@@ -81,7 +81,8 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     endpoint, ids = tiny_bucket
     run_dir = tmp_path / "run"
     argv = ["--source", "s3://abid/mirror", "--endpoint-url", endpoint, "--out", str(run_dir),
-            "--store", "s3://models/registry", "--model-version", "e2e", *TINY]  # fmt: skip
+            "--store", "s3://models/registry", "--model-version", "e2e", *TINY,
+            "--param", "ema=0.9", "--param", "tta=true"]  # fmt: skip
     assert run_local.main(argv) == 0
     out = capsys.readouterr().out
 
@@ -133,6 +134,7 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
         s3.download_file("models", key, str(mnt / key.rsplit("/", 1)[1]))
     spec = load_model_spec(mnt)
     assert spec.version == "e2e" and spec.preprocess.image_size == 32
+    assert spec.params["ema"] == 0.9 and spec.params["tta"] is True  # pipeline parameters reached the fit
     gate = spec.metrics["int8_gate"]  # the final fit was quantized and gated on val accuracy
     assert gate["accepted"] == (spec.onnx_int8_file is not None)
     assert gate["accepted"] == (gate["int8_accuracy"] >= gate["fp32_accuracy"] - gate["max_drop"])
