@@ -92,6 +92,7 @@ def test_timed_tune_then_final_fit(pack_path: Path, bench_train: ModuleType, tmp
     assert r["final_fit"]["params"] == r["tune"]["best_params"]  # the fit used the tuned parameters
     assert r["final_fit"]["test"]["n"] == r["data"]["split"]["test"]
     assert r["tune_plus_final_fit_s"] == pytest.approx(r["tune"]["seconds"] + r["final_fit"]["seconds"])
+    assert r["tune"]["all_trials_ran"] is True
     assert r["target"]["met"] == (r["tune_plus_final_fit_s"] <= 600)
     assert "pretrained_fit" not in r and r["selected"]["fit"] == "final_fit"
     # A second run in the same work directory measures a fresh study, not the finished one; this
@@ -112,6 +113,12 @@ def test_timed_tune_then_final_fit(pack_path: Path, bench_train: ModuleType, tmp
     late = json.loads((tmp_path / "out" / "train_gpu_tune.json").read_text())
     assert "time budget" in late["pretrained_fit"]["skipped"] and "pretrain" not in late
     assert late["target"]["met"] == (late["tune_plus_final_fit_s"] <= 600)
+    # A tune out of time before any trial: recorded as such, the target not claimed, exit 1.
+    assert bench_train.main([*argv, "--tune-timeout", "0.001"]) == 1
+    short = json.loads((tmp_path / "out" / "train_gpu_tune.json").read_text())
+    assert short["tune"]["complete"] + short["tune"]["pruned"] == 0
+    assert short["tune"]["all_trials_ran"] is False and short["target"]["met"] is False
+    assert "no trial completed" in short["final_fit"]["skipped"]
 
 
 def test_pretraining_needs_the_out_of_range_images(
