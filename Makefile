@@ -74,6 +74,7 @@ bench-serve: $(STAMP) ## load test of the model server vs a naive baseline -> be
 gpu-prep: $(STAMP) ## data packs (.gpu/) + Optuna wheels (.whl/) for bench/gpu_session.sh on a GPU machine
 	$(PY) bench/train.py pack --out .gpu/abid_224_q90.npz
 	$(PY) bench/train.py pack --all-counts --quality 75 --out .gpu/abid_all_224_q75.npz
+	$(PY) bench/train.py pack --image-size 288 --quality 75 --out .gpu/abid_288_q75.npz
 	@for name in $(GPU_WHEELS); do \
 	  pin=$$(grep -i "^$$name==" constraints.txt) || { echo "$$name is not pinned in constraints.txt"; exit 2; }; \
 	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \

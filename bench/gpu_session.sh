@@ -6,8 +6,11 @@
 #                                        #   every count. Needs .gpu/abid_all_224_q75.npz and .whl/
 #   bash bench/gpu_session.sh pretrain   # accuracy: from scratch vs pretrained on every count, default
 #                                        #   parameters. Needs .gpu/abid_all_224_q75.npz
+#   bash bench/gpu_session.sh resolution # accuracy: the same ordinal run at 224 and at 288 px.
+#                                        #   Needs .gpu/abid_288_q75.npz
 #
-# `make gpu-prep` makes both files (60 MiB with the repository: under a 64 MiB carry limit).
+# `make gpu-prep` makes these files; what one mode carries stays under the 64 MiB limit (tune: 60 MiB
+# with the repository).
 # Results (JSON) go to $OUT when set, else bench/results/. Each mode fits in ~10 minutes on one
 # H100/H200; copy the JSON into bench/results/ afterwards.
 set -euo pipefail
@@ -52,10 +55,18 @@ case $mode in
     # backbone pretrained on the training split plus the 0 and 6+ images.
     python3 bench/train.py gpu --pack .gpu/abid_all_224_q75.npz --out "$out" --bench-batch \
       --compile-below 0 --epochs 150 --tta --pretrain-epochs 100 --budget-s 480 \
-      --runs "ordinal:weights=none" "ordinal"
+      --result-name train_gpu_pretrain.json --runs "ordinal:weights=none" "ordinal"
+    ;;
+  resolution)
+    need .gpu/abid_288_q75.npz
+    # ABID photos are 250-600 px on a side: does counting gain from more of them than 224 px keeps?
+    # One pack (288 px), one split; the 224 px run resizes the same frames down.
+    python3 bench/train.py gpu --pack .gpu/abid_288_q75.npz --out "$out" --bench-batch \
+      --compile-below 0 --epochs 150 --tta --budget-s 300 --result-name train_gpu_resolution.json \
+      --runs "ordinal:image_size=224" "ordinal:image_size=288"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tune|pretrain" >&2
+    echo "usage: bash bench/gpu_session.sh tune|pretrain|resolution" >&2
     exit 2
     ;;
 esac

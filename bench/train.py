@@ -18,6 +18,8 @@
     the exported ONNX model (``components.evaluate``). Writes ``train_gpu.json``. With a pack made by
     ``pack --all-counts``, ``--pretrain-epochs N`` first trains on the training split plus the 0 and
     6+ images and starts the runs from that backbone (a run spec ``HEAD:weights=none`` does not).
+    A run spec overrides any training setting, e.g. ``ordinal:image_size=288,seed=2``; ``--result-name``
+    keeps each comparison in its own file.
 
 The re-encoding (JPEG q90 of the already resized 224 px frames) is a second lossy step that the
 training path from raw images does not have; results note it.
@@ -445,7 +447,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
 
     def save() -> None:
         result["elapsed_s"] = time.perf_counter() - t0
-        atomic_write_json(out / "train_gpu.json", result)
+        atomic_write_json(out / args.result_name, result)
 
     work = Path(args.work)
     result["data"] = prepare_data(Path(args.pack), work, args.limit)
@@ -544,6 +546,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
             "model_dir": str(mdir),
             "run": spec,
             "head": head,
+            "image_size": cfg.image_size,
             "overrides": overrides,
             "weights": cfg.weights,
             "seconds": time.perf_counter() - t1,
@@ -637,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("gpu")
     g.add_argument("--pack", type=Path, default=REPO / ".gpu" / "abid_224_q90.npz")
     g.add_argument("--out", type=Path, default=RESULTS)
+    g.add_argument("--result-name", default="train_gpu.json")
     g.add_argument("--work", type=Path, default=Path("/tmp/bench_train"))
     g.add_argument("--limit", type=int, default=None)
     g.add_argument("--threads", type=int, default=None)

@@ -15,6 +15,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from components.common import ConfigError
 from components.manifest import read_manifest
 from tests.fixtures.data import REPO_ROOT
 
@@ -167,3 +168,21 @@ def test_cpu_throughput_at_each_thread_count(bench_train: ModuleType, tmp_path: 
     assert r["env"]["cpu_count"] >= 1 and "load_average_1m_after" in r["env"]
     with pytest.raises(SystemExit, match="--threads"):
         bench_train.cpu_bench([0], 32, 4, 1)
+
+
+def test_runs_at_two_image_sizes_from_one_pack(
+    pack_path: Path, bench_train: ModuleType, tmp_path: Path
+) -> None:
+    argv = ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+            "--result-name", "train_gpu_resolution.json", "--bench-batch", "--compile-below", "0",
+            "--epochs", "1", "--batch-size", "16", "--threads", "1", "--max-steps-per-epoch", "1",
+            "--runs", "ordinal:image_size=24", "ordinal:image_size=32"]  # fmt: skip
+    assert bench_train.main(argv) == 0
+    assert not (tmp_path / "out" / "train_gpu.json").exists()
+    r = json.loads((tmp_path / "out" / "train_gpu_resolution.json").read_text())
+    assert [run["image_size"] for run in r["runs"]] == [24, 32]
+    for run in r["runs"]:  # each exported model preprocesses at its own size
+        spec = json.loads((Path(run["model_dir"]) / "model.json").read_text())
+        assert spec["preprocess"]["image_size"] == run["image_size"]
+    with pytest.raises(ConfigError, match="not TrainConfig fields"):
+        bench_train.main([*argv[:-2], "ordinal:budget_s=3"])
