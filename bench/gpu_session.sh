@@ -8,6 +8,8 @@
 #                                        #   parameters. Needs .gpu/abid_all_224_q75.npz
 #   bash bench/gpu_session.sh resolution # accuracy: the same ordinal run at 224 and at 288 px.
 #                                        #   Needs .gpu/abid_288_q75.npz
+#   bash bench/gpu_session.sh distill    # accuracy: two runs, their ensemble, and one ResNet18 taught
+#                                        #   by both. Needs .gpu/abid_224_q90.npz
 #
 # `make gpu-prep` makes these files; what one mode carries stays under the 64 MiB limit (tune: 60 MiB
 # with the repository).
@@ -65,8 +67,16 @@ case $mode in
       --compile-below 0 --epochs 150 --tta --budget-s 300 --result-name train_gpu_resolution.json \
       --runs "ordinal:image_size=224" "ordinal:image_size=288"
     ;;
+  distill)
+    need .gpu/abid_224_q90.npz
+    # The recorded runs' pack and recipe (ordinal, EMA, flips, 150 epochs): two teachers, their
+    # ensemble in one graph, then a student trained on the same augmented views to match them.
+    python3 bench/train.py gpu --pack .gpu/abid_224_q90.npz --out "$out" --bench-batch \
+      --compile-below 0 --epochs 150 --tta --ensemble --distill --budget-s 200 --distill-budget-s 330 \
+      --result-name train_gpu_distill.json --runs "ordinal:seed=1" "ordinal:seed=2"
+    ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tune|pretrain|resolution" >&2
+    echo "usage: bash bench/gpu_session.sh tune|pretrain|resolution|distill" >&2
     exit 2
     ;;
 esac

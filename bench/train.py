@@ -19,7 +19,8 @@
     ``pack --all-counts``, ``--pretrain-epochs N`` first trains on the training split plus the 0 and
     6+ images and starts the runs from that backbone (a run spec ``HEAD:weights=none`` does not).
     A run spec overrides any training setting, e.g. ``ordinal:image_size=288,seed=2``; ``--result-name``
-    keeps each comparison in its own file.
+    keeps each comparison in its own file. ``--ensemble`` scores the runs' average in one graph;
+    ``--distill`` then trains one more model taught by them (``components.train --teacher``).
 
 The re-encoding (JPEG q90 of the already resized 224 px frames) is a second lossy step that the
 training path from raw images does not have; results note it.
@@ -433,7 +434,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
     """Throughput + accuracy run(s) on one device; results dict (also written as it goes)."""
     import torch
 
-    from components.train import TrainConfig, benchmark_throughput, train
+    from components.train import TrainConfig, benchmark_throughput
     from components.tune import apply_params
 
     t0 = time.perf_counter()
@@ -533,35 +534,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         mdir = (out if args.keep_models else work) / f"model_{i}_{head}"
         run_base = dataclasses.replace(base, out_dir=mdir, head=head, weights=weights)
         cfg = apply_params(overrides, run_base, source=f"--runs {spec!r}")
-        t1 = time.perf_counter()
-        try:
-            res = train(cfg)
-        except Exception as e:  # keep the other runs' figures
-            LOG.exception("run %s failed", spec)
-            result["runs"].append({"run": spec, "error": f"{type(e).__name__}: {e}"})
-            save()
-            continue
-        m = res.metrics
-        run = {
-            "model_dir": str(mdir),
-            "run": spec,
-            "head": head,
-            "image_size": cfg.image_size,
-            "overrides": overrides,
-            "weights": cfg.weights,
-            "seconds": time.perf_counter() - t1,
-            "best_epoch": res.best_epoch,
-            "epochs_run": res.epochs_run,
-            "train_images_per_s_median_epoch": m["train_images_per_s"],
-            "val": {k: m["val"][k] for k in ("accuracy", "rmse", "mae", "n")},
-            "test": {
-                k: m["test"][k]
-                for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy", "confusion_matrix")
-            },
-            "history": [{k: round(v, 4) for k, v in h.items()} for h in res.history],
-        }
-        result["runs"].append(run)
-        print(json.dumps({k: run[k] for k in ("run", "seconds", "best_epoch", "val", "test")}), flush=True)
+        result["runs"].append(run_one(spec, cfg, overrides))
         save()
     done = [r for r in result["runs"] if "val" in r]
     if args.ensemble and len(done) >= 2:
@@ -572,10 +545,70 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
             LOG.exception("ensemble failed")
             result["ensemble"] = {"error": f"{type(e).__name__}: {e}"}
         save()
+    plain = [r for r in done if "model_dir" in r]
+    if args.distill and plain:
+        # One more ResNet18 taught by the runs of the best head (their mean output on the same
+        # augmented images): an ensemble's accuracy at one model's serving cost, if it transfers.
+        head = max(plain, key=val_rank)["head"]
+        teachers = [r for r in plain if r["head"] == head]
+        name = f"student of {len(teachers)} {head} runs"
+        if time.perf_counter() - t0 > args.distill_budget_s:
+            result["distilled"] = {
+                "run": name,
+                "skipped": f"time budget: {args.distill_budget_s:.0f} s had passed",
+            }
+        else:
+            cfg = dataclasses.replace(
+                base,
+                out_dir=(out if args.keep_models else work) / "model_student",
+                head=head,
+                weights=weights,
+                image_size=teachers[0]["image_size"],
+                teacher=tuple(r["model_dir"] for r in teachers),
+                distill_weight=args.distill_weight,
+                seed=args.seed + 100,
+            )
+            result["distilled"] = run_one(name, cfg, {"teachers": [r["run"] for r in teachers]})
+            if "val" in result["distilled"]:
+                done.append(result["distilled"])
+        save()
     if done:
         result["selected"] = select_on_val([(r["run"], r) for r in done], "run")
     save()
     return result
+
+
+def run_one(name: str, cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Train one accuracy run; its figures for the result file, or the error (the others go on)."""
+    from components.train import train
+
+    t1 = time.perf_counter()
+    try:
+        res = train(cfg)
+    except Exception as e:
+        LOG.exception("run %s failed", name)
+        return {"run": name, "error": f"{type(e).__name__}: {e}"}
+    m = res.metrics
+    run = {
+        "model_dir": str(cfg.out_dir),
+        "run": name,
+        "head": cfg.head,
+        "image_size": cfg.image_size,
+        "overrides": overrides,
+        "weights": cfg.weights,
+        "seconds": time.perf_counter() - t1,
+        "best_epoch": res.best_epoch,
+        "epochs_run": res.epochs_run,
+        "train_images_per_s_median_epoch": m["train_images_per_s"],
+        "val": {k: m["val"][k] for k in ("accuracy", "rmse", "mae", "n")},
+        "test": {
+            k: m["test"][k]
+            for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy", "confusion_matrix")
+        },
+        "history": [{k: round(v, 4) for k, v in h.items()} for h in res.history],
+    }
+    print(json.dumps({k: run[k] for k in ("run", "seconds", "best_epoch", "val", "test")}), flush=True)
+    return run
 
 
 def ensemble(runs: list[dict[str, Any]], work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -668,6 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--keep-models", action="store_true")
     g.add_argument("--tta", action="store_true", help="flip averaging in each run's exported graph")
     g.add_argument("--ensemble", action="store_true", help="also score the average of the runs (one graph)")
+    g.add_argument("--distill", action="store_true", help="then train one model taught by the runs")
+    g.add_argument("--distill-weight", type=float, default=0.5, help="share of the student's loss from them")
+    g.add_argument(
+        "--distill-budget-s", type=float, default=420, help="skip the student after this many seconds"
+    )
     g.add_argument(
         "--pretrain-epochs",
         type=int,

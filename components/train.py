@@ -22,7 +22,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from components.modelspec import (
     ONNX_FILE,
     STATE_DICT_FILE,
     ModelSpec,
+    load_model_spec,
     validate_classes,
 )
 from components.preprocess import PreprocessSpec
@@ -132,6 +133,9 @@ class TrainConfig:
     progress: bool = True
     export: bool = True
     tta: bool = False
+    teacher: tuple[str, ...] = ()
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
 
     def validate(self) -> None:
         """Fail early, with a message that says how to fix the setting."""
@@ -169,6 +173,14 @@ class TrainConfig:
             raise ConfigError(
                 f"--weights must be imagenet, none or an existing state-dict path; got {self.weights!r}"
             )
+        self.teacher = tuple(str(t) for t in self.teacher)
+        if self.teacher:
+            if not 0 < self.distill_weight <= 1:
+                raise ConfigError(f"--distill-weight must be in (0, 1], got {self.distill_weight}")
+            if self.distill_temperature <= 0:
+                raise ConfigError(f"--distill-temperature must be > 0, got {self.distill_temperature}")
+            for t in self.teacher:
+                check_teacher(Path(t), self.head, self.classes)
 
     def to_params(self) -> dict[str, Any]:
         """JSON-ready settings (paths as strings)."""
@@ -236,6 +248,52 @@ def loss_fn(
             target = target * (1 - smoothing) + 0.5 * smoothing
         return nn.functional.binary_cross_entropy_with_logits(raw, target)
     return nn.functional.smooth_l1_loss(raw[:, 0], target_index.float())
+
+
+def distill_loss(raw: torch.Tensor, teacher_raw: torch.Tensor, head: str, temperature: float) -> torch.Tensor:
+    """How far the student's outputs are from the teacher's on the same augmented images.
+
+    Classification: KL divergence of the softened class distributions; ordinal: BCE against the
+    teacher's softened "more than k" probabilities; both scaled by T^2 so gradients keep their size.
+    Regression: smooth-L1 to the teacher's predicted index.
+    """
+    raw, teacher_raw = raw.float(), teacher_raw.float()
+    t = temperature
+    if head == "classification":
+        log_p = nn.functional.log_softmax(raw / t, dim=1)
+        log_q = nn.functional.log_softmax(teacher_raw / t, dim=1)
+        return nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * t * t
+    if head == "ordinal":
+        target = torch.sigmoid(teacher_raw / t)
+        return nn.functional.binary_cross_entropy_with_logits(raw / t, target) * t * t
+    return nn.functional.smooth_l1_loss(raw[:, 0], teacher_raw[:, 0])
+
+
+def check_teacher(model_dir: Path, head: str, classes: tuple[int, ...]) -> None:
+    """A teacher must be a trained model directory with the student's head and classes."""
+    if not (model_dir / STATE_DICT_FILE).is_file():
+        raise ConfigError(
+            f"--teacher {model_dir}: no model.pt there; pass the directory a training run wrote"
+        )
+    spec = load_model_spec(model_dir)
+    if spec.head != head or tuple(spec.classes) != tuple(classes):
+        raise ConfigError(
+            f"--teacher {model_dir} has head {spec.head} and classes {list(spec.classes)}; the student has "
+            f"head {head} and classes {list(classes)}: train the student with the teacher's head and classes"
+        )
+
+
+def load_teacher(dirs: Sequence[str], head: str, num_classes: int, device: torch.device) -> nn.Module:
+    """The teachers' mean raw output, frozen, in eval mode (BatchNorm uses its running statistics)."""
+    models = []
+    for d in dirs:
+        m = build_model(num_classes, head)
+        m.load_state_dict(torch.load(Path(d) / STATE_DICT_FILE, map_location="cpu", weights_only=True))
+        models.append(m)
+    teacher = AverageModel(models, flips=False).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -324,6 +382,9 @@ class Trainer:
         self.opt = make_optimizer(self.model, cfg)
         self.sched = make_scheduler(self.opt, cfg, steps_total)
         self.ema = Ema(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.teacher = load_teacher(cfg.teacher, cfg.head, self.num_classes, device) if cfg.teacher else None
+        if self.teacher is not None and self.channels_last:
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
         if cfg.compile:
             self.forward = torch.compile(self.model)  # type: ignore[assignment]
@@ -340,6 +401,12 @@ class Trainer:
         with self.autocast():
             raw = self.forward(x)
         loss = loss_fn(raw, y_index, self.cfg.head, self.num_classes, self.cfg.label_smoothing)
+        if self.teacher is not None:  # the teacher sees the very same augmented view
+            with torch.no_grad(), self.autocast():
+                teacher_raw = self.teacher(x)
+            w = self.cfg.distill_weight
+            soft = distill_loss(raw, teacher_raw, self.cfg.head, self.cfg.distill_temperature)
+            loss = (1 - w) * loss + w * soft
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -831,6 +898,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
     p.add_argument("--tta", action="store_true", help="average the 4 flips (validation and exported graph)")
+    p.add_argument(
+        "--teacher",
+        nargs="+",
+        default=[],
+        metavar="MODEL_DIR",
+        help="distil from these trained models (their mean output) on the same augmented images",
+    )
+    p.add_argument(
+        "--distill-weight", type=float, default=d.distill_weight, help="share of the loss from the teacher"
+    )
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints"
@@ -878,6 +956,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_batch_size=args.eval_batch_size,
         checkpoint_every=args.checkpoint_every,
         tta=args.tta,
+        teacher=tuple(args.teacher),
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
         model_name=args.model_name,
         version=args.version,
         progress=args.progress,

@@ -186,3 +186,24 @@ def test_runs_at_two_image_sizes_from_one_pack(
         assert spec["preprocess"]["image_size"] == run["image_size"]
     with pytest.raises(ConfigError, match="not TrainConfig fields"):
         bench_train.main([*argv[:-2], "ordinal:budget_s=3"])
+
+
+def test_a_student_is_taught_by_the_runs(pack_path: Path, bench_train: ModuleType, tmp_path: Path) -> None:
+    argv = ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+            "--bench-batch", "--compile-below", "0", "--image-size", "32", "--epochs", "1",
+            "--batch-size", "16", "--threads", "1", "--max-steps-per-epoch", "1", "--distill",
+            "--runs", "ordinal:seed=1", "ordinal:seed=2", "classification"]  # fmt: skip
+    assert bench_train.main(argv) == 0
+    r = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
+    student = r["distilled"]
+    best_head = max((run for run in r["runs"]), key=bench_train.val_rank)["head"]
+    teachers = [run for run in r["runs"] if run["head"] == best_head]
+    assert student["head"] == best_head and student["overrides"]["teachers"] == [t["run"] for t in teachers]
+    params = json.loads((Path(student["model_dir"]) / "model.json").read_text())["params"]
+    assert params["teacher"] == [t["model_dir"] for t in teachers] and params["distill_weight"] == 0.5
+    names = [run["run"] for run in r["runs"]] + [student["run"]]
+    assert r["selected"]["run"] in names
+    # Out of time: the student is skipped and said so.
+    assert bench_train.main([*argv, "--distill-budget-s", "0"]) == 0
+    late = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
+    assert "time budget" in late["distilled"]["skipped"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from components.data import augment_batch, build_cache, normalize_batch
 from components.manifest import load_labelled, read_manifest, write_manifest
 from components.modelspec import load_model_spec
 from components.preprocess import PreprocessSpec, load_uint8, normalize, preprocess_batch
-from components.train import CHECKPOINT_FILE, loss_fn, main, train
+from components.train import CHECKPOINT_FILE, distill_loss, loss_fn, main, train
 from tests.fixtures.models import tiny_train_config
 
 ARTIFACTS = (
@@ -260,3 +261,55 @@ def test_flip_averaging_is_exported_into_the_graph(tmp_path: Path) -> None:
         assert not torch.allclose(model(x), want, atol=1e-3)  # the flips do change the output
     sess = ort.InferenceSession(str(tmp_path / "tta.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(["probabilities"], {"input": x.numpy()})[0], probs.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["classification", "ordinal", "regression"])
+def test_distill_loss_is_lowest_at_the_teacher(head: str) -> None:
+    torch.manual_seed(0)
+    teacher = torch.randn(8, {"classification": 5, "ordinal": 4, "regression": 1}[head]) * 3
+    at_teacher = distill_loss(teacher, teacher, head, 2.0)
+    for scale in (0.3, 1.0):
+        away = teacher + scale * torch.randn_like(teacher)
+        assert distill_loss(away, teacher, head, 2.0) > at_teacher
+    if head != "ordinal":  # soft BCE keeps the teacher's entropy at its minimum
+        assert at_teacher.item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.zeros_like(teacher, requires_grad=True)
+    distill_loss(student, teacher, head, 2.0).backward()
+    assert (student.grad * teacher).sum() < 0  # a step against the gradient moves toward the teacher
+
+
+def test_distilled_student_learns_from_the_teacher_not_the_labels(
+    tiny_split: dict[str, Path], tiny_trained_model_dir: Path, tmp_path: Path
+) -> None:
+    # The same images with every count mirrored (1<->5, 2<->4): with the whole loss from the teacher
+    # the labels cannot matter, so both students end with identical weights; with half it they do.
+    rows = read_manifest(tiny_split["train"])
+    wrong = tmp_path / "mirrored.csv"
+    write_manifest(wrong, [dataclasses.replace(r, count=6 - r.count) for r in rows])
+    teacher = (str(tiny_trained_model_dir),)
+
+    def student(name: str, train_csv: Path, weight: float) -> dict[str, torch.Tensor]:
+        cfg = tiny_train_config(tiny_split, tmp_path / name, train_csv=train_csv, teacher=teacher,
+                                distill_weight=weight)  # fmt: skip
+        train(cfg)
+        assert json.loads((tmp_path / name / "model.json").read_text())["params"]["teacher"] == list(teacher)
+        return torch.load(tmp_path / name / "model.pt", weights_only=True)
+
+    right, mirrored = student("a", tiny_split["train"], 1.0), student("b", wrong, 1.0)
+    assert all(torch.equal(right[k], mirrored[k]) for k in right)
+    half = student("c", wrong, 0.5)
+    assert not all(torch.equal(right[k], half[k]) for k in right)
+
+
+def test_teacher_must_fit_the_student(
+    tiny_split: dict[str, Path], tiny_trained_model_dir: Path, tmp_path: Path
+) -> None:
+    def cfg(**kw: object) -> None:
+        tiny_train_config(tiny_split, tmp_path / "m", **kw).validate()
+
+    with pytest.raises(ConfigError, match=r"head ordinal.*train the student with the teacher's head"):
+        cfg(head="classification", teacher=(str(tiny_trained_model_dir),))
+    with pytest.raises(ConfigError, match=r"no model\.pt"):
+        cfg(teacher=(str(tmp_path),))
+    with pytest.raises(ConfigError, match="--distill-weight"):
+        cfg(teacher=(str(tiny_trained_model_dir),), distill_weight=0.0)
