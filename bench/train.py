@@ -244,21 +244,10 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
     from components.train import TrainConfig, train
     from components.tune import SearchSpace, TuneConfig, best_train_config, tune
 
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    rf = ResultFile(args, "tune_and_final_fit")
+    result, save, t0 = rf.data, rf.save, rf.t0
     work = Path(args.work)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    result: dict[str, Any] = {
-        "benchmark": "tune_and_final_fit",
-        "env": env_info(),
-        "args": vars(args) | {"out": str(out)},
-    }
-
-    def save() -> None:
-        result["elapsed_s"] = time.perf_counter() - t0
-        atomic_write_json(out / args.result_name, result)
-
     result["data"] = prepare_data(Path(args.pack), work, args.limit)
     if args.pretrain_epochs > 0 and not result["data"]["out_of_range_images"]:
         raise SystemExit(
@@ -384,6 +373,25 @@ def select_on_val(fits: list[tuple[str, dict[str, Any]]], label: str) -> dict[st
     }
 
 
+class ResultFile:
+    """A benchmark's results, rewritten atomically after each stage: a killed run keeps what it measured."""
+
+    def __init__(self, args: argparse.Namespace, benchmark: str) -> None:
+        self.t0 = time.perf_counter()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / args.result_name
+        self.data: dict[str, Any] = {
+            "benchmark": benchmark,
+            "env": env_info(),
+            "args": vars(args) | {"out": str(self.out)},
+        }
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = time.perf_counter() - self.t0
+        atomic_write_json(self.path, self.data)
+
+
 def env_info() -> dict[str, Any]:
     import torch
 
@@ -437,19 +445,8 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
     from components.train import TrainConfig, benchmark_throughput
     from components.tune import apply_params
 
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {
-        "benchmark": "train_gpu",
-        "env": env_info(),
-        "args": vars(args) | {"out": str(out)},
-    }
-
-    def save() -> None:
-        result["elapsed_s"] = time.perf_counter() - t0
-        atomic_write_json(out / args.result_name, result)
-
+    rf = ResultFile(args, "train_gpu")
+    result, save, t0, out = rf.data, rf.save, rf.t0, rf.out
     work = Path(args.work)
     result["data"] = prepare_data(Path(args.pack), work, args.limit)
     save()
