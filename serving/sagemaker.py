@@ -861,27 +861,8 @@ def _delete_config_and_models(
     return deleted
 
 
-def _remove_autoscaling(clients: Clients, resource_id: str) -> list[str]:
-    """Delete the variant's policies and deregister it (Application Auto Scaling keeps them otherwise)."""
-    removed: list[str] = []
-    key = _target_key(resource_id)
-    policies = aws_call(
-        "describe_scaling_policies",
-        clients.autoscaling.describe_scaling_policies,
-        ServiceNamespace="sagemaker",
-        ResourceId=resource_id,
-        ScalableDimension=SCALABLE_DIMENSION,
-    ).get("ScalingPolicies", [])
-    for p in policies:
-        if p["ResourceId"] != resource_id:
-            continue
-        aws_call(
-            "delete_scaling_policy",
-            clients.autoscaling.delete_scaling_policy,
-            PolicyName=p["PolicyName"],
-            **key,
-        )
-        removed.append(f"scaling-policy/{p['PolicyName']}")
+def _scalable_target(clients: Clients, resource_id: str) -> dict[str, Any] | None:
+    """The variant's registered scalable target, or None."""
     targets = aws_call(
         "describe_scalable_targets",
         clients.autoscaling.describe_scalable_targets,
@@ -889,7 +870,34 @@ def _remove_autoscaling(clients: Clients, resource_id: str) -> list[str]:
         ResourceIds=[resource_id],
         ScalableDimension=SCALABLE_DIMENSION,
     ).get("ScalableTargets", [])
-    if any(t["ResourceId"] == resource_id for t in targets):
+    return next((t for t in targets if t["ResourceId"] == resource_id), None)
+
+
+def _scaling_policies(clients: Clients, resource_id: str) -> list[dict[str, Any]]:
+    """The variant's scaling policies (the API may return others' too: they are filtered out)."""
+    policies = aws_call(
+        "describe_scaling_policies",
+        clients.autoscaling.describe_scaling_policies,
+        ServiceNamespace="sagemaker",
+        ResourceId=resource_id,
+        ScalableDimension=SCALABLE_DIMENSION,
+    ).get("ScalingPolicies", [])
+    return [p for p in policies if p["ResourceId"] == resource_id]
+
+
+def _remove_autoscaling(clients: Clients, resource_id: str) -> list[str]:
+    """Delete the variant's policies and deregister it (Application Auto Scaling keeps them otherwise)."""
+    removed: list[str] = []
+    key = _target_key(resource_id)
+    for p in _scaling_policies(clients, resource_id):
+        aws_call(
+            "delete_scaling_policy",
+            clients.autoscaling.delete_scaling_policy,
+            PolicyName=p["PolicyName"],
+            **key,
+        )
+        removed.append(f"scaling-policy/{p['PolicyName']}")
+    if _scalable_target(clients, resource_id) is not None:
         aws_call("deregister_scalable_target", clients.autoscaling.deregister_scalable_target, **key)
         removed.append(f"scalable-target/{resource_id}")
     return removed
@@ -909,26 +917,10 @@ _POLICY_FIELDS = ("PolicyType", "TargetTrackingScalingPolicyConfiguration", "Ste
 
 def _read_autoscaling(clients: Clients, resource_id: str) -> SavedAutoscaling | None:
     """The variant's scalable target and its policies, or None when it is not registered."""
-    targets = aws_call(
-        "describe_scalable_targets",
-        clients.autoscaling.describe_scalable_targets,
-        ServiceNamespace="sagemaker",
-        ResourceIds=[resource_id],
-        ScalableDimension=SCALABLE_DIMENSION,
-    ).get("ScalableTargets", [])
-    target = next((t for t in targets if t["ResourceId"] == resource_id), None)
+    target = _scalable_target(clients, resource_id)
     if target is None:
         return None
-    policies = aws_call(
-        "describe_scaling_policies",
-        clients.autoscaling.describe_scaling_policies,
-        ServiceNamespace="sagemaker",
-        ResourceId=resource_id,
-        ScalableDimension=SCALABLE_DIMENSION,
-    ).get("ScalingPolicies", [])
-    return SavedAutoscaling(
-        target=target, policies=tuple(p for p in policies if p["ResourceId"] == resource_id)
-    )
+    return SavedAutoscaling(target=target, policies=tuple(_scaling_policies(clients, resource_id)))
 
 
 def _restore_autoscaling(clients: Clients, saved: SavedAutoscaling) -> list[str]:
@@ -1201,22 +1193,8 @@ def status(endpoint_name: str, clients: Clients) -> dict[str, Any] | None:
     for v in endpoint.get("ProductionVariants", []):
         name = v["VariantName"]
         rid = f"endpoint/{endpoint_name}/variant/{name}"
-        targets = aws_call(
-            "describe_scalable_targets",
-            clients.autoscaling.describe_scalable_targets,
-            ServiceNamespace="sagemaker",
-            ResourceIds=[rid],
-            ScalableDimension=SCALABLE_DIMENSION,
-        ).get("ScalableTargets", [])
-        policies = aws_call(
-            "describe_scaling_policies",
-            clients.autoscaling.describe_scaling_policies,
-            ServiceNamespace="sagemaker",
-            ResourceId=rid,
-            ScalableDimension=SCALABLE_DIMENSION,
-        ).get("ScalingPolicies", [])
-        target = next((t for t in targets if t["ResourceId"] == rid), None)
-        policy = next((p for p in policies if p["ResourceId"] == rid), None)
+        target = _scalable_target(clients, rid)
+        policy = next(iter(_scaling_policies(clients, rid)), None)
         tt = (policy or {}).get("TargetTrackingScalingPolicyConfiguration", {})
         variants.append(
             {
