@@ -23,7 +23,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from components.common import (
 )
 from components.data import DeviceImages, augment_batch, build_cache, data_hash, normalize_batch
 from components.evaluate import count_metrics
-from components.manifest import load_labelled
+from components.manifest import load_labelled, write_manifest
 from components.model import build_model, decode_outputs, export_onnx
 from components.modelspec import (
     DEFAULT_CLASSES,
@@ -78,6 +78,8 @@ RESUME_MAY_CHANGE = frozenset(
         "checkpoint_every",
         "progress",
         "resume",
+        "pretrain_extra",
+        "pretrain_data_root",
         "export",
         "model_name",
         "version",
@@ -86,7 +88,7 @@ RESUME_MAY_CHANGE = frozenset(
 METRICS_FILE = "metrics.json"
 CURVES_PNG = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
-SELECTION_METRICS = ("val_accuracy", "val_rmse", "val_loss")
+SELECTION_METRICS = ("val_accuracy", "val_rmse", "val_loss", "last")
 OnEpoch = Callable[[int, dict[str, float]], None]
 
 
@@ -136,6 +138,10 @@ class TrainConfig:
     teacher: tuple[str, ...] = ()
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
+    pretrain_extra: Path | None = None
+    pretrain_data_root: Path | None = None
+    pretrain_epochs: int = 0
+    pretrain_count_cap: int = 10
 
     def validate(self) -> None:
         """Fail early, with a message that says how to fix the setting."""
@@ -181,6 +187,28 @@ class TrainConfig:
                 raise ConfigError(f"--distill-temperature must be > 0, got {self.distill_temperature}")
             for t in self.teacher:
                 check_teacher(Path(t), self.head, self.classes)
+        self._validate_pretrain()
+
+    def _validate_pretrain(self) -> None:
+        if self.pretrain_epochs < 0:
+            raise ConfigError(f"--pretrain-epochs must be >= 0 (0 = off), got {self.pretrain_epochs}")
+        if self.pretrain_epochs == 0:
+            if self.pretrain_extra is not None:
+                raise ConfigError("--pretrain-extra is used only with --pretrain-epochs N (N >= 1)")
+            return
+        if self.pretrain_extra is None:
+            raise ConfigError(
+                "--pretrain-epochs needs --pretrain-extra: a manifest of images with other counts "
+                "(e.g. components.ingest --per-class N --classes 0,6,7,8,9,10)"
+            )
+        if not Path(self.pretrain_extra).is_file():
+            raise ConfigError(f"--pretrain-extra {self.pretrain_extra} does not exist")
+        if self.classes[0] < 0 or not self.classes[-1] <= self.pretrain_count_cap <= 100:
+            raise ConfigError(
+                f"--pretrain-count-cap must be in [{self.classes[-1]}, 100] (at least the largest class) "
+                f"and the classes non-negative; got cap {self.pretrain_count_cap}, "
+                f"classes {list(self.classes)}"
+            )
 
     def to_params(self) -> dict[str, Any]:
         """JSON-ready settings (paths as strings)."""
@@ -455,7 +483,13 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _select_key(metrics: dict[str, float], name: str) -> tuple[float, float]:
-    """Larger is better: accuracy (tie-break RMSE), or negated RMSE / loss."""
+    """Larger is better: accuracy (tie-break RMSE), negated RMSE / loss, or the latest epoch.
+
+    ``last`` is for a pretraining stage whose val figures do not measure what the weights are for
+    (a wider class range than the val split's): its final backbone is the one worth keeping.
+    """
+    if name == "last":
+        return (float(metrics["epoch"]), 0.0)
     if name == "val_accuracy":
         return (metrics["val_accuracy"], -metrics["val_rmse"])
     return (-metrics[name], metrics["val_accuracy"])
@@ -548,6 +582,58 @@ def _finished_run(
 # --------------------------------------------------------------------------------------- train
 
 
+PRETRAIN_DIR = "pretrain"
+
+
+def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
+    """Stage 1 of ``--pretrain-epochs``: an ordinal head over counts 0..cap on the training split plus
+    ``--pretrain-extra`` (the 0 and 6+ images the 1-5 task leaves out), counts above the cap set to it.
+
+    More images teach the backbone what "more items" looks like; the fit then starts from it (the head
+    is dropped). Val images never enter the training side, and the weights kept are the last epoch's:
+    val figures over a wider class range than the val split's say little about a backbone.
+    Written under ``MODEL_DIR/pretrain``; resumes with the run (``--resume``).
+    """
+    if cfg.pretrain_extra is None or cfg.pretrain_epochs < 1:
+        raise ConfigError("pretraining needs --pretrain-extra and --pretrain-epochs >= 1")
+    stage_dir = Path(cfg.out_dir) / PRETRAIN_DIR
+    cap = cfg.pretrain_count_cap
+    rows, paths = [], []
+    for csv, root in (
+        (Path(cfg.train_csv), cfg.data_root),
+        (Path(cfg.pretrain_extra), cfg.pretrain_data_root),
+    ):
+        r, p = load_labelled(csv, root)
+        rows += r
+        paths += p
+    # Absolute paths: the two manifests may live under different data roots.
+    stage_rows = [
+        replace(r, count=min(r.count, cap), path=str(p.resolve())) for r, p in zip(rows, paths, strict=True)
+    ]
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_csv = write_manifest(stage_dir / "pretrain.csv", stage_rows)
+    stage = replace(
+        cfg,
+        train_csv=stage_csv,
+        out_dir=stage_dir,
+        test_csv=None,
+        classes=tuple(range(cap + 1)),
+        head="ordinal",
+        epochs=cfg.pretrain_epochs,
+        label_smoothing=0.0,
+        selection_metric="last",
+        patience=0,
+        tta=False,
+        teacher=(),
+        pretrain_extra=None,
+        pretrain_data_root=None,
+        pretrain_epochs=0,
+        model_name=f"{cfg.model_name}-pretrain",
+    )
+    LOG.info("pretraining on %d images (counts 0..%d) for %d epochs", len(stage_rows), cap, stage.epochs)
+    return train(stage)
+
+
 def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
     """Train, select on validation, export. ``on_epoch(epoch, metrics)`` may raise to stop (pruning)."""
     t_start = time.perf_counter()
@@ -578,6 +664,19 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
             _check_resume(ckpt, fingerprint, ckpt_path)
     (out_dir / DONE_FILE).unlink(missing_ok=True)
 
+    init = cfg
+    pretrained: dict[str, Any] | None = None
+    if cfg.pretrain_epochs:
+        stage = pretrain_backbone(cfg)
+        init = replace(cfg, weights=str(stage.model_dir / STATE_DICT_FILE))
+        pretrained = {
+            "dir": str(stage.model_dir),
+            "images": stage.metrics["n_train"],
+            "epochs": stage.epochs_run,
+            "seconds": stage.seconds,
+        }
+        seed_everything(cfg.seed)  # the fit starts from the same RNG state whether stage 1 ran or resumed
+
     train_cache = build_cache(
         train_rows,
         train_paths,
@@ -597,7 +696,7 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
     steps = n_train // bs
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    trainer = Trainer(cfg, device, steps * cfg.epochs)
+    trainer = Trainer(init, device, steps * cfg.epochs)
     history: list[dict[str, float]] = []
     start_epoch, best_key, best_epoch, best_state, stopped_early = 0, None, 0, None, False
     if ckpt is not None:
@@ -716,6 +815,8 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
         "train_images_per_s": float(np.median(steady)),
         "train_seconds": time.perf_counter() - t_start,
     }
+    if pretrained is not None:
+        metrics["pretrain"] = pretrained
     if cfg.export:
         _export(cfg, final, train_rows, metrics, history, out_dir)
     atomic_write_json(
@@ -909,6 +1010,31 @@ def _parser() -> argparse.ArgumentParser:
         "--distill-weight", type=float, default=d.distill_weight, help="share of the loss from the teacher"
     )
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
+    p.add_argument(
+        "--pretrain-extra",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="manifest of images with other counts (0, 6+) for a pretraining stage on every count",
+    )
+    p.add_argument(
+        "--pretrain-data-root",
+        type=Path,
+        default=None,
+        help="directory the --pretrain-extra paths are under (default: as for any manifest)",
+    )
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=d.pretrain_epochs,
+        help="first train on --train plus --pretrain-extra for N epochs, then fit from that backbone",
+    )
+    p.add_argument(
+        "--pretrain-count-cap",
+        type=int,
+        default=d.pretrain_count_cap,
+        help="counts above this are this in pretraining",
+    )
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints"
@@ -959,6 +1085,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         teacher=tuple(args.teacher),
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
+        pretrain_extra=args.pretrain_extra,
+        pretrain_data_root=args.pretrain_data_root,
+        pretrain_epochs=args.pretrain_epochs,
+        pretrain_count_cap=args.pretrain_count_cap,
         model_name=args.model_name,
         version=args.version,
         progress=args.progress,

@@ -313,3 +313,98 @@ def test_teacher_must_fit_the_student(
         cfg(teacher=(str(tmp_path),))
     with pytest.raises(ConfigError, match="--distill-weight"):
         cfg(teacher=(str(tiny_trained_model_dir),), distill_weight=0.0)
+
+
+def _other_counts_manifest(abid_dir: Path, out: Path, n: int = 6) -> Path:
+    """A manifest of ``n`` real images with counts outside 1-5: half empty bins, half with 7+ items."""
+    from components.common import sha256_file
+    from components.manifest import ManifestRow
+
+    empty, many = [], []
+    for meta in sorted((abid_dir / "metadata").glob("*.json")):
+        q = json.loads(meta.read_text()).get("EXPECTED_QUANTITY")
+        image = abid_dir / "bin-images" / f"{meta.stem}.jpg"
+        if not isinstance(q, int) or not image.is_file():
+            continue
+        row = ManifestRow(meta.stem, q, str(image), sha256_file(image), 0, 0, "abid")
+        if q == 0 and len(empty) < n // 2:
+            empty.append(row)
+        elif q >= 7 and len(many) < n - n // 2:
+            many.append(row)
+        if len(empty) + len(many) == n:
+            break
+    assert len(empty) + len(many) == n, "expected empty bins and bins of 7+ items in ../shared/abid"
+    return write_manifest(out, empty + many)
+
+
+def test_pretraining_on_every_count_gives_the_fit_its_backbone(
+    abid_dir: Path, tiny_split: dict[str, Path], tmp_path: Path
+) -> None:
+    extra = _other_counts_manifest(abid_dir, tmp_path / "extra.csv")
+    # A learning rate too small to move a weight: the fit's convolutions stay where it started.
+    cfg = tiny_train_config(tiny_split, tmp_path / "m", lr=1e-12, pretrain_extra=extra, pretrain_epochs=2,
+                            pretrain_count_cap=6)  # fmt: skip
+    seen: list[int] = []
+
+    def stop_in_the_fit(epoch: int, metrics: dict[str, float]) -> None:
+        seen.append(epoch)
+        raise _InterruptError
+
+    with pytest.raises(_InterruptError):
+        train(cfg, on_epoch=stop_in_the_fit)
+    stage = tmp_path / "m" / "pretrain"
+    assert seen == [1] and (stage / "checkpoint.json").is_file()  # stage 1 done, the fit cut off
+    stage_done = (stage / "model.pt").stat().st_mtime_ns
+    result = train(dataclasses.replace(cfg, resume=True), on_epoch=lambda e, m: seen.append(e))
+    assert seen == [1, 2] and (stage / "model.pt").stat().st_mtime_ns == stage_done  # not pretrained again
+    # Interrupted + resumed == uninterrupted, the stage included.
+    whole = train(dataclasses.replace(cfg, out_dir=tmp_path / "whole"))
+    for got, want in zip(result.history, whole.history, strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
+
+    stage_rows = read_manifest(stage / "pretrain.csv")
+    assert len(stage_rows) == len(read_manifest(tiny_split["train"])) + 6
+    assert {r.count for r in stage_rows} == {0, 1, 2, 3, 4, 5, 6}  # 7+ capped at 6, the empty bins kept
+    assert load_model_spec(stage).classes == tuple(range(7))
+    stage_metrics = json.loads((stage / "metrics.json").read_text())
+    assert stage_metrics["best_epoch"] == 2  # the last epoch, not a val pick
+    backbone = torch.load(stage / "model.pt", weights_only=True)
+    fitted = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    assert torch.allclose(fitted["conv1.weight"], backbone["conv1.weight"], atol=1e-6)
+    assert fitted["fc.weight"].shape != backbone["fc.weight"].shape  # the head is the fit's own
+    assert result.metrics["pretrain"]["images"] == len(stage_rows)
+    params = json.loads((tmp_path / "m" / "model.json").read_text())["params"]
+    assert params["pretrain_epochs"] == 2 and params["pretrain_extra"] == str(extra)
+
+    # Without the stage the same fit starts elsewhere.
+    train(tiny_train_config(tiny_split, tmp_path / "plain", lr=1e-12))
+    plain = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
+    assert not torch.allclose(plain["conv1.weight"], backbone["conv1.weight"], atol=1e-3)
+
+
+def test_pretraining_settings_are_checked(
+    abid_dir: Path, tiny_split: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = _other_counts_manifest(abid_dir, tmp_path / "extra.csv", n=2)
+    base = [
+        "--train",
+        str(tiny_split["train"]),
+        "--val",
+        str(tiny_split["val"]),
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    for flags, words in [
+        (["--pretrain-epochs", "3"], "needs --pretrain-extra"),
+        (["--pretrain-extra", str(extra)], "only with --pretrain-epochs"),
+        (["--pretrain-epochs", "3", "--pretrain-extra", str(tmp_path / "nope.csv")], "does not exist"),
+        (
+            ["--pretrain-epochs", "3", "--pretrain-extra", str(extra), "--pretrain-count-cap", "4"],
+            "count-cap",
+        ),
+        (["--pretrain-epochs", "-1"], ">= 0"),
+    ]:
+        assert main(base + flags) == 2, flags
+        assert words in capsys.readouterr().err, flags
+    assert not (tmp_path / "m" / "pretrain").exists()  # refused before any work
