@@ -5,7 +5,7 @@
 #                                        #   time remains, the same fit from a backbone pretrained on
 #                                        #   every count. Needs .gpu/abid_all_224_q75.npz and .whl/
 #   bash bench/gpu_session.sh pretrain   # accuracy: from scratch vs pretrained on every count, default
-#                                        #   parameters. Needs .gpu/abid_all_224_q75.npz
+#                                        #   parameters, 100 epochs. Needs .gpu/abid_all_224_q75.npz
 #   bash bench/gpu_session.sh resolution # accuracy: the same ordinal run at 224 and at 288 px.
 #                                        #   Needs .gpu/abid_288_q75.npz
 #   bash bench/gpu_session.sh distill    # accuracy: two runs, their ensemble, and one ResNet18 taught
@@ -49,14 +49,14 @@ case $mode in
     # happens (the JSON then says how many trials ran and that the target is not met).
     python3 bench/train.py tune --pack .gpu/abid_all_224_q75.npz --out "$out" \
       --trials 20 --trial-epochs 15 --final-epochs 150 --tune-timeout 420 \
-      --pretrain-epochs 60 --budget-s 360
+      --pretrain-epochs 40 --budget-s 360
     ;;
   pretrain)
     need .gpu/abid_all_224_q75.npz
     # Same pack, same split for both runs: the first starts from scratch, the second from the
-    # backbone pretrained on the training split plus the 0 and 6+ images.
+    # backbone pretrained for 40 epochs on the training split plus the 0 and 6+ images (~4 minutes).
     python3 bench/train.py gpu --pack .gpu/abid_all_224_q75.npz --out "$out" --bench-batch \
-      --compile-below 0 --epochs 150 --tta --pretrain-epochs 100 --budget-s 480 \
+      --compile-below 0 --epochs 100 --tta --pretrain-epochs 40 --budget-s 150 \
       --result-name train_gpu_pretrain.json --runs "ordinal:weights=none" "ordinal"
     ;;
   resolution)

@@ -181,45 +181,34 @@ def prepare_data(pack_path: Path, work: Path, limit: int | None = None) -> dict[
 
 
 def pretrain(base: TrainConfig, work: Path, epochs: int, cap: int) -> dict[str, Any]:
-    """Stage 1 on every count: the training split plus the 0 and 6+ images, counts capped.
+    """Stage 1 on every count (``components.train.pretrain_backbone``): the training split plus the
+    0 and 6+ images of an ``--all-counts`` pack; the runs then start from its backbone.
 
-    An ordinal head over 0..cap learns "more items than k" from 50 % more images; the runs then
-    start from its backbone (``--weights PATH`` drops the head). Val and test images never enter.
     ``base`` gives the optimisation settings (the runs' own, or the tuned ones).
     """
-    from components.manifest import read_manifest
-    from components.train import train
+    from components.train import pretrain_backbone
 
     extra = work / "extra.csv"
     if not extra.is_file():
         raise SystemExit("pretraining needs the 0 and 6+ images: make the pack with 'pack --all-counts'")
-    rows = read_manifest(work / "train.csv") + read_manifest(extra)
-    capped = [dataclasses.replace(r, count=min(r.count, cap)) for r in rows]
-    write_manifest(work / "pretrain.csv", capped)
     cfg = dataclasses.replace(
         base,
-        train_csv=work / "pretrain.csv",
-        val_csv=work / "val.csv",
-        test_csv=None,
-        out_dir=work / "pretrain",
-        classes=tuple(range(cap + 1)),
-        head="ordinal",
-        weights="none",
-        epochs=epochs,
-        label_smoothing=0.0,
-        selection_metric="val_rmse",
-        tta=False,
+        out_dir=work,
+        pretrain_extra=extra,
+        pretrain_data_root=work / "data",
+        pretrain_epochs=epochs,
+        pretrain_count_cap=cap,
+        resume=False,
     )
-    shutil.rmtree(cfg.out_dir, ignore_errors=True)  # a fresh stage, never a resumed old one
     t = time.perf_counter()
-    res = train(cfg)
+    res = pretrain_backbone(cfg)
     return {
-        "images": len(capped),
+        "images": res.metrics["n_train"],
         "count_cap": cap,
         "epochs": epochs,
         "seconds": time.perf_counter() - t,
         "best_epoch": res.best_epoch,
-        "weights": str(cfg.out_dir / "model.pt"),
+        "weights": str(res.model_dir / "model.pt"),
     }
 
 

@@ -145,7 +145,7 @@ def test_pretraining_on_every_count_feeds_the_runs(
     r = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
     pre = r["pretrain"]
     assert pre["images"] == r["data"]["split"]["train"] + N_EXTRA
-    pretrain_rows = read_manifest(tmp_path / "w" / "pretrain.csv")
+    pretrain_rows = read_manifest(tmp_path / "w" / "pretrain" / "pretrain.csv")
     assert max(row.count for row in pretrain_rows) <= pre["count_cap"]
     assert [run["weights"] for run in r["runs"]] == ["none", pre["weights"]]
     assert "selected" in r
