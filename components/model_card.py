@@ -17,6 +17,17 @@ def _row(name: str, m: dict[str, Any] | None) -> str:
     return f"| {name} | {m['n']} | {m['accuracy']:.3f} | {m['rmse']:.3f} | {m['mae']:.3f} |"
 
 
+def _pretraining(p: dict[str, Any], metrics: dict[str, Any]) -> str:
+    pre = metrics.get("pretrain")
+    if not pre:
+        return ""
+    return (
+        f" The backbone was first trained for {pre.get('epochs')} epochs on {pre.get('images')} images: the"
+        f" training images plus images with other counts (empty bins, more items; counts above"
+        f" {p.get('pretrain_count_cap')} as {p.get('pretrain_count_cap')}), never validation or test images."
+    )
+
+
 def render_model_card(spec: ModelSpec, metrics: dict[str, Any]) -> str:
     """Markdown text; figures come from ``metrics`` (val always, test when it was given)."""
     p = spec.params
@@ -38,7 +49,7 @@ images, {metrics.get("n_val", "?")} validation images). The dataset is licensed 
 Weights: `{p.get("weights")}`; {p.get("epochs")} epochs planned, {metrics.get("epochs_run")} run, best epoch
 {metrics.get("best_epoch")} (selected on validation {metrics.get("selection_metric")}; the test set is
 never used for selection). Optimizer {p.get("optimizer")}, peak lr {p.get("lr")}, batch {p.get("batch_size")},
-augmentation strength {p.get("aug_strength")}, seed {p.get("seed")}.
+augmentation strength {p.get("aug_strength")}, seed {p.get("seed")}.{_pretraining(p, metrics)}
 
 ## Metrics
 RMSE and MAE are in items, of the predicted (rounded, clipped) count.

@@ -41,7 +41,7 @@ from components.common import (
 )
 from components.data import DeviceImages, augment_batch, build_cache, data_hash, normalize_batch
 from components.evaluate import count_metrics
-from components.manifest import load_labelled, write_manifest
+from components.manifest import load_labelled, read_manifest, write_manifest
 from components.model import build_model, decode_outputs, export_onnx
 from components.modelspec import (
     DEFAULT_CLASSES,
@@ -598,14 +598,18 @@ def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
         raise ConfigError("pretraining needs --pretrain-extra and --pretrain-epochs >= 1")
     stage_dir = Path(cfg.out_dir) / PRETRAIN_DIR
     cap = cfg.pretrain_count_cap
-    rows, paths = [], []
-    for csv, root in (
-        (Path(cfg.train_csv), cfg.data_root),
-        (Path(cfg.pretrain_extra), cfg.pretrain_data_root),
-    ):
-        r, p = load_labelled(csv, root)
-        rows += r
-        paths += p
+    train_rows, train_paths = load_labelled(Path(cfg.train_csv), cfg.data_root)
+    extra_rows, extra_paths = load_labelled(Path(cfg.pretrain_extra), cfg.pretrain_data_root)
+    for csv in [Path(cfg.val_csv)] + ([Path(cfg.test_csv)] if cfg.test_csv else []):
+        held_out = read_manifest(csv)
+        ids, hashes = {h.id for h in held_out}, {h.sha256 for h in held_out}
+        leaked = sorted(e.id for e in extra_rows if e.id in ids or e.sha256 in hashes)
+        if leaked:
+            raise ConfigError(
+                f"{len(leaked)} images of --pretrain-extra are also in {csv} (first: {leaked[0]}): they "
+                "would be trained on; ingest the extra images with counts outside --classes"
+            )
+    rows, paths = train_rows + extra_rows, train_paths + extra_paths
     # Absolute paths: the two manifests may live under different data roots.
     stage_rows = [
         replace(r, count=min(r.count, cap), path=str(p.resolve())) for r, p in zip(rows, paths, strict=True)

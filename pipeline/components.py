@@ -222,6 +222,46 @@ def ingest(
     return result.n_images
 
 
+def ingest_extra(
+    source: str,
+    endpoint_url: str,
+    per_class: int,
+    classes: str,
+    dataset: Output[Dataset],
+) -> int:
+    """Images with the counts the task leaves out (empty bins, 6+ items) for train's pretraining stage.
+
+    ``per_class`` 0 (pretraining off) writes an empty manifest and reads nothing, so the graph is the
+    same either way (a conditional producer could not feed the one train task).
+    """
+    from pathlib import Path
+
+    from components.common import parse_int_list
+    from components.ingest import MANIFEST_FILE
+    from components.ingest import ingest as run_ingest
+    from components.manifest import write_manifest
+    from pipeline.components import step_errors
+
+    out = Path(dataset.path)
+    with step_errors("ingest_extra", dataset.path):
+        if per_class < 1:
+            out.mkdir(parents=True, exist_ok=True)
+            write_manifest(out / MANIFEST_FILE, [])
+            n_images = 0
+        else:
+            result = run_ingest(
+                source,
+                out,
+                endpoint_url=endpoint_url or None,
+                per_class=per_class,
+                classes=parse_int_list(classes, name="pretrain_classes"),
+                progress=False,
+            )
+            n_images = result.n_images
+    dataset.metadata.update({"n_images": n_images, "source": source, "classes": classes})
+    return n_images
+
+
 def split(
     dataset: Input[Dataset],
     ratios: str,
@@ -416,6 +456,7 @@ def train_model(
     dataset: Input[Dataset],
     train: Input[Dataset],
     val: Input[Dataset],
+    extra: Input[Dataset],
     classes: str,
     head: str,
     weights: str,
@@ -424,6 +465,8 @@ def train_model(
     epochs: int,
     ema: float,
     tta: bool,
+    pretrain_epochs: int,
+    pretrain_classes: str,
     seed: int,
     device: str,
     num_threads: int,
@@ -434,19 +477,35 @@ def train_model(
     curves: Output[HTML],
     model_card: Output[Markdown],
 ):
-    """The final fit with the tuned parameters; exports model.onnx + model.json into the Model."""
+    """The final fit with the tuned parameters; exports model.onnx + model.json into the Model.
+
+    With ``pretrain_epochs`` the fit starts from a backbone first trained on the training split plus
+    ``extra`` (ingest_extra's images, counts outside ``classes``).
+    """
     import json
     import shutil
     from pathlib import Path
 
     from components.common import parse_int_list
-    from components.train import TrainConfig
+    from components.ingest import MANIFEST_FILE
+    from components.train import PRETRAIN_DIR, TrainConfig
     from components.train import train as run_training
     from components.tune import apply_params
     from pipeline.components import html_report, optional_int, step_errors
 
     out = Path(model.path)
     with step_errors("train", model.path):
+        pretrain = {}
+        if pretrain_epochs > 0:
+            counts = parse_int_list(pretrain_classes, name="pretrain_classes") + parse_int_list(
+                classes, name="classes"
+            )
+            pretrain = {
+                "pretrain_extra": Path(extra.path) / MANIFEST_FILE,
+                "pretrain_data_root": Path(extra.path),
+                "pretrain_epochs": pretrain_epochs,
+                "pretrain_count_cap": max(counts),
+            }
         cfg = TrainConfig(
             train_csv=Path(train.path),
             val_csv=Path(val.path),
@@ -465,6 +524,7 @@ def train_model(
             num_threads=optional_int(num_threads),
             model_name=model_name,
             progress=False,
+            **pretrain,
         )
         cfg = apply_params(json.loads(best_params or "{}"), cfg)
         result = run_training(cfg)
@@ -497,8 +557,9 @@ def train_model(
         shutil.copyfile(card, model_card.path)
     else:
         Path(model_card.path).write_text(f"# {model_name}\n\nNo model card was written.\n", encoding="utf-8")
-    # the resumable checkpoint is not part of the exported model
+    # the resumable checkpoints and the pretraining stage are not part of the exported model
     (out / "checkpoint.pt").unlink(missing_ok=True)
+    shutil.rmtree(out / PRETRAIN_DIR, ignore_errors=True)
 
 
 def evaluate_model(
@@ -591,6 +652,7 @@ class Components:
     """The pipeline's components, built for one image."""
 
     ingest: Callable[..., Any]
+    ingest_extra: Callable[..., Any]
     split: Callable[..., Any]
     worker_ids: Callable[..., Any]
     tune_worker: Callable[..., Any]
@@ -608,6 +670,7 @@ def make_components(image: str = DEFAULT_COMPONENTS_IMAGE) -> Components:
 
     return Components(
         ingest=build(ingest),
+        ingest_extra=build(ingest_extra),
         split=build(split),
         worker_ids=build(worker_ids),
         tune_worker=build(tune_worker),

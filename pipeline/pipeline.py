@@ -4,10 +4,14 @@
 
     ingest ─► split ─┬─► ParallelFor(worker_ids(n_tune_workers)): tune_worker  ─┐  (one Optuna study)
                      │                                                          ▼
-                     └────────────────────────────────────────► select_best ─► train_model
+                     └────────────────────────────────────────► select_best ─► train_model ◄─ ingest_extra
                                                                                   │
                                   dsl.If(test accuracy >= accuracy_threshold) ◄─ evaluate_model
                                                  └─► publish_model
+
+``ingest_extra`` fetches images with the counts the task leaves out (empty bins, 6+ items) for the
+fit's pretraining stage (``pretrain_epochs``); with ``pretrain_per_class`` 0 it writes an empty
+manifest and reads nothing.
 
 The graph is the same locally and on a cluster. What differs is decided at build time
 (:func:`build_pipeline`): the image, GPU requests for tune/train, and the Kubernetes Secrets (Optuna's
@@ -108,6 +112,9 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         epochs: int = 2,
         ema: float = 0.0,
         tta: bool = False,
+        pretrain_per_class: int = 0,
+        pretrain_classes: str = "0,6,7,8,9,10",
+        pretrain_epochs: int = 0,
         tune_trials: int = 3,
         tune_epochs: int = 1,
         n_tune_workers: int = 2,
@@ -134,6 +141,21 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         ingest.set_caching_options(True)
         _with_s3_credentials(_k8s(ingest, opts), opts)
         data = ingest.outputs["dataset"]
+
+        extra = c.ingest_extra(
+            source=source, endpoint_url=endpoint_url, per_class=pretrain_per_class, classes=pretrain_classes
+        )
+        extra.set_display_name("ingest other counts (pretraining)")
+        if opts.ingest_retries:
+            extra.set_retry(
+                num_retries=opts.ingest_retries,
+                backoff_duration="15s",
+                backoff_factor=2.0,
+                backoff_max_duration="300s",
+            )
+        extra.set_cpu_request("1").set_cpu_limit("2").set_memory_request("1G").set_memory_limit("4G")
+        extra.set_caching_options(True)
+        _with_s3_credentials(_k8s(extra, opts), opts)
 
         split = c.split(dataset=data, ratios=split_ratios, seed=seed)
         split.set_display_name("stratified split")
@@ -179,6 +201,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             dataset=data,
             train=train_csv,
             val=val_csv,
+            extra=extra.outputs["dataset"],
             classes=classes,
             head=head,
             weights=weights,
@@ -187,6 +210,8 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             epochs=epochs,
             ema=ema,
             tta=tta,
+            pretrain_epochs=pretrain_epochs,
+            pretrain_classes=pretrain_classes,
             seed=seed,
             device=device,
             num_threads=num_threads,

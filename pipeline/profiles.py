@@ -37,6 +37,12 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "in the trials and the final fit (0 = off; 0.998 suits long from-scratch schedules)",
         "tta": "average the 4 flips of each image inside the exported graph: the served model does 4 "
         "forward passes per image (about 4x the inference cost) for a point or two of accuracy",
+        "pretrain_per_class": "images per count to ingest for the pretraining stage, with the counts of "
+        "pretrain_classes (0 = none)",
+        "pretrain_classes": "the counts outside `classes` those images have (empty bins, 6+ items); never "
+        "in val or test",
+        "pretrain_epochs": "first train the backbone for this many epochs on the training split plus those "
+        "images (counts 0..max, ordinal), then fit from it (0 = off; needs pretrain_per_class)",
         "tune_trials": "Optuna trials in the whole study (shared by all tuning workers)",
         "tune_epochs": "epochs per tuning trial (the pruner may stop a trial earlier)",
         "n_tune_workers": "parallel tuning workers (dsl.ParallelFor) sharing one Optuna study",
@@ -81,6 +87,9 @@ PROFILES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
                 "epochs": 2,
                 "ema": 0.0,
                 "tta": False,
+                "pretrain_per_class": 0,
+                "pretrain_classes": "0,6,7,8,9,10",
+                "pretrain_epochs": 0,
                 "tune_trials": 3,
                 "tune_epochs": 1,
                 "n_tune_workers": 2,
@@ -101,6 +110,9 @@ PROFILES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
                 "epochs": 25,
                 "ema": 0.0,
                 "tta": False,
+                "pretrain_per_class": 0,
+                "pretrain_classes": "0,6,7,8,9,10",
+                "pretrain_epochs": 0,
                 "tune_trials": 24,
                 "tune_epochs": 6,
                 "n_tune_workers": 4,
@@ -110,8 +122,9 @@ PROFILES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
                 "model_store": "s3://inventory-monitor-models",
             }
         ),
-        # the benchmark's from-scratch recipe (no pretrained weights needed), a GPU: 224 px, batch
-        # 128, a 20-trial tune of 15 epochs per trial, then 150 epochs with a weight average
+        # the benchmark's from-scratch recipe (no ImageNet weights needed), a GPU: 224 px, batch
+        # 128, a 20-trial tune of 15 epochs per trial, then a backbone pretrained for 40 epochs on
+        # the training split plus 2,400 images of other counts, and 150 epochs with a weight average
         "scratch": MappingProxyType(
             {
                 **_COMMON,
@@ -122,6 +135,9 @@ PROFILES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
                 "epochs": 150,
                 "ema": 0.998,
                 "tta": False,
+                "pretrain_per_class": 400,
+                "pretrain_classes": "0,6,7,8,9,10",
+                "pretrain_epochs": 40,
                 "tune_trials": 20,
                 "tune_epochs": 15,
                 "n_tune_workers": 4,
@@ -200,7 +216,7 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
     for key in ("image_size", "batch_size", "epochs", "tune_epochs", "n_tune_workers"):
         if params[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {params[key]}")
-    for key in ("per_class", "num_threads"):
+    for key in ("per_class", "num_threads", "pretrain_per_class", "pretrain_epochs"):
         if params[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {params[key]}")
     if params["tune_trials"] < params["n_tune_workers"]:
@@ -218,5 +234,27 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
         raise ConfigError(f"device must be auto, cpu or cuda, got {params['device']!r}")
     if params["weights"] not in ("none", "imagenet"):
         raise ConfigError(f"weights must be imagenet or none (random init), got {params['weights']!r}")
+    _validate_pretraining(params)
     if not params["source"]:
         raise ConfigError("source is empty: pass s3://bucket[/prefix] or a local ABID directory")
+
+
+def _validate_pretraining(params: Mapping[str, Any]) -> None:
+    from components.common import parse_int_list
+
+    if params["pretrain_epochs"] and not params["pretrain_per_class"]:
+        raise ConfigError(
+            "pretrain_epochs needs images to pretrain on: set pretrain_per_class >= 1 (e.g. 400), "
+            "or pretrain_epochs=0"
+        )
+    extra = parse_int_list(params["pretrain_classes"], name="pretrain_classes")
+    if params["pretrain_per_class"] and not extra:
+        raise ConfigError("pretrain_classes is empty: list the counts to ingest, e.g. 0,6,7,8,9,10")
+    shared = sorted(set(extra) & set(parse_int_list(params["classes"], name="classes")))
+    if shared:
+        raise ConfigError(
+            f"pretrain_classes {shared} are also in classes: those images could be val or test images; "
+            "list only counts outside classes"
+        )
+    if min(extra, default=0) < 0:
+        raise ConfigError(f"pretrain_classes must be counts >= 0, got {extra}")

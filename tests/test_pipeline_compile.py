@@ -21,6 +21,7 @@ from pipeline.profiles import PARAMETER_HELP, PROFILES, parameter_table, pipelin
 IMAGE = "registry.example/inventory-monitor/components:abc123"
 EXPECTED_ROOT_TASKS = {
     "ingest",
+    "ingest-extra",
     "split",
     "worker-ids",
     "for-loop-1",
@@ -31,11 +32,12 @@ EXPECTED_ROOT_TASKS = {
 }
 EXPECTED_EDGES = {
     "ingest": set(),
+    "ingest-extra": set(),
     "worker-ids": set(),
     "split": {"ingest"},
     "for-loop-1": {"ingest", "split", "worker-ids"},
     "select-best": {"for-loop-1", "ingest", "split"},
-    "train-model": {"ingest", "select-best", "split"},
+    "train-model": {"ingest", "ingest-extra", "select-best", "split"},
     "evaluate-model": {"ingest", "split", "train-model"},
     "condition-2": {"evaluate-model", "train-model"},
 }
@@ -103,6 +105,18 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
     assert train["ema"]["componentInputParameter"] == "ema"
     assert train["tta"]["componentInputParameter"] == "tta"
     assert "tta" not in params and "tta" not in best
+    # pretraining: only the final fit gets the other counts' images and the stage's settings
+    assert spec["root"]["dag"]["tasks"]["train-model"]["inputs"]["artifacts"]["extra"][
+        "taskOutputArtifact"
+    ] == {
+        "outputArtifactKey": "dataset",
+        "producerTask": "ingest-extra",
+    }
+    assert train["pretrain_epochs"]["componentInputParameter"] == "pretrain_epochs"
+    assert train["pretrain_classes"]["componentInputParameter"] == "pretrain_classes"
+    extra = spec["root"]["dag"]["tasks"]["ingest-extra"]["inputs"]["parameters"]
+    assert extra["per_class"]["componentInputParameter"] == "pretrain_per_class"
+    assert "pretrain_epochs" not in params and "pretrain_epochs" not in best
 
 
 def test_publish_is_gated_on_test_accuracy(full):
@@ -166,7 +180,7 @@ def test_pipeline_signature_matches_the_profiles():
 def test_executors_run_in_the_image_and_install_nothing(full):
     spec, _ = full
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 8
+    assert len(executors) == 9
     for name, ex in executors.items():
         container = ex["container"]
         assert container["image"] == IMAGE, name
@@ -192,8 +206,9 @@ def test_resources_retries_and_caching(full, quick):
 
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["ingest"]["retryPolicy"]["maxRetryCount"] == 3
+    assert tasks["ingest-extra"]["retryPolicy"]["maxRetryCount"] == 3
     caching = {name: t.get("cachingOptions", {}).get("enableCache", False) for name, t in tasks.items()}
-    assert caching["ingest"] and caching["split"] and caching["evaluate-model"]
+    assert caching["ingest"] and caching["ingest-extra"] and caching["split"] and caching["evaluate-model"]
     assert not caching["select-best"] and not caching["train-model"]
     loop_body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["tune-worker"]
     assert not loop_body.get("cachingOptions", {}).get("enableCache", False)
@@ -253,6 +268,8 @@ def test_compile_flags_override_build_options(tmp_path):
         (["--param", "accuracy_threshold=1.5"], "accuracy_threshold"),
         (["--param", "ema=1.0"], "ema must be in [0, 1)"),
         (["--param", "tta=maybe"], "tta"),
+        (["--param", "pretrain_epochs=10"], "set pretrain_per_class >= 1"),
+        (["--param", "pretrain_per_class=5", "--param", "pretrain_classes=0,5"], "also in classes"),
         (["--tune-parallelism", "0"], "--tune-parallelism"),
     ],
 )

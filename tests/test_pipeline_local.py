@@ -2,7 +2,8 @@
 
 Every task runs as a subprocess of this venv (SubprocessRunner, use_venv=False), exactly as ``make run``
 does: ingest from S3 (moto) -> split -> 2 parallel Optuna workers on one SQLite study -> select best ->
-train -> evaluate (ONNX) -> dsl.If -> publish to s3:// on moto. The published model is then fetched the
+train (pretrained first on the train split plus two other counts) -> evaluate (ONNX) -> dsl.If ->
+publish to s3:// on moto. The published model is then fetched the
 way KServe's storage initializer does and must load and predict on a real JPEG.
 """
 
@@ -21,6 +22,8 @@ from pipeline import run_local
 pytestmark = pytest.mark.slow
 
 PER_CLASS = 6
+#: images of two counts outside 1-5 in the bucket, for the pretraining stage
+OTHER_COUNTS = {0: 2, 7: 2}
 TINY = [
     "--per-class", "5", "--image-size", "32", "--epochs", "1", "--trials", "2", "--tune-epochs", "1",
     "--workers", "2", "--accuracy-threshold", "0.0", "--param", "batch_size=8",
@@ -28,15 +31,16 @@ TINY = [
 
 
 def _upload_subset(endpoint: str, abid_dir: Path, bucket: str, prefix: str) -> list[str]:
-    """A few real images per class in the bucket layout (bin-images/, metadata/); returns the ids."""
+    """A few real images per class, and of OTHER_COUNTS, in the bucket layout; returns the ids."""
     s3 = boto3.client("s3", endpoint_url=endpoint)
     s3.create_bucket(Bucket=bucket)
-    wanted: dict[int, list[str]] = {c: [] for c in (1, 2, 3, 4, 5)}
+    quota = {**dict.fromkeys((1, 2, 3, 4, 5), PER_CLASS), **OTHER_COUNTS}
+    wanted: dict[int, list[str]] = {c: [] for c in quota}
     for meta in sorted((abid_dir / "metadata").iterdir()):
         count = json.loads(meta.read_text())["EXPECTED_QUANTITY"]
-        if count in wanted and len(wanted[count]) < PER_CLASS:
+        if count in wanted and len(wanted[count]) < quota[count]:
             wanted[count].append(meta.stem)
-        if all(len(v) == PER_CLASS for v in wanted.values()):
+        if all(len(v) == quota[c] for c, v in wanted.items()):
             break
     ids = [i for v in wanted.values() for i in v]
     for i in ids:
@@ -82,7 +86,8 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     run_dir = tmp_path / "run"
     argv = ["--source", "s3://abid/mirror", "--endpoint-url", endpoint, "--out", str(run_dir),
             "--store", "s3://models/registry", "--model-version", "e2e", *TINY,
-            "--param", "ema=0.9", "--param", "tta=true"]  # fmt: skip
+            "--param", "ema=0.9", "--param", "tta=true", "--param", "pretrain_per_class=2",
+            "--param", "pretrain_classes=0,7", "--param", "pretrain_epochs=1"]  # fmt: skip
     assert run_local.main(argv) == 0
     out = capsys.readouterr().out
 
@@ -92,6 +97,7 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     summary = run_local.collect_run(runs[0])
     for task in (
         "ingest",
+        "ingest-extra",
         "split",
         "worker-ids",
         "select-best",
@@ -108,6 +114,7 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     study = summary.artifact("select-best", "study")["metadata"]
     assert study["trials_complete"] + study["trials_pruned"] == 2
     assert summary.artifact("ingest", "dataset")["metadata"]["n_images"] == 25
+    assert summary.artifact("ingest-extra", "dataset")["metadata"]["n_images"] == sum(OTHER_COUNTS.values())
     best = json.loads(summary.param("select-best"))
     assert best["image_size"] == 32 and "lr" in best
     confusion = summary.artifact("evaluate-model", "confusion")["metadata"]["confusionMatrix"]
@@ -135,6 +142,8 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     spec = load_model_spec(mnt)
     assert spec.version == "e2e" and spec.preprocess.image_size == 32
     assert spec.params["ema"] == 0.9 and spec.params["tta"] is True  # pipeline parameters reached the fit
+    # the fit started from a backbone pretrained on the train split plus the other counts (0..7)
+    assert spec.params["pretrain_epochs"] == 1 and spec.params["pretrain_count_cap"] == 7
     gate = spec.metrics["int8_gate"]  # the final fit was quantized and gated on val accuracy
     assert gate["accepted"] == (spec.onnx_int8_file is not None)
     assert gate["accepted"] == (gate["int8_accuracy"] >= gate["fp32_accuracy"] - gate["max_drop"])
@@ -143,6 +152,7 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
 
     # and the run directory holds a servable copy
     assert _predict(run_dir / "model", jpeg) in load_model_spec(run_dir / "model").classes
+    assert not (run_dir / "model" / "pretrain").exists()  # the stage is not part of the model
 
 
 @pytest.mark.timeout(300)
@@ -160,8 +170,8 @@ def test_a_failing_step_fails_the_run_with_its_message_and_publishes_nothing(
     assert "Contents" not in s3.list_objects_v2(Bucket="models")
     assert not (run_dir / "model").exists()
     (run,) = (run_dir / "kfp").iterdir()
-    # only ingest and the independent worker-ids task ran; nothing downstream of ingest did
-    assert {p.name for p in run.iterdir()} <= {"ingest", "worker-ids"}
+    # only ingest and the independent tasks ran; nothing downstream of ingest did
+    assert {p.name for p in run.iterdir()} <= {"ingest", "ingest-extra", "worker-ids"}
 
 
 def test_bad_local_source_is_rejected_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

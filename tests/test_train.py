@@ -374,6 +374,8 @@ def test_pretraining_on_every_count_gives_the_fit_its_backbone(
     assert torch.allclose(fitted["conv1.weight"], backbone["conv1.weight"], atol=1e-6)
     assert fitted["fc.weight"].shape != backbone["fc.weight"].shape  # the head is the fit's own
     assert result.metrics["pretrain"]["images"] == len(stage_rows)
+    card = (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    assert f"first trained for 2 epochs on {len(stage_rows)} images" in card
     params = json.loads((tmp_path / "m" / "model.json").read_text())["params"]
     assert params["pretrain_epochs"] == 2 and params["pretrain_extra"] == str(extra)
 
@@ -404,6 +406,7 @@ def test_pretraining_settings_are_checked(
             "count-cap",
         ),
         (["--pretrain-epochs", "-1"], ">= 0"),
+        (["--pretrain-epochs", "1", "--pretrain-extra", str(tiny_split["val"])], "also in"),  # a leak
     ]:
         assert main(base + flags) == 2, flags
         assert words in capsys.readouterr().err, flags
