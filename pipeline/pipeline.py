@@ -82,6 +82,20 @@ def _with_optuna_storage(task: Any, opts: BuildOptions) -> Any:
     return task
 
 
+def _fetching(task: Any, opts: BuildOptions) -> Any:
+    """An ingest task: retried with backoff (S3 hiccups), cached, S3 credentials if the Secret exists."""
+    if opts.ingest_retries:
+        task.set_retry(
+            num_retries=opts.ingest_retries,
+            backoff_duration="15s",
+            backoff_factor=2.0,
+            backoff_max_duration="300s",
+        )
+    task.set_cpu_request("1").set_cpu_limit("2").set_memory_request("1G").set_memory_limit("4G")
+    task.set_caching_options(True)
+    return _with_s3_credentials(_k8s(task, opts), opts)
+
+
 def _trainer_resources(task: Any, opts: BuildOptions) -> Any:
     if opts.gpu:
         task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("16G").set_memory_limit("32G")
@@ -129,33 +143,13 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         serving_image: str = f"inventory-monitor/serving:{__version__}",
     ) -> None:
         ingest = c.ingest(source=source, endpoint_url=endpoint_url, per_class=per_class, classes=classes)
-        ingest.set_display_name("ingest ABID images")
-        if opts.ingest_retries:
-            ingest.set_retry(
-                num_retries=opts.ingest_retries,
-                backoff_duration="15s",
-                backoff_factor=2.0,
-                backoff_max_duration="300s",
-            )
-        ingest.set_cpu_request("1").set_cpu_limit("2").set_memory_request("1G").set_memory_limit("4G")
-        ingest.set_caching_options(True)
-        _with_s3_credentials(_k8s(ingest, opts), opts)
+        _fetching(ingest.set_display_name("ingest ABID images"), opts)
         data = ingest.outputs["dataset"]
 
         extra = c.ingest_extra(
             source=source, endpoint_url=endpoint_url, per_class=pretrain_per_class, classes=pretrain_classes
         )
-        extra.set_display_name("ingest other counts (pretraining)")
-        if opts.ingest_retries:
-            extra.set_retry(
-                num_retries=opts.ingest_retries,
-                backoff_duration="15s",
-                backoff_factor=2.0,
-                backoff_max_duration="300s",
-            )
-        extra.set_cpu_request("1").set_cpu_limit("2").set_memory_request("1G").set_memory_limit("4G")
-        extra.set_caching_options(True)
-        _with_s3_credentials(_k8s(extra, opts), opts)
+        _fetching(extra.set_display_name("ingest other counts (pretraining)"), opts)
 
         split = c.split(dataset=data, ratios=split_ratios, seed=seed)
         split.set_display_name("stratified split")

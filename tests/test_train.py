@@ -160,17 +160,14 @@ def test_resume_continues_from_checkpoint(
     assert (out / "model.onnx").stat().st_mtime_ns == mtime
 
 
+def _cli_args(split: dict[str, Path], out: Path) -> list[str]:
+    return ["--train", str(split["train"]), "--val", str(split["val"]), "--out", str(out)]
+
+
 def test_config_errors_exit_2(
     tiny_split: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = [
-        "--train",
-        str(tiny_split["train"]),
-        "--val",
-        str(tiny_split["val"]),
-        "--out",
-        str(tmp_path / "m"),
-    ]
+    base = _cli_args(tiny_split, tmp_path / "m")
     for extra, words in [
         (["--epochs", "0"], "--epochs"),
         (["--classes", "1,3"], "consecutive"),
@@ -389,14 +386,7 @@ def test_pretraining_settings_are_checked(
     abid_dir: Path, tiny_split: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     extra = _other_counts_manifest(abid_dir, tmp_path / "extra.csv", n=2)
-    base = [
-        "--train",
-        str(tiny_split["train"]),
-        "--val",
-        str(tiny_split["val"]),
-        "--out",
-        str(tmp_path / "m"),
-    ]
+    base = _cli_args(tiny_split, tmp_path / "m")
     for flags, words in [
         (["--pretrain-epochs", "3"], "needs --pretrain-extra"),
         (["--pretrain-extra", str(extra)], "only with --pretrain-epochs"),
