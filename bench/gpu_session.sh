@@ -6,6 +6,9 @@
 #                                        #   every count. Needs .gpu/abid_all_224_q75.npz and .whl/
 #   bash bench/gpu_session.sh pretrain   # accuracy: from scratch vs pretrained on every count, default
 #                                        #   parameters, 100 epochs. Needs .gpu/abid_all_224_q75.npz
+#   bash bench/gpu_session.sh ensemble   # accuracy: three seeds of the pretrained run, their ensemble and
+#                                        #   one ResNet18 taught by them (~8 minutes). Needs
+#                                        #   .gpu/abid_all_224_q75.npz
 #   bash bench/gpu_session.sh resolution # accuracy: the same ordinal run at 224 and at 288 px.
 #                                        #   Needs .gpu/abid_288_q75.npz
 #   bash bench/gpu_session.sh distill    # accuracy: two runs, their ensemble, and one ResNet18 taught
@@ -59,6 +62,15 @@ case $mode in
       --compile-below 0 --epochs 100 --tta --pretrain-epochs 40 --budget-s 150 \
       --result-name train_gpu_pretrain.json --runs "ordinal:weights=none" "ordinal"
     ;;
+  ensemble)
+    need .gpu/abid_all_224_q75.npz
+    # The pretrain mode's recipe from one shared backbone (40 epochs on every count), three seeds:
+    # how much of its gain is the seed, what averaging them adds, and whether one student keeps it.
+    python3 bench/train.py gpu --pack .gpu/abid_all_224_q75.npz --out "$out" --bench-batch \
+      --compile-below 0 --epochs 100 --tta --pretrain-epochs 40 --ensemble --distill \
+      --budget-s 260 --distill-budget-s 340 --result-name train_gpu_ensemble.json \
+      --runs "ordinal:seed=1" "ordinal:seed=2" "ordinal:seed=3"
+    ;;
   resolution)
     need .gpu/abid_288_q75.npz
     # ABID photos are 250-600 px on a side: does counting gain from more of them than 224 px keeps?
@@ -76,7 +88,7 @@ case $mode in
       --result-name train_gpu_distill.json --runs "ordinal:seed=1" "ordinal:seed=2"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tune|pretrain|resolution|distill" >&2
+    echo "usage: bash bench/gpu_session.sh tune|pretrain|ensemble|resolution|distill" >&2
     exit 2
     ;;
 esac
