@@ -21,10 +21,11 @@ def _pretraining(p: dict[str, Any], metrics: dict[str, Any]) -> str:
     pre = metrics.get("pretrain")
     if not pre:
         return ""
+    cap = pre.get("count_cap", p.get("pretrain_count_cap"))
     return (
         f" The backbone was first trained for {pre.get('epochs')} epochs on {pre.get('images')} images: the"
         f" training images plus images with other counts (empty bins, more items; counts above"
-        f" {p.get('pretrain_count_cap')} as {p.get('pretrain_count_cap')}), never validation or test images."
+        f" {cap} as {cap}), never validation or test images."
     )
 
 

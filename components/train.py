@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import os
@@ -583,6 +584,8 @@ def _finished_run(
 
 
 PRETRAIN_DIR = "pretrain"
+#: next to a pretraining stage's model.pt: what the stage was, so a fit started from it can say so
+BACKBONE_FILE = "backbone.json"
 
 
 def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
@@ -635,7 +638,36 @@ def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
         model_name=f"{cfg.model_name}-pretrain",
     )
     LOG.info("pretraining on %d images (counts 0..%d) for %d epochs", len(stage_rows), cap, stage.epochs)
-    return train(stage)
+    result = train(stage)
+    atomic_write_json(
+        stage_dir / BACKBONE_FILE,
+        {
+            "images": result.metrics["n_train"],
+            "epochs": result.epochs_run,
+            "count_cap": cap,
+            # a resumed, finished stage reports its first run's time, not the reload's
+            "seconds": result.metrics.get("train_seconds", result.seconds),
+        },
+    )
+    return result
+
+
+def backbone_info(weights: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The stage record of ``--weights PATH`` when PATH is a pretraining stage's ``model.pt``, else None.
+
+    A fit started from a separately run stage (``--pretrain-only``, the pipeline's pretrain task) then
+    reports the stage in its metrics and model card, as a fit with its own stage does.
+    """
+    if str(weights) in ("none", "imagenet"):
+        return None
+    record = Path(weights).parent / BACKBONE_FILE
+    if not record.is_file():
+        return None
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{record} is not a readable stage record: {e}") from e
+    return {"dir": str(record.parent), **info}
 
 
 def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
@@ -677,9 +709,12 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
             "dir": str(stage.model_dir),
             "images": stage.metrics["n_train"],
             "epochs": stage.epochs_run,
+            "count_cap": cfg.pretrain_count_cap,
             "seconds": stage.seconds,
         }
         seed_everything(cfg.seed)  # the fit starts from the same RNG state whether stage 1 ran or resumed
+    else:
+        pretrained = backbone_info(cfg.weights)
 
     train_cache = build_cache(
         train_rows,
@@ -1039,6 +1074,12 @@ def _parser() -> argparse.ArgumentParser:
         default=d.pretrain_count_cap,
         help="counts above this are this in pretraining",
     )
+    p.add_argument(
+        "--pretrain-only",
+        action="store_true",
+        help="run only the pretraining stage (MODEL_DIR/pretrain) for other fits or a tune to start "
+        "from with --weights MODEL_DIR/pretrain/model.pt",
+    )
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints"
@@ -1106,7 +1147,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        result = train(config_from_args(args))
+        cfg = config_from_args(args)
+        if args.pretrain_only:
+            stage = pretrain_backbone(cfg)
+            print(f"backbone written to {stage.model_dir / STATE_DICT_FILE}")
+            return 0
+        result = train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

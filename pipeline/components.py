@@ -162,6 +162,15 @@ def make_tune_config(
     )
 
 
+def backbone_weights(backbone_dir: str, weights: str) -> str:
+    """What trials and the fit start from: the pretrain task's backbone when it made one, else ``weights``."""
+    from components.modelspec import STATE_DICT_FILE
+    from components.train import PRETRAIN_DIR
+
+    stage = Path(backbone_dir) / PRETRAIN_DIR / STATE_DICT_FILE
+    return str(stage) if stage.is_file() else weights
+
+
 def keep_tune_reports(result: Any, dest: Path) -> Path:
     """Copy a worker's study reports (not the per-trial model dirs) into its output artifact."""
     import shutil
@@ -229,10 +238,10 @@ def ingest_extra(
     classes: str,
     dataset: Output[Dataset],
 ) -> int:
-    """Images with the counts the task leaves out (empty bins, 6+ items) for train's pretraining stage.
+    """Images with the counts the task leaves out (empty bins, 6+ items) for the pretrain task.
 
     ``per_class`` 0 (pretraining off) writes an empty manifest and reads nothing, so the graph is the
-    same either way (a conditional producer could not feed the one train task).
+    same either way (a conditional producer could not feed the one pretrain task).
     """
     from pathlib import Path
 
@@ -303,6 +312,81 @@ def split(
             fh.write(html_report("Split", tables=tables, images=[Path(tmp) / "class_histogram.png"]))
 
 
+def pretrain_model(
+    dataset: Input[Dataset],
+    train: Input[Dataset],
+    val: Input[Dataset],
+    test: Input[Dataset],
+    extra: Input[Dataset],
+    classes: str,
+    pretrain_classes: str,
+    pretrain_epochs: int,
+    weights: str,
+    image_size: int,
+    batch_size: int,
+    ema: float,
+    seed: int,
+    device: str,
+    num_threads: int,
+    backbone: Output[Model],
+) -> int:
+    """Stage 1 on every count, once per run: the tuning trials and the final fit all start from it.
+
+    Trained on the training split plus ``extra`` (ingest_extra's images, counts outside ``classes``),
+    counts capped at the largest of both lists; val and test images never enter it. With
+    ``pretrain_epochs`` 0 it writes only a note, and the trials and the fit start from ``weights``.
+    Returns the number of images the stage trained on (0 when off).
+    """
+    import json
+    from pathlib import Path
+
+    from components.common import parse_int_list
+    from components.ingest import MANIFEST_FILE
+    from components.train import CHECKPOINT_FILE, TrainConfig, pretrain_backbone
+    from pipeline.components import optional_int, step_errors
+
+    out = Path(backbone.path)
+    with step_errors("pretrain", backbone.path):
+        out.mkdir(parents=True, exist_ok=True)
+        if pretrain_epochs < 1:
+            (out / "no_backbone.json").write_text(
+                json.dumps({"pretrain_epochs": pretrain_epochs, "weights": weights}), encoding="utf-8"
+            )
+            backbone.metadata.update({"pretrained": False})
+            return 0
+        counts = parse_int_list(pretrain_classes, name="pretrain_classes") + parse_int_list(
+            classes, name="classes"
+        )
+        cfg = TrainConfig(
+            train_csv=Path(train.path),
+            val_csv=Path(val.path),
+            test_csv=Path(test.path),
+            out_dir=out,
+            data_root=Path(dataset.path),
+            classes=tuple(parse_int_list(classes, name="classes")),
+            weights=weights,
+            image_size=image_size,
+            batch_size=batch_size,
+            ema=ema,
+            seed=seed,
+            device=device,
+            num_threads=optional_int(num_threads),
+            progress=False,
+            pretrain_extra=Path(extra.path) / MANIFEST_FILE,
+            pretrain_data_root=Path(extra.path),
+            pretrain_epochs=pretrain_epochs,
+            pretrain_count_cap=max(counts),
+        )
+        stage = pretrain_backbone(cfg)
+        # the optimizer state is only for resuming this task: the consumers need the weights
+        (stage.model_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    n_images = int(stage.metrics["n_train"])
+    backbone.metadata.update(
+        {"pretrained": True, "images": n_images, "epochs": stage.epochs_run, "count_cap": max(counts)}
+    )
+    return n_images
+
+
 def worker_ids(n: int) -> List[int]:  # noqa: UP006 - KFP needs typing.List
     """``[0, .., n-1]``: the ParallelFor items for ``n_tune_workers`` (a parameter, not a static list)."""
     if n < 1:
@@ -321,6 +405,7 @@ def tune_worker(
     classes: str,
     head: str,
     weights: str,
+    backbone: Input[Model],
     image_size: int,
     batch_size: int,
     epochs: int,
@@ -335,7 +420,7 @@ def tune_worker(
     from pathlib import Path
 
     from components.tune import tune as run_tuning
-    from pipeline.components import keep_tune_reports, make_tune_config, step_errors
+    from pipeline.components import backbone_weights, keep_tune_reports, make_tune_config, step_errors
 
     with step_errors("tune", trials.path), tempfile.TemporaryDirectory() as scratch:
         # trial model dirs stay in scratch space; only the study reports become the artifact
@@ -350,7 +435,7 @@ def tune_worker(
             val.path,
             classes,
             head,
-            weights,
+            backbone_weights(backbone.path, weights),
             image_size,
             batch_size,
             epochs,
@@ -361,7 +446,14 @@ def tune_worker(
         )
         result = run_tuning(cfg)
         keep_tune_reports(result, Path(trials.path))
-    trials.metadata.update({"worker": worker, "study": cfg.study_name, "trials_run_here": result.n_run_here})
+    trials.metadata.update(
+        {
+            "worker": worker,
+            "study": cfg.study_name,
+            "trials_run_here": result.n_run_here,
+            "from_pretrained_backbone": cfg.train_overrides["weights"] != weights,
+        }
+    )
     return int(result.n_run_here)
 
 
@@ -376,6 +468,7 @@ def select_best(
     classes: str,
     head: str,
     weights: str,
+    backbone: Input[Model],
     image_size: int,
     batch_size: int,
     epochs: int,
@@ -397,7 +490,7 @@ def select_best(
 
     from components.common import ConfigError
     from components.tune import tune as run_tuning
-    from pipeline.components import html_report, make_tune_config, step_errors
+    from pipeline.components import backbone_weights, html_report, make_tune_config, step_errors
 
     with step_errors("select-best", report.path), tempfile.TemporaryDirectory() as scratch:
         cfg = make_tune_config(
@@ -411,7 +504,7 @@ def select_best(
             val.path,
             classes,
             head,
-            weights,
+            backbone_weights(backbone.path, weights),
             image_size,
             batch_size,
             epochs,
@@ -456,7 +549,7 @@ def train_model(
     dataset: Input[Dataset],
     train: Input[Dataset],
     val: Input[Dataset],
-    extra: Input[Dataset],
+    backbone: Input[Model],
     classes: str,
     head: str,
     weights: str,
@@ -465,8 +558,6 @@ def train_model(
     epochs: int,
     ema: float,
     tta: bool,
-    pretrain_epochs: int,
-    pretrain_classes: str,
     seed: int,
     device: str,
     num_threads: int,
@@ -479,33 +570,20 @@ def train_model(
 ):
     """The final fit with the tuned parameters; exports model.onnx + model.json into the Model.
 
-    With ``pretrain_epochs`` the fit starts from a backbone first trained on the training split plus
-    ``extra`` (ingest_extra's images, counts outside ``classes``).
+    It starts from the pretrain task's backbone when that task made one (as the tuning trials did).
     """
     import json
     import shutil
     from pathlib import Path
 
     from components.common import parse_int_list
-    from components.ingest import MANIFEST_FILE
-    from components.train import PRETRAIN_DIR, TrainConfig
+    from components.train import TrainConfig
     from components.train import train as run_training
     from components.tune import apply_params
-    from pipeline.components import html_report, optional_int, step_errors
+    from pipeline.components import backbone_weights, html_report, optional_int, step_errors
 
     out = Path(model.path)
     with step_errors("train", model.path):
-        pretrain = {}
-        if pretrain_epochs > 0:
-            counts = parse_int_list(pretrain_classes, name="pretrain_classes") + parse_int_list(
-                classes, name="classes"
-            )
-            pretrain = {
-                "pretrain_extra": Path(extra.path) / MANIFEST_FILE,
-                "pretrain_data_root": Path(extra.path),
-                "pretrain_epochs": pretrain_epochs,
-                "pretrain_count_cap": max(counts),
-            }
         cfg = TrainConfig(
             train_csv=Path(train.path),
             val_csv=Path(val.path),
@@ -513,7 +591,7 @@ def train_model(
             data_root=Path(dataset.path),
             classes=tuple(parse_int_list(classes, name="classes")),
             head=head,
-            weights=weights,
+            weights=backbone_weights(backbone.path, weights),
             image_size=image_size,
             batch_size=batch_size,
             epochs=epochs,
@@ -524,7 +602,6 @@ def train_model(
             num_threads=optional_int(num_threads),
             model_name=model_name,
             progress=False,
-            **pretrain,
         )
         cfg = apply_params(json.loads(best_params or "{}"), cfg)
         result = run_training(cfg)
@@ -557,9 +634,8 @@ def train_model(
         shutil.copyfile(card, model_card.path)
     else:
         Path(model_card.path).write_text(f"# {model_name}\n\nNo model card was written.\n", encoding="utf-8")
-    # the resumable checkpoints and the pretraining stage are not part of the exported model
+    # the resumable checkpoint is not part of the exported model
     (out / "checkpoint.pt").unlink(missing_ok=True)
-    shutil.rmtree(out / PRETRAIN_DIR, ignore_errors=True)
 
 
 def evaluate_model(
@@ -654,6 +730,7 @@ class Components:
     ingest: Callable[..., Any]
     ingest_extra: Callable[..., Any]
     split: Callable[..., Any]
+    pretrain: Callable[..., Any]
     worker_ids: Callable[..., Any]
     tune_worker: Callable[..., Any]
     select_best: Callable[..., Any]
@@ -672,6 +749,7 @@ def make_components(image: str = DEFAULT_COMPONENTS_IMAGE) -> Components:
         ingest=build(ingest),
         ingest_extra=build(ingest_extra),
         split=build(split),
+        pretrain=build(pretrain_model),
         worker_ids=build(worker_ids),
         tune_worker=build(tune_worker),
         select_best=build(select_best),

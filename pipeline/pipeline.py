@@ -1,17 +1,22 @@
-"""The KFP v2 pipeline: ingest -> split -> parallel tuning -> select best -> train -> evaluate -> publish.
+"""The KFP v2 pipeline: ingest -> split -> pretrain -> parallel tuning -> select best -> train -> evaluate
+-> publish.
 
 ::
 
-    ingest ─► split ─┬─► ParallelFor(worker_ids(n_tune_workers)): tune_worker  ─┐  (one Optuna study)
-                     │                                                          ▼
-                     └────────────────────────────────────────► select_best ─► train_model ◄─ ingest_extra
-                                                                                  │
+    ingest ─► split ─► pretrain ◄─ ingest_extra
+                         │
+                         ├─► ParallelFor(worker_ids(n_tune_workers)): tune_worker  ─┐  (one Optuna study)
+                         │                                                          ▼
+                         └────────────────────────────────────────► select_best ─► train_model
+                                                                                     │
                                   dsl.If(test accuracy >= accuracy_threshold) ◄─ evaluate_model
                                                  └─► publish_model
 
-``ingest_extra`` fetches images with the counts the task leaves out (empty bins, 6+ items) for the
-fit's pretraining stage (``pretrain_epochs``); with ``pretrain_per_class`` 0 it writes an empty
-manifest and reads nothing.
+``pretrain`` trains a backbone on the training split plus ``ingest_extra``'s images (the counts the
+task leaves out: empty bins, 6+ items) for ``pretrain_epochs``; every tuning trial and the final fit
+start from it, so the tuned parameters are tuned for the fit's starting point. With
+``pretrain_per_class`` 0 ``ingest_extra`` writes an empty manifest and reads nothing; with
+``pretrain_epochs`` 0 ``pretrain`` writes only a note and everything starts from ``weights``.
 
 The graph is the same locally and on a cluster. What differs is decided at build time
 (:func:`build_pipeline`): the image, GPU requests for tune/train, and the Kubernetes Secrets (Optuna's
@@ -157,6 +162,27 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         _k8s(split, opts)
         train_csv, val_csv, test_csv = split.outputs["train"], split.outputs["val"], split.outputs["test"]
 
+        pretrain = c.pretrain(
+            dataset=data,
+            train=train_csv,
+            val=val_csv,
+            test=test_csv,
+            extra=extra.outputs["dataset"],
+            classes=classes,
+            pretrain_classes=pretrain_classes,
+            pretrain_epochs=pretrain_epochs,
+            weights=weights,
+            image_size=image_size,
+            batch_size=batch_size,
+            ema=ema,
+            seed=seed,
+            device=device,
+            num_threads=num_threads,
+        )
+        pretrain.set_display_name("pretrain on every count").set_caching_options(True)
+        _trainer_resources(_k8s(pretrain, opts), opts)
+        backbone = pretrain.outputs["backbone"]
+
         workers = c.worker_ids(n=n_tune_workers)
         workers.set_display_name("tuning workers").set_cpu_limit("500m").set_memory_limit("256M")
         workers.set_caching_options(True)
@@ -172,6 +198,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             "classes": classes,
             "head": head,
             "weights": weights,
+            "backbone": backbone,
             "image_size": image_size,
             "batch_size": batch_size,
             "epochs": tune_epochs,
@@ -195,7 +222,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             dataset=data,
             train=train_csv,
             val=val_csv,
-            extra=extra.outputs["dataset"],
+            backbone=backbone,
             classes=classes,
             head=head,
             weights=weights,
@@ -204,8 +231,6 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             epochs=epochs,
             ema=ema,
             tta=tta,
-            pretrain_epochs=pretrain_epochs,
-            pretrain_classes=pretrain_classes,
             seed=seed,
             device=device,
             num_threads=num_threads,

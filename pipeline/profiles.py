@@ -41,8 +41,9 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "pretrain_classes (0 = none)",
         "pretrain_classes": "the counts outside `classes` those images have (empty bins, 6+ items); never "
         "in val or test",
-        "pretrain_epochs": "first train the backbone for this many epochs on the training split plus those "
-        "images (counts 0..max, ordinal), then fit from it (0 = off; needs pretrain_per_class)",
+        "pretrain_epochs": "first train a backbone for this many epochs on the training split plus those "
+        "images (counts 0..max, ordinal); every tuning trial and the final fit start from it (0 = off; "
+        "needs pretrain_per_class)",
         "tune_trials": "Optuna trials in the whole study (shared by all tuning workers)",
         "tune_epochs": "epochs per tuning trial (the pruner may stop a trial earlier)",
         "n_tune_workers": "parallel tuning workers (dsl.ParallelFor) sharing one Optuna study",
@@ -123,8 +124,9 @@ PROFILES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             }
         ),
         # the benchmark's from-scratch recipe (no ImageNet weights needed), a GPU: 224 px, batch
-        # 128, a 20-trial tune of 15 epochs per trial, then a backbone pretrained for 40 epochs on
-        # the training split plus 2,400 images of other counts, and 150 epochs with a weight average
+        # 128, a backbone pretrained for 40 epochs on the training split plus 2,400 images of other
+        # counts, from which a 20-trial tune of 15 epochs per trial and the 150-epoch fit (with a
+        # weight average) start
         "scratch": MappingProxyType(
             {
                 **_COMMON,

@@ -23,6 +23,7 @@ EXPECTED_ROOT_TASKS = {
     "ingest",
     "ingest-extra",
     "split",
+    "pretrain-model",
     "worker-ids",
     "for-loop-1",
     "select-best",
@@ -35,9 +36,10 @@ EXPECTED_EDGES = {
     "ingest-extra": set(),
     "worker-ids": set(),
     "split": {"ingest"},
-    "for-loop-1": {"ingest", "split", "worker-ids"},
-    "select-best": {"for-loop-1", "ingest", "split"},
-    "train-model": {"ingest", "ingest-extra", "select-best", "split"},
+    "pretrain-model": {"ingest", "ingest-extra", "split"},
+    "for-loop-1": {"ingest", "pretrain-model", "split", "worker-ids"},
+    "select-best": {"for-loop-1", "ingest", "pretrain-model", "split"},
+    "train-model": {"ingest", "pretrain-model", "select-best", "split"},
     "evaluate-model": {"ingest", "split", "train-model"},
     "condition-2": {"evaluate-model", "train-model"},
 }
@@ -105,18 +107,32 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
     assert train["ema"]["componentInputParameter"] == "ema"
     assert train["tta"]["componentInputParameter"] == "tta"
     assert "tta" not in params and "tta" not in best
-    # pretraining: only the final fit gets the other counts' images and the stage's settings
-    assert spec["root"]["dag"]["tasks"]["train-model"]["inputs"]["artifacts"]["extra"][
-        "taskOutputArtifact"
-    ] == {
+    # pretraining: one task gets the other counts' images and the stage's settings; every trial,
+    # select_best and the final fit get its backbone
+    tasks = spec["root"]["dag"]["tasks"]
+    pre = tasks["pretrain-model"]["inputs"]
+    assert pre["artifacts"]["extra"]["taskOutputArtifact"] == {
         "outputArtifactKey": "dataset",
         "producerTask": "ingest-extra",
     }
-    assert train["pretrain_epochs"]["componentInputParameter"] == "pretrain_epochs"
-    assert train["pretrain_classes"]["componentInputParameter"] == "pretrain_classes"
-    extra = spec["root"]["dag"]["tasks"]["ingest-extra"]["inputs"]["parameters"]
+    assert pre["parameters"]["pretrain_epochs"]["componentInputParameter"] == "pretrain_epochs"
+    assert pre["parameters"]["pretrain_classes"]["componentInputParameter"] == "pretrain_classes"
+    backbone = {"outputArtifactKey": "backbone", "producerTask": "pretrain-model"}
+    assert tasks["train-model"]["inputs"]["artifacts"]["backbone"]["taskOutputArtifact"] == backbone
+    assert tasks["select-best"]["inputs"]["artifacts"]["backbone"]["taskOutputArtifact"] == backbone
+    assert body["tune-worker"]["inputs"]["artifacts"]["backbone"]["componentInputArtifact"] == (
+        "pipelinechannel--pretrain-model-backbone"
+    )
+    assert (
+        tasks["for-loop-1"]["inputs"]["artifacts"]["pipelinechannel--pretrain-model-backbone"][
+            "taskOutputArtifact"
+        ]
+        == backbone
+    )
+    extra = tasks["ingest-extra"]["inputs"]["parameters"]
     assert extra["per_class"]["componentInputParameter"] == "pretrain_per_class"
-    assert "pretrain_epochs" not in params and "pretrain_epochs" not in best
+    for consumer in (params, best, train):
+        assert "pretrain_epochs" not in consumer and "extra" not in consumer
 
 
 def test_publish_is_gated_on_test_accuracy(full):
@@ -141,6 +157,7 @@ def test_artifact_types(full):
         "test": "system.Dataset",
         "histogram": "system.HTML",
     }
+    assert _output_types(spec, "comp-pretrain-model") == {"backbone": "system.Model"}
     assert _output_types(spec, "comp-tune-worker") == {"trials": "system.Dataset"}
     assert _output_types(spec, "comp-select-best") == {"study": "system.Metrics", "report": "system.HTML"}
     assert _output_types(spec, "comp-train-model") == {
@@ -180,7 +197,7 @@ def test_pipeline_signature_matches_the_profiles():
 def test_executors_run_in_the_image_and_install_nothing(full):
     spec, _ = full
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 9
+    assert len(executors) == 10
     for name, ex in executors.items():
         container = ex["container"]
         assert container["image"] == IMAGE, name
@@ -190,7 +207,7 @@ def test_executors_run_in_the_image_and_install_nothing(full):
 def test_resources_retries_and_caching(full, quick):
     spec, k8s = full
     ex = spec["deploymentSpec"]["executors"]
-    for name in ("exec-tune-worker", "exec-train-model"):
+    for name in ("exec-pretrain-model", "exec-tune-worker", "exec-train-model"):
         res = ex[name]["container"]["resources"]
         assert (
             res["accelerator"]["resourceType"] == "nvidia.com/gpu"
@@ -209,6 +226,7 @@ def test_resources_retries_and_caching(full, quick):
     assert tasks["ingest-extra"]["retryPolicy"]["maxRetryCount"] == 3
     caching = {name: t.get("cachingOptions", {}).get("enableCache", False) for name, t in tasks.items()}
     assert caching["ingest"] and caching["ingest-extra"] and caching["split"] and caching["evaluate-model"]
+    assert caching["pretrain-model"]  # a rerun with the same data and settings reuses the backbone
     assert not caching["select-best"] and not caching["train-model"]
     loop_body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["tune-worker"]
     assert not loop_body.get("cachingOptions", {}).get("enableCache", False)
@@ -363,3 +381,17 @@ def test_tune_workers_train_with_the_pipeline_weight_average(tmp_path):
                            "ordinal", "none", 32, 8, 1, 0.9, 0, "cpu", 1)  # fmt: skip
     assert cfg.train_overrides["ema"] == 0.9
     assert cfg.train_overrides["classes"] == (1, 2, 3) and cfg.train_overrides["image_size"] == 32
+
+
+def test_trials_and_the_fit_start_from_the_backbone_only_when_one_was_made(tmp_path):
+    from pipeline.components import backbone_weights
+
+    off = tmp_path / "off"  # pretrain_epochs 0: the task leaves only a note
+    off.mkdir()
+    (off / "no_backbone.json").write_text("{}")
+    assert backbone_weights(str(off), "imagenet") == "imagenet"
+    assert backbone_weights(str(tmp_path / "missing"), "none") == "none"
+    stage = tmp_path / "on" / "pretrain"
+    stage.mkdir(parents=True)
+    (stage / "model.pt").write_bytes(b"state dict")
+    assert backbone_weights(str(tmp_path / "on"), "none") == str(stage / "model.pt")

@@ -2,7 +2,8 @@
 
 Every task runs as a subprocess of this venv (SubprocessRunner, use_venv=False), exactly as ``make run``
 does: ingest from S3 (moto) -> split -> 2 parallel Optuna workers on one SQLite study -> select best ->
-train (pretrained first on the train split plus two other counts) -> evaluate (ONNX) -> dsl.If ->
+pretrain (on the train split plus two other counts) -> 2 parallel Optuna workers and the final fit
+starting from that backbone -> evaluate (ONNX) -> dsl.If ->
 publish to s3:// on moto. The published model is then fetched the
 way KServe's storage initializer does and must load and predict on a real JPEG.
 """
@@ -99,6 +100,7 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
         "ingest",
         "ingest-extra",
         "split",
+        "pretrain-model",
         "worker-ids",
         "select-best",
         "train-model",
@@ -142,8 +144,16 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     spec = load_model_spec(mnt)
     assert spec.version == "e2e" and spec.preprocess.image_size == 32
     assert spec.params["ema"] == 0.9 and spec.params["tta"] is True  # pipeline parameters reached the fit
-    # the fit started from a backbone pretrained on the train split plus the other counts (0..7)
-    assert spec.params["pretrain_epochs"] == 1 and spec.params["pretrain_count_cap"] == 7
+    # one backbone pretrained on the train split plus the other counts (0..7); the trials and the fit
+    # started from it
+    stage = summary.artifact("pretrain-model", "backbone")["metadata"]
+    n_train = summary.artifact("split", "train")["metadata"]["n_images"]
+    assert stage["pretrained"] and stage["count_cap"] == 7
+    assert stage["images"] == summary.param("pretrain-model") == n_train + sum(OTHER_COUNTS.values())
+    assert all(summary.artifact(w, "trials")["metadata"]["from_pretrained_backbone"] for w in workers)
+    assert spec.params["weights"].endswith("pretrain/model.pt") and spec.params["pretrain_epochs"] == 0
+    card = (run_dir / "model" / "MODEL_CARD.md").read_text()
+    assert f"first trained for 1 epochs on {stage['images']} images" in card and "above 7 as 7" in card
     gate = spec.metrics["int8_gate"]  # the final fit was quantized and gated on val accuracy
     assert gate["accepted"] == (spec.onnx_int8_file is not None)
     assert gate["accepted"] == (gate["int8_accuracy"] >= gate["fp32_accuracy"] - gate["max_drop"])
@@ -153,6 +163,7 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     # and the run directory holds a servable copy
     assert _predict(run_dir / "model", jpeg) in load_model_spec(run_dir / "model").classes
     assert not (run_dir / "model" / "pretrain").exists()  # the stage is not part of the model
+    assert not list((runs[0] / "pretrain-model").rglob("checkpoint.pt"))  # nor its optimizer state
 
 
 @pytest.mark.timeout(300)

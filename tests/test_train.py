@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -380,6 +381,46 @@ def test_pretraining_on_every_count_gives_the_fit_its_backbone(
     train(tiny_train_config(tiny_split, tmp_path / "plain", lr=1e-12))
     plain = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
     assert not torch.allclose(plain["conv1.weight"], backbone["conv1.weight"], atol=1e-3)
+
+
+def test_pretrain_only_makes_a_backbone_that_a_later_fit_starts_from_and_reports(
+    abid_dir: Path, tiny_split: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = _other_counts_manifest(abid_dir, tmp_path / "extra.csv", n=4)
+    tiny = ["--image-size", "32", "--epochs", "1", "--batch-size", "10", "--device", "cpu", "--num-threads",
+            "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+    base = _cli_args(tiny_split, tmp_path / "stage") + tiny
+    assert main([*base, "--pretrain-only"]) == 2  # nothing to pretrain on
+    assert "pretraining needs --pretrain-extra" in capsys.readouterr().err
+    flags = ["--pretrain-only", "--pretrain-extra", str(extra), "--pretrain-epochs", "2",
+             "--pretrain-count-cap", "8"]  # fmt: skip
+    assert main([*base, *flags]) == 0
+    weights = tmp_path / "stage" / "pretrain" / "model.pt"
+    assert f"backbone written to {weights}" in capsys.readouterr().out
+    assert not (tmp_path / "stage" / "model.onnx").exists()  # the stage alone, no fit
+    record = json.loads((weights.parent / "backbone.json").read_text())
+    n_stage = len(read_manifest(tiny_split["train"])) + 4
+    assert (record["images"], record["epochs"], record["count_cap"]) == (n_stage, 2, 8)
+
+    # Two fits start from the one backbone (a learning rate too small to move a weight) and say so.
+    backbone = torch.load(weights, weights_only=True)
+    for seed in (0, 1):
+        out = tmp_path / f"fit{seed}"
+        assert main([*_cli_args(tiny_split, out), *tiny, "--lr", "1e-12", "--seed", str(seed),
+                     "--weights", str(weights)]) == 0  # fmt: skip
+        fitted = torch.load(out / "model.pt", weights_only=True)
+        assert torch.allclose(fitted["conv1.weight"], backbone["conv1.weight"], atol=1e-6)
+        pre = json.loads((out / "metrics.json").read_text())["pretrain"]
+        assert (pre["images"], pre["epochs"], pre["count_cap"]) == (n_stage, 2, 8)
+        card = (out / "MODEL_CARD.md").read_text()
+        assert f"first trained for 2 epochs on {n_stage} images" in card and "above 8 as 8" in card
+    # A plain state dict is no stage: the fit reports none.
+    shutil.copyfile(weights, tmp_path / "plain.pt")
+    assert (
+        main([*_cli_args(tiny_split, tmp_path / "fit_plain"), *tiny, "--weights", str(tmp_path / "plain.pt")])
+        == 0
+    )
+    assert "pretrain" not in json.loads((tmp_path / "fit_plain" / "metrics.json").read_text())
 
 
 def test_pretraining_settings_are_checked(
