@@ -171,6 +171,44 @@ def backbone_weights(backbone_dir: str, weights: str) -> str:
     return str(stage) if stage.is_file() else weights
 
 
+def fit_config(
+    out_dir: str,
+    data_root: str,
+    train_csv: str,
+    val_csv: str,
+    classes: str,
+    weights: str,
+    image_size: int,
+    batch_size: int,
+    ema: float,
+    seed: int,
+    device: str,
+    num_threads: int,
+    **fields: Any,
+) -> Any:
+    """The :class:`components.train.TrainConfig` of a pipeline fit (pretrain stage, final fit): the
+    run parameters both share, plus the ``fields`` of the one."""
+    from components.common import parse_int_list
+    from components.train import TrainConfig
+
+    return TrainConfig(
+        train_csv=Path(train_csv),
+        val_csv=Path(val_csv),
+        out_dir=Path(out_dir),
+        data_root=Path(data_root),
+        classes=tuple(parse_int_list(classes, name="classes")),
+        weights=weights,
+        image_size=image_size,
+        batch_size=batch_size,
+        ema=ema,
+        seed=seed,
+        device=device,
+        num_threads=optional_int(num_threads),
+        progress=False,
+        **fields,
+    )
+
+
 def keep_tune_reports(result: Any, dest: Path) -> Path:
     """Copy a worker's study reports (not the per-trial model dirs) into its output artifact."""
     import shutil
@@ -342,8 +380,8 @@ def pretrain_model(
 
     from components.common import parse_int_list
     from components.ingest import MANIFEST_FILE
-    from components.train import CHECKPOINT_FILE, TrainConfig, pretrain_backbone
-    from pipeline.components import optional_int, step_errors
+    from components.train import CHECKPOINT_FILE, pretrain_backbone
+    from pipeline.components import fit_config, step_errors
 
     out = Path(backbone.path)
     with step_errors("pretrain", backbone.path):
@@ -357,21 +395,20 @@ def pretrain_model(
         counts = parse_int_list(pretrain_classes, name="pretrain_classes") + parse_int_list(
             classes, name="classes"
         )
-        cfg = TrainConfig(
-            train_csv=Path(train.path),
-            val_csv=Path(val.path),
+        cfg = fit_config(
+            backbone.path,
+            dataset.path,
+            train.path,
+            val.path,
+            classes,
+            weights,
+            image_size,
+            batch_size,
+            ema,
+            seed,
+            device,
+            num_threads,
             test_csv=Path(test.path),
-            out_dir=out,
-            data_root=Path(dataset.path),
-            classes=tuple(parse_int_list(classes, name="classes")),
-            weights=weights,
-            image_size=image_size,
-            batch_size=batch_size,
-            ema=ema,
-            seed=seed,
-            device=device,
-            num_threads=optional_int(num_threads),
-            progress=False,
             pretrain_extra=Path(extra.path) / MANIFEST_FILE,
             pretrain_data_root=Path(extra.path),
             pretrain_epochs=pretrain_epochs,
@@ -576,32 +613,29 @@ def train_model(
     import shutil
     from pathlib import Path
 
-    from components.common import parse_int_list
-    from components.train import TrainConfig
     from components.train import train as run_training
     from components.tune import apply_params
-    from pipeline.components import backbone_weights, html_report, optional_int, step_errors
+    from pipeline.components import backbone_weights, fit_config, html_report, step_errors
 
     out = Path(model.path)
     with step_errors("train", model.path):
-        cfg = TrainConfig(
-            train_csv=Path(train.path),
-            val_csv=Path(val.path),
-            out_dir=out,
-            data_root=Path(dataset.path),
-            classes=tuple(parse_int_list(classes, name="classes")),
+        cfg = fit_config(
+            model.path,
+            dataset.path,
+            train.path,
+            val.path,
+            classes,
+            backbone_weights(backbone.path, weights),
+            image_size,
+            batch_size,
+            ema,
+            seed,
+            device,
+            num_threads,
             head=head,
-            weights=backbone_weights(backbone.path, weights),
-            image_size=image_size,
-            batch_size=batch_size,
             epochs=epochs,
-            ema=ema,
             tta=tta,
-            seed=seed,
-            device=device,
-            num_threads=optional_int(num_threads),
             model_name=model_name,
-            progress=False,
         )
         cfg = apply_params(json.loads(best_params or "{}"), cfg)
         result = run_training(cfg)
