@@ -227,7 +227,12 @@ def fit_summary(res: Any, cfg: TrainConfig, seconds: float, params: list[str]) -
 
 
 def tune_run(args: argparse.Namespace) -> dict[str, Any]:
-    """The pipeline's tune -> final fit, timed: ``--trials`` Optuna trials, then the best params' fit."""
+    """The pipeline's tune -> final fit, timed: ``--trials`` Optuna trials, then the best params' fit.
+
+    With ``--pretrain-first`` the pipeline's full order: the stage on every count first (timed with
+    the rest), then trials and fit from its backbone. Otherwise ``--pretrain-epochs`` fits the tuned
+    parameters again from a backbone afterwards, to compare.
+    """
     import torch
 
     from components.train import TrainConfig, train
@@ -238,6 +243,8 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     result["data"] = prepare_data(Path(args.pack), work, args.limit)
+    if args.pretrain_first and args.pretrain_epochs < 1:
+        raise SystemExit("--pretrain-first needs --pretrain-epochs N (N >= 1)")
     if args.pretrain_epochs > 0 and not result["data"]["out_of_range_images"]:
         raise SystemExit(
             f"--pretrain-epochs needs the 0 and 6+ images: {args.pack} has none (pack --all-counts)"
@@ -256,6 +263,21 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
         "max_steps_per_epoch": args.max_steps_per_epoch,
         "progress": False,
     }
+    pretrain_s = 0.0
+    if args.pretrain_first:
+        # The pipeline's pretrain task: default optimisation settings, before any trial.
+        stage_base = TrainConfig(
+            train_csv=work / "train.csv",
+            val_csv=work / "val.csv",
+            test_csv=work / "test.csv",
+            out_dir=work,
+            data_root=work / "data",
+            **shared,
+        )
+        result["pretrain"] = pretrain(stage_base, work, args.pretrain_epochs, args.pretrain_cap)
+        pretrain_s = result["pretrain"]["seconds"]
+        shared["weights"] = result["pretrain"]["weights"]
+        save()
     space = SearchSpace(image_sizes=tuple(args.image_sizes), heads=tuple(args.heads))
     tcfg = TuneConfig(
         train_csv=work / "train.csv",
@@ -312,13 +334,17 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
     result["final_fit"] = fit_summary(res, cfg, fit_s, list(tr.best_params))
     total = tune_s + fit_s
     result["tune_plus_final_fit_s"] = total
+    # the target covers everything the pipeline runs before its fit is done, the stage included
+    result["pretrain_s"] = pretrain_s
+    result["total_s"] = timed = pretrain_s + total
     all_ran = result["tune"]["all_trials_ran"]
-    result["target"] = {"seconds": 600, "trials": args.trials, "met": total <= 600 and all_ran}
+    result["target"] = {"seconds": 600, "trials": args.trials, "met": timed <= 600 and all_ran}
     save()
-    print(f"tune {tune_s:.0f} s + final fit {fit_s:.0f} s = {total:.0f} s (target 600 s); "
-          f"test accuracy {m['test']['accuracy']:.3f}, rmse {m['test']['rmse']:.3f}", flush=True)  # fmt: skip
+    print(f"pretrain {pretrain_s:.0f} s + tune {tune_s:.0f} s + final fit {fit_s:.0f} s = {timed:.0f} s "
+          f"(target 600 s); test accuracy {m['test']['accuracy']:.3f}, rmse {m['test']['rmse']:.3f}",
+          flush=True)  # fmt: skip
     fits = [("final_fit", result["final_fit"])]
-    if args.pretrain_epochs > 0:
+    if args.pretrain_epochs > 0 and not args.pretrain_first:
         # The same tuned fit again, starting from a backbone pretrained on every count: one pack,
         # one split, one set of hyperparameters, so the difference is the pretraining alone.
         if time.perf_counter() - t0 > args.budget_s:
@@ -726,6 +752,11 @@ def main(argv: list[str] | None = None) -> int:
         help="then the tuned fit again from a backbone pretrained on every count (--all-counts pack)",
     )
     t.add_argument("--pretrain-cap", type=int, default=10, help="counts above this are this in pretraining")
+    t.add_argument(
+        "--pretrain-first",
+        action="store_true",
+        help="the pipeline's order: pretrain (timed too), then the trials and the fit from its backbone",
+    )
     t.add_argument(
         "--budget-s", type=float, default=420, help="skip the pretrained fit after this many seconds"
     )

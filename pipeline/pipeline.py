@@ -19,8 +19,8 @@ start from it, so the tuned parameters are tuned for the fit's starting point. W
 ``pretrain_epochs`` 0 ``pretrain`` writes only a note and everything starts from ``weights``.
 
 The graph is the same locally and on a cluster. What differs is decided at build time
-(:func:`build_pipeline`): the image, GPU requests for pretrain/tune/train, and the Kubernetes Secrets (Optuna's
-database URL, S3 credentials) attached with ``kfp-kubernetes``, and ingest's retries. ``kfp.local``
+(:func:`build_pipeline`): the image, GPU requests for pretrain/tune/train, and the Kubernetes Secrets
+(Optuna's database URL, S3 credentials) attached with ``kfp-kubernetes``, and ingest's retries. ``kfp.local``
 ignores resources and Kubernetes settings (it honours retries, so ``run_local`` turns them off), so one
 definition serves both. (No ``from __future__ import annotations``: KFP
 reads the pipeline signature's annotations at runtime.)

@@ -114,6 +114,18 @@ def test_timed_tune_then_final_fit(pack_path: Path, bench_train: ModuleType, tmp
     late = json.loads((tmp_path / "out" / "train_gpu_tune.json").read_text())
     assert "time budget" in late["pretrained_fit"]["skipped"] and "pretrain" not in late
     assert late["target"]["met"] == (late["tune_plus_final_fit_s"] <= 600)
+    # The pipeline's order: the stage first, timed with the rest; trials and fit start from it.
+    assert bench_train.main([*argv, "--pretrain-epochs", "1", "--pretrain-first"]) == 0
+    first = json.loads((tmp_path / "out" / "train_gpu_tune.json").read_text())
+    weights = first["pretrain"]["weights"]
+    assert first["final_fit"]["weights"] == weights and "pretrained_fit" not in first
+    trial_specs = list((tmp_path / "w" / "tune").rglob("model.json"))
+    assert trial_specs and all(json.loads(p.read_text())["params"]["weights"] == weights for p in trial_specs)
+    assert first["total_s"] == pytest.approx(first["pretrain_s"] + first["tune_plus_final_fit_s"])
+    assert first["pretrain_s"] == first["pretrain"]["seconds"] > 0
+    assert first["target"]["met"] == (first["total_s"] <= 600)
+    with pytest.raises(SystemExit, match="needs --pretrain-epochs"):
+        bench_train.main([*argv, "--pretrain-first"])
     # A tune out of time before any trial: recorded as such, the target not claimed, exit 1.
     assert bench_train.main([*argv, "--tune-timeout", "0.001"]) == 1
     short = json.loads((tmp_path / "out" / "train_gpu_tune.json").read_text())
