@@ -378,10 +378,7 @@ def pretrain_model(
     import json
     from pathlib import Path
 
-    from components.common import parse_int_list
-    from components.ingest import MANIFEST_FILE
-    from components.train import CHECKPOINT_FILE, pretrain_backbone
-    from pipeline.components import fit_config, step_errors
+    from pipeline.components import step_errors
 
     out = Path(backbone.path)
     with step_errors("pretrain", backbone.path):
@@ -392,6 +389,12 @@ def pretrain_model(
             )
             backbone.metadata.update({"pretrained": False})
             return 0
+        # imported only when there is a stage to train: torch takes seconds to load
+        from components.common import parse_int_list
+        from components.ingest import MANIFEST_FILE
+        from components.train import CHECKPOINT_FILE, pretrain_backbone
+        from pipeline.components import fit_config
+
         counts = parse_int_list(pretrain_classes, name="pretrain_classes") + parse_int_list(
             classes, name="classes"
         )
