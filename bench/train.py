@@ -263,20 +263,23 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
         "max_steps_per_epoch": args.max_steps_per_epoch,
         "progress": False,
     }
+    # The final fit's settings before the tuned parameters; pretraining borrows them.
+    base = TrainConfig(
+        train_csv=work / "train.csv",
+        val_csv=work / "val.csv",
+        test_csv=work / "test.csv",
+        out_dir=work / "final",
+        data_root=work / "data",
+        epochs=args.final_epochs,
+        **shared,
+    )
     pretrain_s = 0.0
     if args.pretrain_first:
         # The pipeline's pretrain task: default optimisation settings, before any trial.
-        stage_base = TrainConfig(
-            train_csv=work / "train.csv",
-            val_csv=work / "val.csv",
-            test_csv=work / "test.csv",
-            out_dir=work,
-            data_root=work / "data",
-            **shared,
-        )
-        result["pretrain"] = pretrain(stage_base, work, args.pretrain_epochs, args.pretrain_cap)
+        result["pretrain"] = pretrain(base, work, args.pretrain_epochs, args.pretrain_cap)
         pretrain_s = result["pretrain"]["seconds"]
         shared["weights"] = result["pretrain"]["weights"]
+        base = dataclasses.replace(base, weights=shared["weights"])
         save()
     space = SearchSpace(image_sizes=tuple(args.image_sizes), heads=tuple(args.heads))
     tcfg = TuneConfig(
@@ -312,15 +315,6 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
         "best_params": tr.best_params,
     }
     save()
-    base = TrainConfig(
-        train_csv=work / "train.csv",
-        val_csv=work / "val.csv",
-        test_csv=work / "test.csv",
-        out_dir=work / "final",
-        data_root=work / "data",
-        epochs=args.final_epochs,
-        **shared,
-    )
     if not tr.n_complete:  # nothing to fit: say so instead of a traceback from the final fit
         result["final_fit"] = {"skipped": "no trial completed (see --tune-timeout)"}
         result["target"] = {"seconds": 600, "trials": args.trials, "met": False}
