@@ -212,6 +212,20 @@ def pretrain(base: TrainConfig, work: Path, epochs: int, cap: int) -> dict[str, 
     }
 
 
+def work_config(work: Path, out_dir: Path, **fields: Any) -> TrainConfig:
+    """A TrainConfig over the split ``prepare_data`` wrote under ``work`` (test reported, never selected)."""
+    from components.train import TrainConfig
+
+    return TrainConfig(
+        train_csv=work / "train.csv",
+        val_csv=work / "val.csv",
+        test_csv=work / "test.csv",
+        out_dir=out_dir,
+        data_root=work / "data",
+        **fields,
+    )
+
+
 def fit_summary(res: Any, cfg: TrainConfig, seconds: float, params: list[str]) -> dict[str, Any]:
     """The figures of one fit that the result files keep (val for selection, test for the report)."""
     m = res.metrics
@@ -235,7 +249,7 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
     """
     import torch
 
-    from components.train import TrainConfig, train
+    from components.train import train
     from components.tune import SearchSpace, TuneConfig, best_train_config, tune
 
     rf = ResultFile(args, "tune_and_final_fit")
@@ -264,15 +278,7 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
         "progress": False,
     }
     # The final fit's settings before the tuned parameters; pretraining borrows them.
-    base = TrainConfig(
-        train_csv=work / "train.csv",
-        val_csv=work / "val.csv",
-        test_csv=work / "test.csv",
-        out_dir=work / "final",
-        data_root=work / "data",
-        epochs=args.final_epochs,
-        **shared,
-    )
+    base = work_config(work, work / "final", epochs=args.final_epochs, **shared)
     pretrain_s = 0.0
     if args.pretrain_first:
         # The pipeline's pretrain task: default optimisation settings, before any trial.
@@ -451,7 +457,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
     """Throughput + accuracy run(s) on one device; results dict (also written as it goes)."""
     import torch
 
-    from components.train import TrainConfig, benchmark_throughput
+    from components.train import benchmark_throughput
     from components.tune import apply_params
 
     rf = ResultFile(args, "train_gpu")
@@ -497,12 +503,9 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         save()
 
     # The runs' shared settings; a run spec overrides some of them, pretraining borrows them.
-    base = TrainConfig(
-        train_csv=work / "train.csv",
-        val_csv=work / "val.csv",
-        test_csv=work / "test.csv",
-        out_dir=work / "model",
-        data_root=work / "data",
+    base = work_config(
+        work,
+        work / "model",
         image_size=args.image_size,
         epochs=args.epochs,
         batch_size=args.batch_size,
