@@ -12,6 +12,9 @@
 #   bash bench/gpu_session.sh ensemble   # accuracy: three seeds of the pretrained run, their ensemble and
 #                                        #   one ResNet18 taught by them (~8 minutes). Needs
 #                                        #   .gpu/abid_all_224_q75.npz
+#   bash bench/gpu_session.sh decision   # accuracy: the ensemble mode's three seeds and their ensemble
+#                                        #   with the count rule fitted on val (plain figures kept
+#                                        #   beside; ~6 minutes). Needs .gpu/abid_all_224_q75.npz
 #   bash bench/gpu_session.sh resolution # accuracy: the same ordinal run at 224 and at 288 px.
 #                                        #   Needs .gpu/abid_288_q75.npz
 #   bash bench/gpu_session.sh distill    # accuracy: two runs, their ensemble, and one ResNet18 taught
@@ -86,6 +89,15 @@ case $mode in
       --budget-s 260 --distill-budget-s 340 --result-name train_gpu_ensemble.json \
       --runs "ordinal:seed=1" "ordinal:seed=2" "ordinal:seed=3"
     ;;
+  decision)
+    need .gpu/abid_all_224_q75.npz
+    # The ensemble mode's runs (same pack, split, stage and seeds), each with its count rule fitted
+    # on val: the plain ordinal rule under-counts 5 (19 % of them right in train_gpu_ensemble.json).
+    python3 bench/train.py gpu --pack .gpu/abid_all_224_q75.npz --out "$out" --bench-batch \
+      --compile-below 0 --epochs 100 --tta --pretrain-epochs 40 --ensemble --decision fitted \
+      --budget-s 300 --result-name train_gpu_decision.json \
+      --runs "ordinal:seed=1" "ordinal:seed=2" "ordinal:seed=3"
+    ;;
   resolution)
     need .gpu/abid_288_q75.npz
     # ABID photos are 250-600 px on a side: does counting gain from more of them than 224 px keeps?
@@ -103,7 +115,7 @@ case $mode in
       --result-name train_gpu_distill.json --runs "ordinal:seed=1" "ordinal:seed=2"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tune|tune-pretrained|pretrain|ensemble|resolution|distill" >&2
+    echo "usage: bash bench/gpu_session.sh tune|tune-pretrained|pretrain|ensemble|decision|resolution|distill" >&2
     exit 2
     ;;
 esac

@@ -237,6 +237,7 @@ def fit_summary(res: Any, cfg: TrainConfig, seconds: float, params: list[str]) -
         "params": {k: getattr(cfg, k) for k in params},
         "val": {k: m["val"][k] for k in ("accuracy", "rmse", "mae", "n")},
         "test": {k: m["test"][k] for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy")},
+        "decision": m.get("decision", {"rule": "plain"}),
     }
 
 
@@ -278,7 +279,7 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
         "progress": False,
     }
     # The final fit's settings before the tuned parameters; pretraining borrows them.
-    base = work_config(work, work / "final", epochs=args.final_epochs, **shared)
+    base = work_config(work, work / "final", epochs=args.final_epochs, decision=args.decision, **shared)
     pretrain_s = 0.0
     if args.pretrain_first:
         # The pipeline's pretrain task: default optimisation settings, before any trial.
@@ -522,6 +523,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         progress=False,
         max_steps_per_epoch=args.max_steps_per_epoch,
         tta=args.tta,
+        decision=args.decision,
     )
     weights = "none"
     if args.pretrain_epochs > 0:
@@ -615,8 +617,10 @@ def run_one(name: str, cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str,
             for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy", "confusion_matrix")
         },
         "history": [{k: round(v, 4) for k, v in h.items()} for h in res.history],
+        "decision": m.get("decision", {"rule": "plain"}),
     }
-    print(json.dumps({k: run[k] for k in ("run", "seconds", "best_epoch", "val", "test")}), flush=True)
+    shown = ("run", "seconds", "best_epoch", "val", "test", "decision")
+    print(json.dumps({k: run[k] for k in shown}), flush=True)
     return run
 
 
@@ -639,15 +643,22 @@ def ensemble(runs: list[dict[str, Any]], work: Path, args: argparse.Namespace) -
         models.append(m.eval())
     out = work / "model_ensemble"
     t0 = time.perf_counter()
-    export_onnx(
-        AverageModel(models, flips=True), head, spec.classes, spec.preprocess.image_size, out / "model.onnx"
-    )
+    graph = AverageModel(models, flips=True).eval()
+    offsets, decision = None, {"rule": "plain"}
+    if args.decision == "fitted":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        offsets, rules = compare_rules(
+            graph.to(dev), spec, work / "val.csv", work / "test.csv", work / "data", work / "cache", dev
+        )
+        decision = {"rule": "fitted", **rules}
+    export_onnx(graph, head, spec.classes, spec.preprocess.image_size, out / "model.onnx", offsets=offsets)
     ModelSpec(
         classes=spec.classes,
         head=head,
         preprocess=spec.preprocess,
         training_data_sha256=spec.training_data_sha256,
-        params={"ensemble_of": [r["run"] for r in members], "tta": True},
+        params={"ensemble_of": [r["run"] for r in members], "tta": True, "decision": args.decision},
+        decision_offsets=None if offsets is None else tuple(offsets),
     ).save(out)
     val = evaluate(out, work / "val.csv", out / "val_eval", data_root=work / "data", progress=False)
     test = evaluate(out, work / "test.csv", out / "test_eval", data_root=work / "data", progress=False)
@@ -655,12 +666,93 @@ def ensemble(runs: list[dict[str, Any]], work: Path, args: argparse.Namespace) -
     res = {
         "run": f"ensemble of {len(members)} {head} runs + 4 flips",
         "members": [r["run"] for r in members],
+        "head": head,
         "seconds": time.perf_counter() - t0,
         "val": {k: val[k] for k in keys},
         "test": {k: test[k] for k in (*keys, "per_class_accuracy", "confusion_matrix")},
+        "decision": decision,
     }
     print(json.dumps(res), flush=True)
     return res
+
+
+def raw_outputs(
+    graph: Any, preprocess: Any, csv: Path, data_root: Path | None, cache_dir: Path | None, device: str
+) -> tuple[Any, np.ndarray]:
+    """``graph``'s raw head outputs (float32, on the CPU) and the true counts of ``csv``'s images."""
+    import torch
+
+    from components.data import build_cache, normalize_batch
+    from components.manifest import load_labelled
+
+    rows, paths = load_labelled(csv, data_root)
+    cache = build_cache(rows, paths, preprocess.image_size, cache_dir, progress=False)
+    raws = []
+    with torch.no_grad():
+        for start in range(0, len(cache), 128):
+            x = torch.from_numpy(np.array(cache.images[start : start + 128])).to(device)
+            raws.append(graph(normalize_batch(x, preprocess)).float().cpu())
+    return torch.cat(raws), np.asarray(cache.counts)
+
+
+def compare_rules(
+    graph: Any, spec: Any, val: Path, test: Path, data_root: Path | None, cache_dir: Path | None, device: str
+) -> tuple[list[float], dict[str, Any]]:
+    """Offsets fitted on ``val`` for ``graph`` (a model or an average of models), and the plain and
+    fitted rules' figures on val and test."""
+    import torch
+
+    from components.evaluate import count_metrics
+    from components.model import decode_outputs, fit_decision_offsets
+
+    c0, num_classes = spec.classes[0], len(spec.classes)
+    outputs = {s: raw_outputs(graph, spec.preprocess, csv, data_root, cache_dir, device) for s, csv in
+               (("val", val), ("test", test))}  # fmt: skip
+    raw_val, y_val = outputs["val"]
+    offsets = fit_decision_offsets(raw_val, torch.as_tensor(y_val) - c0, spec.head, num_classes)
+    rec: dict[str, Any] = {"offsets": [round(float(o), 4) for o in offsets]}
+    for rule, o in (("plain", None), ("fitted", offsets)):
+        for split, (raw, y) in outputs.items():
+            idx = decode_outputs(raw, spec.head, num_classes, o)[1].numpy() + c0
+            m = count_metrics(y, idx, spec.classes)
+            rec[f"{split}_{rule}"] = {k: m[k] for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy")}
+    return rec["offsets"], rec
+
+
+def decision_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain vs fitted count rule of trained models: offsets fitted on val, both rules scored on val
+    and test. Runs on the model.pt of any ``components.train`` output, so a model trained before
+    ``--decision`` existed can be measured without training again."""
+    import torch
+
+    from components.common import read_json
+    from components.model import build_model
+    from components.modelspec import ModelSpec
+    from components.train import AverageModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rf = ResultFile(args, "train_decision")
+    rf.data["models"] = []
+    for model_dir in args.model:
+        spec = ModelSpec.from_dict(read_json(model_dir / "model.json"))
+        net = build_model(len(spec.classes), spec.head)
+        net.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+        tta = bool(spec.params.get("tta"))
+        graph = (AverageModel([net], flips=True) if tta else net).eval().to(dev)
+        _, rules = compare_rules(graph, spec, args.val, args.test, args.data_root, args.cache_dir, dev)
+        rf.data["models"].append({"model": str(model_dir), "head": spec.head, "tta": tta, **rules})
+        print(f"{model_dir}: offsets {rules['offsets']}")
+        for rule in ("plain", "fitted"):
+            v, t = rules[f"val_{rule}"], rules[f"test_{rule}"]
+            print(
+                f"  {rule:6} val acc {v['accuracy']:.4f} RMSE {v['rmse']:.4f}"
+                f" | test acc {t['accuracy']:.4f} RMSE {t['rmse']:.4f}",
+                flush=True,
+            )
+        rf.save()
+    return rf.data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -709,6 +801,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--budget-s", type=float, default=300, help="start no further run after this many seconds")
     g.add_argument("--keep-models", action="store_true")
     g.add_argument("--tta", action="store_true", help="flip averaging in each run's exported graph")
+    g.add_argument(
+        "--decision",
+        choices=["plain", "fitted"],
+        default="plain",
+        help="fitted: each run's count rule fitted on val (its plain figures are recorded beside)",
+    )
     g.add_argument("--ensemble", action="store_true", help="also score the average of the runs (one graph)")
     g.add_argument("--distill", action="store_true", help="then train one model taught by the runs")
     g.add_argument("--distill-weight", type=float, default=0.5, help="share of the student's loss from them")
@@ -722,6 +820,15 @@ def main(argv: list[str] | None = None) -> int:
         help="first train on every count (train split + the 0/6+ images of an --all-counts pack)",
     )
     g.add_argument("--pretrain-cap", type=int, default=10, help="counts above this are this in pretraining")
+    dc = sub.add_parser("decision", help="plain vs val-fitted count rule of trained models, on val and test")
+    dc.add_argument("--model", type=Path, nargs="+", required=True, help="components.train output dirs")
+    dc.add_argument("--val", type=Path, required=True, help="the manifest the rule is fitted on")
+    dc.add_argument("--test", type=Path, required=True, help="scored only")
+    dc.add_argument("--data-root", type=Path, default=None)
+    dc.add_argument("--cache-dir", type=Path, default=None)
+    dc.add_argument("--threads", type=int, default=None)
+    dc.add_argument("--out", type=Path, default=RESULTS)
+    dc.add_argument("--result-name", default="train_decision.json")
     t = sub.add_parser("tune", help="timed Optuna tune + final fit with the best parameters")
     t.add_argument("--pack", type=Path, default=REPO / ".gpu" / "abid_224_q90.npz")
     t.add_argument("--out", type=Path, default=RESULTS)
@@ -757,6 +864,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--budget-s", type=float, default=420, help="skip the pretrained fit after this many seconds"
     )
+    t.add_argument(
+        "--decision",
+        choices=["plain", "fitted"],
+        default="plain",
+        help="the fits' count rule (trials score the plain rule); fitted records the plain figures too",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "pack":
@@ -764,6 +877,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "tune":
         r = tune_run(args)
         return 0 if "val" in r["final_fit"] else 1
+    elif args.cmd == "decision":
+        decision_run(args)
     elif args.cmd == "gpu":
         r = gpu_run(args)
         print(json.dumps(r.get("selected", {})))

@@ -9,12 +9,18 @@ Three heads over the same backbone, because counts are ordered:
 :func:`decode_outputs` turns any head's raw output into the common ``(probabilities, index,
 expected)`` triple; :class:`ExportWrapper` bakes that into the ONNX graph (see
 :mod:`components.modelspec`).
+
+Each head's count rule has one offset per decision it takes (:func:`decision_size`), zero for the
+plain rule: argmax, "more than k" above one half, rounding. :func:`fit_decision_offsets` fits them
+on validation outputs, and the export bakes them into the graph, so evaluation and serving count
+with the rule that was fitted.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -71,14 +77,30 @@ def build_model(num_classes: int, head: str = "classification", weights: str | N
     return model
 
 
+def decision_size(head: str, num_classes: int) -> int:
+    """How many offsets the head's count rule has: one per class (classification), else one per
+    boundary between neighbouring classes (ordinal, regression)."""
+    return num_classes if head == "classification" else num_classes - 1
+
+
 def decode_outputs(
-    raw: torch.Tensor, head: str, num_classes: int
+    raw: torch.Tensor, head: str, num_classes: int, offsets: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw head output -> ``(probabilities [N,C], class index [N] int64, expected index [N] float)``."""
+    """Raw head output -> ``(probabilities [N,C], class index [N] int64, expected index [N] float)``.
+
+    ``offsets`` (:func:`decision_size` values, zeros = the plain rule) move only the index, and a
+    positive offset always favours the higher side: classification adds them to the
+    log-probabilities before the argmax, ordinal counts the thresholds with ``logit_k + offset_k > 0``,
+    regression those with ``value + offset_k > k + 0.5``. Probabilities and expected index do not
+    change.
+    """
     idx_values = torch.arange(num_classes, dtype=raw.dtype, device=raw.device)
+    if offsets is not None:
+        offsets = offsets.to(device=raw.device, dtype=raw.dtype)
     if head == "classification":
         probs = torch.softmax(raw, dim=1)
-        index = probs.argmax(dim=1)
+        score = raw if offsets is None else torch.log_softmax(raw, dim=1) + offsets[None, :]
+        index = score.argmax(dim=1)
     elif head == "ordinal":
         gt = torch.sigmoid(raw)  # P(y > k), k = 0..C-2
         ones = torch.ones_like(gt[:, :1])
@@ -87,30 +109,107 @@ def decode_outputs(
         lower = torch.cat([gt, zeros], dim=1)  # P(y > k)
         probs = (upper - lower).clamp_min(0)
         probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        index = (gt > 0.5).sum(dim=1)
+        index = (gt > 0.5).sum(dim=1) if offsets is None else (raw + offsets[None, :] > 0).sum(dim=1)
     elif head == "regression":
         r = raw[:, 0].clamp(0, num_classes - 1)
         probs = (1 - (r[:, None] - idx_values[None, :]).abs()).clamp_min(0)
         probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        index = torch.round(r).long()
+        if offsets is None:
+            index = torch.round(r).long()
+        else:
+            index = (r[:, None] + offsets[None, :] > idx_values[None, :-1] + 0.5).sum(dim=1)
     else:
         raise ConfigError(f"head must be one of {list(HEADS)}, got {head!r}")
     expected = (probs * idx_values[None, :]).sum(dim=1)
     return probs, index.long(), expected
 
 
-class ExportWrapper(nn.Module):
-    """Model + head decoding, producing the contract's outputs in count units."""
+def decision_grid(head: str) -> torch.Tensor:
+    """Offsets tried per coordinate: logit / log-probability units for classification and ordinal
+    (an ordinal "more than k" threshold from 0.18 to 0.82), class-index units for regression."""
+    if head == "regression":
+        return torch.arange(-9, 10) / 20
+    return torch.arange(-15, 16) / 10
 
-    def __init__(self, model: nn.Module, head: str, classes: tuple[int, ...] | list[int]) -> None:
+
+@torch.no_grad()
+def fit_decision_offsets(
+    raw: torch.Tensor,
+    target_index: torch.Tensor,
+    head: str,
+    num_classes: int,
+    min_gain: float = 0.005,
+    max_rounds: int = 4,
+) -> torch.Tensor:
+    """Offsets that raise accuracy on ``(raw, target_index)`` (validation outputs, never test).
+
+    Why: a head trained for a smooth loss need not count best at its plain rule (the ordinal head's
+    one-half thresholds under-predict the largest class, whose images look like the next one down).
+    Coordinate ascent from zero over :func:`decision_grid`: per decision, the best value (accuracy,
+    then squared error, then the smaller offset) is kept only if it adds at least ``min_gain`` of
+    accuracy (default half a point, ~4 of 876 validation images), so sampling noise is not fitted.
+    """
+    raw = raw.detach().float().cpu()
+    y = target_index.detach().long().cpu()
+    if raw.shape[0] != y.shape[0] or raw.shape[0] == 0:
+        raise ConfigError(f"need one target per output row, got {raw.shape[0]} rows and {y.shape[0]} targets")
+    if min_gain < 0:
+        raise ConfigError(f"min_gain must be >= 0, got {min_gain}")
+    offsets = torch.zeros(decision_size(head, num_classes))
+
+    def score(o: torch.Tensor) -> tuple[float, float, float]:
+        _, index, _ = decode_outputs(raw, head, num_classes, o)
+        err = float(((index - y).float() ** 2).mean())
+        return float((index == y).float().mean()), -err, -float(o.abs().sum())
+
+    best = score(offsets)
+    grid = decision_grid(head)
+    # classification: offsets are relative, so the first class stays at zero
+    coords = range(1, len(offsets)) if head == "classification" else range(len(offsets))
+    for _ in range(max_rounds):
+        changed = False
+        for k in coords:
+            trials = []
+            for value in grid:
+                trial = offsets.clone()
+                trial[k] = value
+                trials.append((score(trial), trial))
+            s, trial = max(trials, key=lambda t: t[0])
+            if s[0] >= best[0] + min_gain:
+                best, offsets, changed = s, trial, True
+        if not changed:
+            break
+    return offsets
+
+
+class ExportWrapper(nn.Module):
+    """Model + head decoding (with the fitted decision offsets, if any), in count units."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head: str,
+        classes: tuple[int, ...] | list[int],
+        offsets: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.head = head
         self.num_classes = len(classes)
         self.first_class = int(classes[0])
+        self.offsets: torch.Tensor | None
+        if offsets is None:
+            self.offsets = None
+        else:
+            if len(offsets) != decision_size(head, self.num_classes):
+                raise ConfigError(
+                    f"the {head} head over {self.num_classes} classes takes "
+                    f"{decision_size(head, self.num_classes)} decision offsets, got {len(offsets)}"
+                )
+            self.register_buffer("offsets", torch.tensor([float(o) for o in offsets]))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        probs, index, expected = decode_outputs(self.model(x), self.head, self.num_classes)
+        probs, index, expected = decode_outputs(self.model(x), self.head, self.num_classes, self.offsets)
         return probs, index + self.first_class, expected + self.first_class
 
 
@@ -121,11 +220,12 @@ def export_onnx(
     image_size: int,
     path: str | os.PathLike[str],
     opset: int = 17,
+    offsets: Sequence[float] | None = None,
 ) -> Path:
     """Export to ONNX with a dynamic batch axis; written atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ExportWrapper(model, head, classes).eval().to("cpu").float()
+    wrapper = ExportWrapper(model, head, classes, offsets).eval().to("cpu").float()
     dummy = torch.zeros(2, 3, image_size, image_size)
     # A unique temp name in the target directory: concurrent exports never share it, and the rename
     # stays on one filesystem (atomic).

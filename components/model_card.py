@@ -29,6 +29,22 @@ def _pretraining(p: dict[str, Any], metrics: dict[str, Any]) -> str:
     )
 
 
+def _decision(metrics: dict[str, Any]) -> str:
+    d = metrics.get("decision") or {}
+    if d.get("rule") != "fitted":
+        return ""
+    plain = d.get("val_plain") or {"accuracy": float("nan"), "rmse": float("nan")}
+    text = (
+        f" The count rule's offsets {d.get('offsets')} were fitted on validation for accuracy (plain"
+        f" rule there: accuracy {plain['accuracy']:.3f}, RMSE {plain['rmse']:.3f}), so the validation"
+        " figures below are optimistic"
+    )
+    test = d.get("test_plain")
+    if test:
+        text += f"; on test the plain rule scores {test['accuracy']:.3f} accuracy, RMSE {test['rmse']:.3f}"
+    return text + "."
+
+
 def render_model_card(spec: ModelSpec, metrics: dict[str, Any]) -> str:
     """Markdown text; figures come from ``metrics`` (val always, test when it was given)."""
     p = spec.params
@@ -50,7 +66,8 @@ images, {metrics.get("n_val", "?")} validation images). The dataset is licensed 
 Weights: `{p.get("weights")}`; {p.get("epochs")} epochs planned, {metrics.get("epochs_run")} run, best epoch
 {metrics.get("best_epoch")} (selected on validation {metrics.get("selection_metric")}; the test set is
 never used for selection). Optimizer {p.get("optimizer")}, peak lr {p.get("lr")}, batch {p.get("batch_size")},
-augmentation strength {p.get("aug_strength")}, seed {p.get("seed")}.{_pretraining(p, metrics)}
+augmentation strength {p.get("aug_strength")}, seed {p.get("seed")}.{_pretraining(p, metrics)}\
+{_decision(metrics)}
 
 ## Metrics
 RMSE and MAE are in items, of the predicted (rounded, clipped) count.

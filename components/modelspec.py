@@ -64,12 +64,22 @@ class ModelSpec:
     training_data_sha256: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    #: the count rule's offsets fitted on validation, already in the ONNX graph (None = plain rule)
+    decision_offsets: tuple[float, ...] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         self.classes = validate_classes(self.classes)
         if self.head not in HEADS:
             raise ConfigError(f"head must be one of {list(HEADS)}, got {self.head!r}")
+        if self.decision_offsets is not None:
+            self.decision_offsets = tuple(float(o) for o in self.decision_offsets)
+            want = len(self.classes) - (self.head != "classification")
+            if len(self.decision_offsets) != want:
+                raise ConfigError(
+                    f"decision_offsets: the {self.head} head over {len(self.classes)} classes has "
+                    f"{want} offsets, got {len(self.decision_offsets)}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict for ``model.json``."""
@@ -88,6 +98,7 @@ class ModelSpec:
             "training_data_sha256": self.training_data_sha256,
             "metrics": self.metrics,
             "params": self.params,
+            "decision_offsets": None if self.decision_offsets is None else list(self.decision_offsets),
         }
 
     @classmethod
@@ -108,6 +119,9 @@ class ModelSpec:
                 training_data_sha256=d.get("training_data_sha256"),
                 metrics=dict(d.get("metrics", {})),
                 params=dict(d.get("params", {})),
+                decision_offsets=(
+                    None if d.get("decision_offsets") is None else tuple(d["decision_offsets"])
+                ),
                 schema_version=int(d.get("schema_version", SCHEMA_VERSION)),
             )
         except KeyError as e:

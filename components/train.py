@@ -43,7 +43,7 @@ from components.common import (
 from components.data import DeviceImages, augment_batch, build_cache, data_hash, normalize_batch
 from components.evaluate import count_metrics
 from components.manifest import load_labelled, read_manifest, write_manifest
-from components.model import build_model, decode_outputs, export_onnx
+from components.model import build_model, decode_outputs, export_onnx, fit_decision_offsets
 from components.modelspec import (
     DEFAULT_CLASSES,
     HEADS,
@@ -90,6 +90,8 @@ METRICS_FILE = "metrics.json"
 CURVES_PNG = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 SELECTION_METRICS = ("val_accuracy", "val_rmse", "val_loss", "last")
+#: the count rule: the head's own (``plain``) or offsets fitted on validation (``fitted``)
+DECISIONS = ("plain", "fitted")
 OnEpoch = Callable[[int, dict[str, float]], None]
 
 
@@ -136,6 +138,7 @@ class TrainConfig:
     progress: bool = True
     export: bool = True
     tta: bool = False
+    decision: str = "plain"
     teacher: tuple[str, ...] = ()
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
@@ -153,6 +156,8 @@ class TrainConfig:
             raise ConfigError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigError(f"--selection-metric must be one of {list(SELECTION_METRICS)}")
+        if self.decision not in DECISIONS:
+            raise ConfigError(f"--decision must be one of {list(DECISIONS)}, got {self.decision!r}")
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -449,11 +454,11 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, images: DeviceImages, tta: bool = False) -> dict[str, np.ndarray]:
-        """Raw-loss, class index and expected index for every image (flip-averaged with ``tta``)."""
+        """Loss, class index, expected index and raw output per image (flip-averaged with ``tta``)."""
         model: nn.Module = self.eval_model().eval()
         if tta:
             model = AverageModel([model], flips=True)
-        losses, idx, exp = [], [], []
+        losses, idx, exp, raws = [], [], [], []
         order = torch.arange(len(images))
         for start in range(0, len(images), self.cfg.eval_batch_size):
             x_u8, y = images.batch(order[start : start + self.cfg.eval_batch_size])
@@ -466,10 +471,12 @@ class Trainer:
             _, index, expected = decode_outputs(raw, self.cfg.head, self.num_classes)
             idx.append(index)
             exp.append(expected)
+            raws.append(raw.cpu())
         return {
             "loss": float(torch.stack(losses).sum().item() / len(images)),
             "index": torch.cat(idx).cpu().numpy(),
             "expected": torch.cat(exp).cpu().numpy(),
+            "raw": torch.cat(raws),
         }
 
 
@@ -631,6 +638,7 @@ def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
         selection_metric="last",
         patience=0,
         tta=False,
+        decision="plain",
         teacher=(),
         pretrain_extra=None,
         pretrain_data_root=None,
@@ -805,6 +813,16 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
         if cfg.patience and epoch + 1 - best_epoch >= cfg.patience:
             stopped_early = True
         bar.set_postfix(acc=f"{metrics['val_accuracy']:.3f}", rmse=f"{metrics['val_rmse']:.3f}")
+        if not cfg.progress:  # no bar (pods, CI logs): one line per epoch instead
+            LOG.info(
+                "epoch %d/%d: train loss %.4f, val accuracy %.4f, val RMSE %.4f (%.0f images/s)",
+                epoch + 1,
+                cfg.epochs,
+                metrics["train_loss"],
+                metrics["val_accuracy"],
+                metrics["val_rmse"],
+                metrics["train_images_per_s"],
+            )
         last = stopped_early or epoch + 1 == cfg.epochs
         if last or (epoch + 1) % cfg.checkpoint_every == 0 or on_epoch is not None:
             _atomic_torch_save(
@@ -837,6 +855,7 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
     assert best_state is not None
     final.load_state_dict(best_state)
     pred = trainer.predict(val_images, tta=cfg.tta)  # the exported graph's figures
+    decision = _fit_decision(cfg, trainer, pred, val_cache.counts, device)
     val_metrics = count_metrics(
         val_cache.counts, pred["index"] + cfg.classes[0], cfg.classes, pred["expected"] + cfg.classes[0]
     )
@@ -853,11 +872,12 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "train_images_per_s": float(np.median(steady)),
         "train_seconds": time.perf_counter() - t_start,
+        "decision": decision,
     }
     if pretrained is not None:
         metrics["pretrain"] = pretrained
     if cfg.export:
-        _export(cfg, final, train_rows, metrics, history, out_dir)
+        _export(cfg, final, train_rows, metrics, history, out_dir, decision.get("offsets"))
     atomic_write_json(
         out_dir / DONE_FILE,
         {
@@ -876,6 +896,42 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
     )
 
 
+def _fit_decision(
+    cfg: TrainConfig, trainer: Trainer, pred: dict[str, Any], val_counts: np.ndarray, device: torch.device
+) -> dict[str, Any]:
+    """``--decision fitted``: fit the count rule's offsets on the validation outputs in ``pred``, and
+    re-decide ``pred["index"]`` with them. Returns the record for metrics.json: the rule, the offsets,
+    and the plain rule's validation figures (and test figures, with ``--test``) to compare against."""
+    if cfg.decision == "plain":
+        return {"rule": "plain"}
+    keys = ("accuracy", "rmse", "mae")
+    c0, num_classes = cfg.classes[0], len(cfg.classes)
+    plain = count_metrics(val_counts, pred["index"] + c0, cfg.classes)
+    offsets = fit_decision_offsets(pred["raw"], torch.as_tensor(val_counts) - c0, cfg.head, num_classes)
+    pred["index"] = decode_outputs(pred["raw"], cfg.head, num_classes, offsets)[1].numpy()
+    record: dict[str, Any] = {
+        "rule": "fitted",
+        "offsets": [round(float(o), 4) for o in offsets],
+        "val_plain": {k: plain[k] for k in keys},
+    }
+    if cfg.test_csv is not None:
+        # Reporting only (nothing is chosen on it): what the plain rule would have scored on test.
+        rows, paths = _load_split(Path(cfg.test_csv), cfg, "test")
+        cache = build_cache(
+            rows, paths, cfg.image_size, cfg.cache_dir, workers=cfg.decode_workers, progress=cfg.progress
+        )
+        test = trainer.predict(DeviceImages(cache, device), tta=cfg.tta)
+        test_plain = count_metrics(cache.counts, test["index"] + c0, cfg.classes)
+        record["test_plain"] = {k: test_plain[k] for k in keys}
+    LOG.info(
+        "decision offsets %s: val accuracy %.4f -> %.4f",
+        record["offsets"],
+        plain["accuracy"],
+        float((pred["index"] + c0 == np.asarray(val_counts)).mean()),
+    )
+    return record
+
+
 def _export(
     cfg: TrainConfig,
     model: nn.Module,
@@ -883,6 +939,7 @@ def _export(
     metrics: dict[str, Any],
     history: list[dict[str, float]],
     out_dir: Path,
+    offsets: list[float] | None = None,
 ) -> None:
     """ONNX + state dict + model.json, then test figures (through the ONNX model), plots and card."""
     from components.model_card import write_model_card
@@ -890,7 +947,7 @@ def _export(
 
     model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     graph = AverageModel([model], flips=True) if cfg.tta else model
-    export_onnx(graph, cfg.head, cfg.classes, cfg.image_size, out_dir / ONNX_FILE)
+    export_onnx(graph, cfg.head, cfg.classes, cfg.image_size, out_dir / ONNX_FILE, offsets=offsets)
     _atomic_torch_save(model.state_dict(), out_dir / STATE_DICT_FILE)
     spec = ModelSpec(
         classes=cfg.classes,
@@ -901,6 +958,7 @@ def _export(
         training_data_sha256=data_hash(train_rows),
         metrics={"val": {k: metrics["val"][k] for k in ("accuracy", "rmse", "mae", "n")}},
         params=cfg.to_params(),
+        decision_offsets=None if offsets is None else tuple(offsets),
     )
     spec.save(out_dir)
     if cfg.test_csv is not None:
@@ -1039,6 +1097,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
     p.add_argument("--tta", action="store_true", help="average the 4 flips (validation and exported graph)")
     p.add_argument(
+        "--decision",
+        choices=DECISIONS,
+        default=d.decision,
+        help="count rule: the head's own, or offsets fitted on val for accuracy (baked into the graph)",
+    )
+    p.add_argument(
         "--teacher",
         nargs="+",
         default=[],
@@ -1127,6 +1191,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_batch_size=args.eval_batch_size,
         checkpoint_every=args.checkpoint_every,
         tta=args.tta,
+        decision=args.decision,
         teacher=tuple(args.teacher),
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,

@@ -598,6 +598,7 @@ def train_model(
     epochs: int,
     ema: float,
     tta: bool,
+    decision: str,
     seed: int,
     device: str,
     num_threads: int,
@@ -638,6 +639,7 @@ def train_model(
             head=head,
             epochs=epochs,
             tta=tta,
+            decision=decision,
             model_name=model_name,
         )
         cfg = apply_params(json.loads(best_params or "{}"), cfg)

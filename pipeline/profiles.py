@@ -37,6 +37,8 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "in the trials and the final fit (0 = off; 0.998 suits long from-scratch schedules)",
         "tta": "average the 4 flips of each image inside the exported graph: the served model does 4 "
         "forward passes per image (about 4x the inference cost) for a point or two of accuracy",
+        "decision": "count rule of the final fit: plain (the head's own: argmax, thresholds at one half, "
+        "rounding) or fitted (one offset per decision fitted on val for accuracy, baked into the graph)",
         "pretrain_per_class": "images per count to ingest for the pretraining stage, with the counts of "
         "pretrain_classes (0 = none)",
         "pretrain_classes": "the counts outside `classes` those images have (empty bins, 6+ items); never "
@@ -68,6 +70,7 @@ _COMMON: dict[str, Any] = {
     "split_ratios": "0.7,0.15,0.15",
     "seed": 0,
     "head": "ordinal",
+    "decision": "plain",
     "optuna_storage": "",
     "model_name": "inventory-counter",
     "int8": True,
@@ -232,6 +235,8 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
         raise ConfigError(f"accuracy_threshold must be in [0, 1], got {params['accuracy_threshold']}")
     if params["head"] not in HEADS:
         raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {params['head']!r}")
+    if params["decision"] not in ("plain", "fitted"):
+        raise ConfigError(f"decision must be plain or fitted, got {params['decision']!r}")
     if params["device"] not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {params['device']!r}")
     if params["weights"] not in ("none", "imagenet"):

@@ -44,7 +44,7 @@ class NaivePredictor:
         model = build_model(len(spec.classes), spec.head)
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        self.model = ExportWrapper(model, spec.head, spec.classes).eval()
+        self.model = ExportWrapper(model, spec.head, spec.classes, spec.decision_offsets).eval()
         self.classes = [str(c) for c in spec.classes]
         pp = spec.preprocess
         self.transform = transforms.Compose(

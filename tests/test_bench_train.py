@@ -188,7 +188,7 @@ def test_runs_at_two_image_sizes_from_one_pack(
     argv = ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
             "--result-name", "train_gpu_resolution.json", "--bench-batch", "--compile-below", "0",
             "--epochs", "1", "--batch-size", "16", "--threads", "1", "--max-steps-per-epoch", "1",
-            "--runs", "ordinal:image_size=24", "ordinal:image_size=32"]  # fmt: skip
+            "--runs", "ordinal:image_size=24,decision=fitted", "ordinal:image_size=32"]  # fmt: skip
     assert bench_train.main(argv) == 0
     assert not (tmp_path / "out" / "train_gpu.json").exists()
     r = json.loads((tmp_path / "out" / "train_gpu_resolution.json").read_text())
@@ -196,6 +196,23 @@ def test_runs_at_two_image_sizes_from_one_pack(
     for run in r["runs"]:  # each exported model preprocesses at its own size
         spec = json.loads((Path(run["model_dir"]) / "model.json").read_text())
         assert spec["preprocess"]["image_size"] == run["image_size"]
+    # a run spec may fit its count rule on val: the plain rule's figures are kept beside
+    fitted, plain = r["runs"]
+    assert fitted["decision"]["rule"] == "fitted" and set(fitted["decision"]["val_plain"]) >= {"accuracy"}
+    assert plain["decision"] == {"rule": "plain"}
+    # the decision command measures both rules on trained models, without training
+    work = tmp_path / "w"
+    dargv = ["decision", "--model", fitted["model_dir"], plain["model_dir"], "--val", str(work / "val.csv"),
+             "--test", str(work / "test.csv"), "--data-root", str(work / "data"), "--threads", "1",
+             "--out", str(tmp_path / "out"), "--cache-dir", str(work / "cache")]  # fmt: skip
+    assert bench_train.main(dargv) == 0
+    d = json.loads((tmp_path / "out" / "train_decision.json").read_text())
+    assert [m["model"] for m in d["models"]] == [fitted["model_dir"], plain["model_dir"]]
+    for m in d["models"]:
+        assert m["val_fitted"]["accuracy"] >= m["val_plain"]["accuracy"]
+        assert m["test_plain"]["n"] == m["test_fitted"]["n"] == r["data"]["split"]["test"]
+    # same weights, same val images: the command's plain figure is the run's own
+    assert d["models"][1]["val_plain"]["accuracy"] == pytest.approx(plain["val"]["accuracy"])
     with pytest.raises(ConfigError, match="not TrainConfig fields"):
         bench_train.main([*argv[:-2], "ordinal:budget_s=3"])
 
@@ -204,16 +221,25 @@ def test_a_student_is_taught_by_the_runs(pack_path: Path, bench_train: ModuleTyp
     argv = ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
             "--bench-batch", "--compile-below", "0", "--image-size", "32", "--epochs", "1",
             "--batch-size", "16", "--threads", "1", "--max-steps-per-epoch", "1", "--distill",
+            "--ensemble", "--decision", "fitted",
             "--runs", "ordinal:seed=1", "ordinal:seed=2", "classification"]  # fmt: skip
     assert bench_train.main(argv) == 0
     r = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
+    # the ensemble of the best head's runs, its count rule fitted on val like each run's: the figures
+    # through its ONNX graph are the fitted rule's, the plain ones are kept beside
+    ens = r["ensemble"]
+    assert ens["decision"]["rule"] == "fitted"
+    assert len(ens["decision"]["offsets"]) == (5 if ens["head"] == "classification" else 4)
+    for split in ("val", "test"):
+        assert ens[split]["accuracy"] == pytest.approx(ens["decision"][f"{split}_fitted"]["accuracy"])
+    assert all(run["decision"]["rule"] == "fitted" for run in r["runs"])
     student = r["distilled"]
     best_head = max((run for run in r["runs"]), key=bench_train.val_rank)["head"]
     teachers = [run for run in r["runs"] if run["head"] == best_head]
     assert student["head"] == best_head and student["overrides"]["teachers"] == [t["run"] for t in teachers]
     params = json.loads((Path(student["model_dir"]) / "model.json").read_text())["params"]
     assert params["teacher"] == [t["model_dir"] for t in teachers] and params["distill_weight"] == 0.5
-    names = [run["run"] for run in r["runs"]] + [student["run"]]
+    names = [run["run"] for run in r["runs"]] + [student["run"], ens["run"]]
     assert r["selected"]["run"] in names
     # Out of time: the student is skipped and said so.
     assert bench_train.main([*argv, "--distill-budget-s", "0"]) == 0

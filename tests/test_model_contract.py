@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from components.common import ConfigError
-from components.model import ExportWrapper, build_model, decode_outputs, export_onnx
+from components.model import (
+    ExportWrapper,
+    build_model,
+    decision_size,
+    decode_outputs,
+    export_onnx,
+    fit_decision_offsets,
+)
 from components.modelspec import INPUT_NAME, OUTPUT_NAMES, ModelSpec, load_model_spec
 
 
@@ -25,6 +32,82 @@ def test_decode_outputs_per_head() -> None:
     probs, idx, exp = decode_outputs(torch.tensor([[1.7], [9.0], [-3.0]]), "regression", 3)
     assert idx.tolist() == [2, 2, 0]
     assert exp[0].item() == pytest.approx(1.7, abs=1e-5)
+
+
+@pytest.mark.parametrize("head", ["classification", "ordinal", "regression"])
+def test_zero_offsets_are_the_plain_rule_and_offsets_move_only_the_count(head: str) -> None:
+    raw = torch.randn(500, {"classification": 5, "ordinal": 4, "regression": 1}[head]) * 2
+    if head == "regression":
+        raw = raw + 2
+    probs, index, expected = decode_outputs(raw, head, 5)
+    _, z_index, _ = decode_outputs(raw, head, 5, torch.zeros(decision_size(head, 5)))
+    assert torch.equal(index, z_index)
+    # a negative offset on the last decision: fewer images reach the top class, probabilities unchanged
+    shift = torch.zeros(decision_size(head, 5))
+    shift[-1] = -0.45 if head == "regression" else -3.0
+    s_probs, s_index, s_expected = decode_outputs(raw, head, 5, shift)
+    assert (s_index == 4).sum() < (index == 4).sum()
+    assert torch.equal(probs, s_probs) and torch.equal(expected, s_expected)
+
+
+def test_fitted_offsets_recover_a_biased_ordinal_head() -> None:
+    # One noisy "size" per image read by four thresholds; the "more than 3" one sits 1.0 too high,
+    # so the plain rule under-counts class 5.
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (2000,), generator=gen)
+    latent = y + torch.randn(2000, generator=gen) * 0.6
+    raw = 3.0 * (latent[:, None] - torch.arange(4)[None, :] - 0.5)
+    raw[:, 3] -= 1.0
+    plain = (decode_outputs(raw, "ordinal", 5)[1] == y).float().mean()
+    offsets = fit_decision_offsets(raw, y, "ordinal", 5)
+    fitted = (decode_outputs(raw, "ordinal", 5, offsets)[1] == y).float().mean()
+    assert fitted > plain + 0.01
+    for head, out in (("ordinal", raw), ("regression", raw.mean(1, keepdim=True) / 3 + 2)):
+        # never worse than the plain rule on the data it was fitted on (it starts there)
+        o = fit_decision_offsets(out, y, head, 5, min_gain=0)
+        assert (decode_outputs(out, head, 5, o)[1] == y).float().mean() >= (
+            decode_outputs(out, head, 5)[1] == y
+        ).float().mean()
+    assert offsets[3] == pytest.approx(1.0, abs=0.35)  # it found the shift on the biased threshold
+    assert offsets[:3].abs().max() == 0  # and left the calibrated ones alone
+    # a calibrated head keeps the plain rule: noise-sized gains are not taken...
+    raw[:, 3] += 1.0
+    assert fit_decision_offsets(raw, y, "ordinal", 5).abs().max() == 0
+    # ...unless asked to (min_gain 0 fits the sample's noise)
+    assert fit_decision_offsets(raw, y, "ordinal", 5, min_gain=0).abs().max() > 0
+    with pytest.raises(ConfigError, match="one target per output row"):
+        fit_decision_offsets(raw, y[:10], "ordinal", 5)
+
+
+def test_fitted_offsets_for_classification_and_regression() -> None:
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 5, (2000,), generator=gen)
+    latent = y + torch.randn(2000, generator=gen) * 0.6
+    # regression read too low by 0.35: the cuts move down
+    offsets = fit_decision_offsets((latent - 0.35)[:, None], y, "regression", 5)
+    assert offsets.min() > 0.1
+    # classification logits that under-rate the last class: its offset goes up, the first stays 0
+    logits = -((latent[:, None] - torch.arange(5)[None, :]) ** 2)
+    logits[:, 4] -= 1.0
+    offsets = fit_decision_offsets(logits, y, "classification", 5)
+    assert offsets[0] == 0 and offsets[4] > 0.3
+
+
+@pytest.mark.parametrize("head", ["classification", "ordinal", "regression"])
+def test_onnx_bakes_in_the_decision_offsets(tmp_path: Path, head: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(5, head).eval()
+    offsets = [0.0, 0.3, -0.4, 0.2, 0.1][: decision_size(head, 5)]
+    path = export_onnx(model, head, (1, 2, 3, 4, 5), 32, tmp_path / "m.onnx", offsets=offsets)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    _, count, _ = sess.run(None, {INPUT_NAME: x})
+    with torch.no_grad():
+        raw = model(torch.from_numpy(x))
+    want = decode_outputs(raw, head, 5, torch.tensor(offsets))[1] + 1
+    np.testing.assert_array_equal(count, want.numpy())
+    with pytest.raises(ConfigError, match="decision offsets"):
+        ExportWrapper(model, head, (1, 2, 3, 4, 5), offsets=[0.0] * 7)
 
 
 @pytest.mark.parametrize("head", ["classification", "ordinal", "regression"])
@@ -56,6 +139,10 @@ def test_model_spec_round_trip_and_errors(tmp_path: Path) -> None:
         ModelSpec(classes=(1, 3, 5))
     with pytest.raises(ConfigError, match="head"):
         ModelSpec(head="softmax")
+    fitted = ModelSpec(classes=(1, 2, 3), head="ordinal", decision_offsets=(0.5, -0.25))
+    assert ModelSpec.from_dict(fitted.to_dict()).decision_offsets == (0.5, -0.25)
+    with pytest.raises(ConfigError, match="decision_offsets"):
+        ModelSpec(classes=(1, 2, 3), head="ordinal", decision_offsets=(0.5, -0.25, 1.0))
 
 
 def test_weights_errors_are_clear(tmp_path: Path) -> None:

@@ -106,6 +106,7 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
     train = spec["root"]["dag"]["tasks"]["train-model"]["inputs"]["parameters"]
     assert train["ema"]["componentInputParameter"] == "ema"
     assert train["tta"]["componentInputParameter"] == "tta"
+    assert train["decision"]["componentInputParameter"] == "decision"
     assert "tta" not in params and "tta" not in best
     # pretraining: one task gets the other counts' images and the stage's settings; every trial,
     # select_best and the final fit get its backbone
@@ -286,6 +287,7 @@ def test_compile_flags_override_build_options(tmp_path):
         (["--param", "accuracy_threshold=1.5"], "accuracy_threshold"),
         (["--param", "ema=1.0"], "ema must be in [0, 1)"),
         (["--param", "tta=maybe"], "tta"),
+        (["--param", "decision=best"], "decision must be plain or fitted"),
         (["--param", "pretrain_epochs=10"], "set pretrain_per_class >= 1"),
         (["--param", "pretrain_per_class=5", "--param", "pretrain_classes=0,5"], "also in classes"),
         (["--tune-parallelism", "0"], "--tune-parallelism"),

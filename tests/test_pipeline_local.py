@@ -87,7 +87,8 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     run_dir = tmp_path / "run"
     argv = ["--source", "s3://abid/mirror", "--endpoint-url", endpoint, "--out", str(run_dir),
             "--store", "s3://models/registry", "--model-version", "e2e", *TINY,
-            "--param", "ema=0.9", "--param", "tta=true", "--param", "pretrain_per_class=2",
+            "--param", "ema=0.9", "--param", "tta=true", "--param", "decision=fitted",
+            "--param", "pretrain_per_class=2",
             "--param", "pretrain_classes=0,7", "--param", "pretrain_epochs=1"]  # fmt: skip
     assert run_local.main(argv) == 0
     out = capsys.readouterr().out
@@ -144,6 +145,7 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     spec = load_model_spec(mnt)
     assert spec.version == "e2e" and spec.preprocess.image_size == 32
     assert spec.params["ema"] == 0.9 and spec.params["tta"] is True  # pipeline parameters reached the fit
+    assert spec.params["decision"] == "fitted" and len(spec.decision_offsets or ()) == 4
     # one backbone pretrained on the train split plus the other counts (0..7); the trials and the fit
     # started from it
     stage = summary.artifact("pretrain-model", "backbone")["metadata"]

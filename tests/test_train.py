@@ -72,6 +72,55 @@ def test_onnx_matches_pytorch(tiny_trained_model_dir: Path, tiny_split: dict[str
     assert set(o_count.tolist()) <= set(spec.classes)
 
 
+def test_fitted_decision_is_fitted_on_val_and_baked_into_the_served_graph(
+    tiny_split: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import components.train as train_module
+    from components.evaluate import count_metrics, evaluate
+    from components.model import build_model, decode_outputs
+
+    # A two-epoch model predicts one count for every image (its logits are in the hundreds), so no
+    # offset gains on it; the fit (tested in test_model_contract) is replaced by one that sends every
+    # image to 5.
+    seen = {}
+
+    def fit(raw: torch.Tensor, target: torch.Tensor, head: str, num_classes: int) -> torch.Tensor:
+        seen.update(n=len(raw), targets=sorted(target.tolist()))
+        return torch.full((4,), 1e6)
+
+    monkeypatch.setattr(train_module, "fit_decision_offsets", fit)
+    out = tmp_path / "m"
+    cli = [*_cli_args(tiny_split, out), "--test", str(tiny_split["test"]), "--decision", "fitted"]
+    cli += ["--data-root", str(tiny_split["data_root"]), "--image-size", "32", "--epochs", "2"]
+    cli += ["--batch-size", "10", "--num-threads", "1", "--device", "cpu", "--no-progress"]
+    assert main([*cli, "--cache-dir", str(tmp_path / "cache")]) == 0
+    rows, paths = load_labelled(tiny_split["val"], tiny_split["data_root"])
+    y = [r.count for r in rows]
+    assert seen == {"n": 10, "targets": sorted(c - 1 for c in y)}  # fitted on val, in index units
+    metrics = json.loads((out / "metrics.json").read_text())
+    decision = metrics["decision"]
+    spec = load_model_spec(out)
+    assert decision["rule"] == "fitted" and spec.params["decision"] == "fitted"
+    assert list(spec.decision_offsets or ()) == decision["offsets"] == [1e6] * 4
+    # The plain rule's validation figure is what the weights score without offsets...
+    model = build_model(5, "ordinal")
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    with torch.no_grad():
+        raw = model.eval()(torch.from_numpy(preprocess_batch(paths, spec.preprocess)))
+    plain = count_metrics(y, decode_outputs(raw, "ordinal", 5)[1].numpy() + 1, spec.classes)
+    assert decision["val_plain"]["accuracy"] == pytest.approx(plain["accuracy"])
+    assert decision["val_plain"]["rmse"] == pytest.approx(plain["rmse"])
+    # ...the reported figures are the fitted rule's (every image counted as 5)...
+    assert [row[-1] for row in metrics["val"]["confusion_matrix"]] == [2, 2, 2, 2, 2]
+    # ...and so is the exported graph: evaluation through ONNX, on val and on test.
+    val = evaluate(out, tiny_split["val"], tmp_path / "val_eval", data_root=tiny_split["data_root"])
+    assert val["confusion_matrix"] == metrics["val"]["confusion_matrix"]
+    assert [row[-1] for row in metrics["test"]["confusion_matrix"]] == [2, 2, 2, 2, 2]
+    assert set(decision["test_plain"]) == {"accuracy", "rmse", "mae"}
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "fitted on validation" in card and f"{decision['val_plain']['accuracy']:.3f}" in card
+
+
 class _InterruptError(Exception):
     pass
 
