@@ -235,8 +235,10 @@ def fit_summary(res: Any, cfg: TrainConfig, seconds: float, params: list[str]) -
         "best_epoch": res.best_epoch,
         "weights": cfg.weights,
         "params": {k: getattr(cfg, k) for k in params},
-        "val": {k: m["val"][k] for k in ("accuracy", "rmse", "mae", "n")},
-        "test": {k: m["test"][k] for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy")},
+        "val": {k: m["val"][k] for k in ("accuracy", "rmse", "mae", "rmse_expected", "n")},
+        "test": {
+            k: m["test"][k] for k in ("accuracy", "rmse", "mae", "rmse_expected", "n", "per_class_accuracy")
+        },
         "decision": m.get("decision", {"rule": "plain"}),
     }
 
@@ -611,10 +613,18 @@ def run_one(name: str, cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str,
         "best_epoch": res.best_epoch,
         "epochs_run": res.epochs_run,
         "train_images_per_s_median_epoch": m["train_images_per_s"],
-        "val": {k: m["val"][k] for k in ("accuracy", "rmse", "mae", "n")},
+        "val": {k: m["val"][k] for k in ("accuracy", "rmse", "mae", "rmse_expected", "n")},
         "test": {
             k: m["test"][k]
-            for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy", "confusion_matrix")
+            for k in (
+                "accuracy",
+                "rmse",
+                "mae",
+                "rmse_expected",
+                "n",
+                "per_class_accuracy",
+                "confusion_matrix",
+            )
         },
         "history": [{k: round(v, 4) for k, v in h.items()} for h in res.history],
         "decision": m.get("decision", {"rule": "plain"}),

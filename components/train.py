@@ -973,7 +973,16 @@ def _export(
             num_threads=cfg.num_threads,
         )
         metrics["test"] = {
-            k: test[k] for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy", "confusion_matrix")
+            k: test[k]
+            for k in (
+                "accuracy",
+                "rmse",
+                "mae",
+                "rmse_expected",
+                "n",
+                "per_class_accuracy",
+                "confusion_matrix",
+            )
         }
         spec.metrics["test"] = {k: test[k] for k in ("accuracy", "rmse", "mae", "n")}
         spec.save(out_dir)
