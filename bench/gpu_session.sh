@@ -15,6 +15,10 @@
 #   bash bench/gpu_session.sh decision   # accuracy: the ensemble mode's three seeds and their ensemble
 #                                        #   with the count rule fitted on val (plain figures kept
 #                                        #   beside; ~6 minutes). Needs .gpu/abid_all_224_q75.npz
+#   bash bench/gpu_session.sh stages     # accuracy: three seeds, each from a stage of its own (40
+#                                        #   epochs, the run's seed), their ensemble, every count rule
+#                                        #   fitted on val beside the plain one (~8 minutes). Needs
+#                                        #   .gpu/abid_all_224_q75.npz
 #   bash bench/gpu_session.sh resolution # accuracy: the same ordinal run at 224 and at 288 px.
 #                                        #   Needs .gpu/abid_288_q75.npz
 #   bash bench/gpu_session.sh distill    # accuracy: two runs, their ensemble, and one ResNet18 taught
@@ -98,6 +102,15 @@ case $mode in
       --budget-s 300 --result-name train_gpu_decision.json \
       --runs "ordinal:seed=1" "ordinal:seed=2" "ordinal:seed=3"
     ;;
+  stages)
+    need .gpu/abid_all_224_q75.npz
+    # The ensemble mode's members shared one backbone and their average gained nothing; here each
+    # run pretrains its own (a stage per seed), then the ensemble, all with fitted count rules.
+    python3 bench/train.py gpu --pack .gpu/abid_all_224_q75.npz --out "$out" --bench-batch \
+      --compile-below 0 --epochs 100 --tta --pretrain-epochs 40 --pretrain-per-run --ensemble \
+      --decision fitted --budget-s 330 --result-name train_gpu_stages.json \
+      --runs "ordinal:seed=1" "ordinal:seed=2" "ordinal:seed=3"
+    ;;
   resolution)
     need .gpu/abid_288_q75.npz
     # ABID photos are 250-600 px on a side: does counting gain from more of them than 224 px keeps?
@@ -115,7 +128,7 @@ case $mode in
       --result-name train_gpu_distill.json --runs "ordinal:seed=1" "ordinal:seed=2"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tune|tune-pretrained|pretrain|ensemble|decision|resolution|distill" >&2
+    echo "usage: bash bench/gpu_session.sh tune|tune-pretrained|pretrain|ensemble|decision|stages|resolution|distill" >&2
     exit 2
     ;;
 esac

@@ -180,11 +180,14 @@ def prepare_data(pack_path: Path, work: Path, limit: int | None = None) -> dict[
     }
 
 
-def pretrain(base: TrainConfig, work: Path, epochs: int, cap: int) -> dict[str, Any]:
+def pretrain(
+    base: TrainConfig, work: Path, epochs: int, cap: int, stage_dir: Path | None = None
+) -> dict[str, Any]:
     """Stage 1 on every count (``components.train.pretrain_backbone``): the training split plus the
     0 and 6+ images of an ``--all-counts`` pack; the runs then start from its backbone.
 
-    ``base`` gives the optimisation settings (the runs' own, or the tuned ones).
+    ``base`` gives the optimisation settings (the runs' own, or the tuned ones) and the seed; the
+    stage is written under ``stage_dir/pretrain`` (default ``work/pretrain``).
     """
     from components.train import pretrain_backbone
 
@@ -193,7 +196,7 @@ def pretrain(base: TrainConfig, work: Path, epochs: int, cap: int) -> dict[str, 
         raise SystemExit("pretraining needs the 0 and 6+ images: make the pack with 'pack --all-counts'")
     cfg = dataclasses.replace(
         base,
-        out_dir=work,
+        out_dir=stage_dir or work,
         pretrain_extra=extra,
         pretrain_data_root=work / "data",
         pretrain_epochs=epochs,
@@ -528,7 +531,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         decision=args.decision,
     )
     weights = "none"
-    if args.pretrain_epochs > 0:
+    if args.pretrain_epochs > 0 and not args.pretrain_per_run:
         result["pretrain"] = pretrain(base, work, args.pretrain_epochs, args.pretrain_cap)
         weights = result["pretrain"]["weights"]
         print(json.dumps(result["pretrain"]), flush=True)
@@ -547,7 +550,18 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         mdir = (out if args.keep_models else work) / f"model_{i}_{head}"
         run_base = dataclasses.replace(base, out_dir=mdir, head=head, weights=weights)
         cfg = apply_params(overrides, run_base, source=f"--runs {spec!r}")
-        result["runs"].append(run_one(spec, cfg, overrides))
+        stage = None
+        if args.pretrain_epochs > 0 and args.pretrain_per_run and overrides.get("weights") != "none":
+            # A backbone of its own, pretrained with the run's seed: members of an ensemble that do
+            # not share one (members that do made the same mistakes: train_gpu_ensemble.json).
+            stage = pretrain(
+                cfg, work, args.pretrain_epochs, args.pretrain_cap, stage_dir=work / f"stage_{i}"
+            )
+            cfg = dataclasses.replace(cfg, weights=stage["weights"])
+        run = run_one(spec, cfg, overrides)
+        if stage is not None:
+            run["pretrain"] = stage
+        result["runs"].append(run)
         save()
     done = [r for r in result["runs"] if "val" in r]
     if args.ensemble and len(done) >= 2:
@@ -830,6 +844,11 @@ def main(argv: list[str] | None = None) -> int:
         help="first train on every count (train split + the 0/6+ images of an --all-counts pack)",
     )
     g.add_argument("--pretrain-cap", type=int, default=10, help="counts above this are this in pretraining")
+    g.add_argument(
+        "--pretrain-per-run",
+        action="store_true",
+        help="a stage per run, with the run's seed (ensemble members that share no backbone)",
+    )
     dc = sub.add_parser("decision", help="plain vs val-fitted count rule of trained models, on val and test")
     dc.add_argument("--model", type=Path, nargs="+", required=True, help="components.train output dirs")
     dc.add_argument("--val", type=Path, required=True, help="the manifest the rule is fitted on")

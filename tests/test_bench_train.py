@@ -161,6 +161,27 @@ def test_pretraining_on_every_count_feeds_the_runs(
     assert max(row.count for row in pretrain_rows) <= pre["count_cap"]
     assert [run["weights"] for run in r["runs"]] == ["none", pre["weights"]]
     assert "selected" in r
+    # a stage per run, with the run's seed: members that share no backbone
+    per_run = [
+        *argv[:-3],
+        "--pretrain-per-run",
+        "--runs",
+        "ordinal:seed=1",
+        "ordinal:seed=2",
+        "ordinal:weights=none",
+    ]
+    assert bench_train.main(per_run) == 0
+    r = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
+    assert "pretrain" not in r
+    first, second, scratch = r["runs"]
+    for i, run in enumerate((first, second)):
+        assert (
+            run["weights"]
+            == run["pretrain"]["weights"]
+            == str(tmp_path / "w" / f"stage_{i}" / "pretrain" / "model.pt")
+        )
+    assert Path(first["weights"]).read_bytes() != Path(second["weights"]).read_bytes()
+    assert scratch["weights"] == "none" and "pretrain" not in scratch
 
 
 def test_cpu_throughput_at_each_thread_count(bench_train: ModuleType, tmp_path: Path) -> None:
