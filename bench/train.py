@@ -722,8 +722,8 @@ def raw_outputs(
 def compare_rules(
     graph: Any, spec: Any, val: Path, test: Path, data_root: Path | None, cache_dir: Path | None, device: str
 ) -> tuple[list[float], dict[str, Any]]:
-    """Offsets fitted on ``val`` for ``graph`` (a model or an average of models), and the plain and
-    fitted rules' figures on val and test."""
+    """Offsets fitted on ``val`` for ``graph`` (a model or an average of models) for accuracy
+    (``fitted``) and for RMSE (``fitted_rmse``), and the three rules' figures on val and test."""
     import torch
 
     from components.evaluate import count_metrics
@@ -733,9 +733,14 @@ def compare_rules(
     outputs = {s: raw_outputs(graph, spec.preprocess, csv, data_root, cache_dir, device) for s, csv in
                (("val", val), ("test", test))}  # fmt: skip
     raw_val, y_val = outputs["val"]
-    offsets = fit_decision_offsets(raw_val, torch.as_tensor(y_val) - c0, spec.head, num_classes)
-    rec: dict[str, Any] = {"offsets": [round(float(o), 4) for o in offsets]}
-    for rule, o in (("plain", None), ("fitted", offsets)):
+    target = torch.as_tensor(y_val) - c0
+    offsets = fit_decision_offsets(raw_val, target, spec.head, num_classes)
+    for_rmse = fit_decision_offsets(raw_val, target, spec.head, num_classes, objective="rmse")
+    rec: dict[str, Any] = {
+        "offsets": [round(float(o), 4) for o in offsets],
+        "offsets_rmse": [round(float(o), 4) for o in for_rmse],
+    }
+    for rule, o in (("plain", None), ("fitted", offsets), ("fitted_rmse", for_rmse)):
         for split, (raw, y) in outputs.items():
             idx = decode_outputs(raw, spec.head, num_classes, o)[1].numpy() + c0
             m = count_metrics(y, idx, spec.classes)
@@ -767,11 +772,11 @@ def decision_run(args: argparse.Namespace) -> dict[str, Any]:
         graph = (AverageModel([net], flips=True) if tta else net).eval().to(dev)
         _, rules = compare_rules(graph, spec, args.val, args.test, args.data_root, args.cache_dir, dev)
         rf.data["models"].append({"model": str(model_dir), "head": spec.head, "tta": tta, **rules})
-        print(f"{model_dir}: offsets {rules['offsets']}")
-        for rule in ("plain", "fitted"):
+        print(f"{model_dir}: offsets {rules['offsets']} (for RMSE: {rules['offsets_rmse']})")
+        for rule in ("plain", "fitted", "fitted_rmse"):
             v, t = rules[f"val_{rule}"], rules[f"test_{rule}"]
             print(
-                f"  {rule:6} val acc {v['accuracy']:.4f} RMSE {v['rmse']:.4f}"
+                f"  {rule:11} val acc {v['accuracy']:.4f} RMSE {v['rmse']:.4f}"
                 f" | test acc {t['accuracy']:.4f} RMSE {t['rmse']:.4f}",
                 flush=True,
             )

@@ -907,10 +907,15 @@ def _fit_decision(
     keys = ("accuracy", "rmse", "mae")
     c0, num_classes = cfg.classes[0], len(cfg.classes)
     plain = count_metrics(val_counts, pred["index"] + c0, cfg.classes)
-    offsets = fit_decision_offsets(pred["raw"], torch.as_tensor(val_counts) - c0, cfg.head, num_classes)
+    # the rule serves the run's selection metric: RMSE when models are chosen on it, else accuracy
+    objective = "rmse" if cfg.selection_metric == "val_rmse" else "accuracy"
+    offsets = fit_decision_offsets(
+        pred["raw"], torch.as_tensor(val_counts) - c0, cfg.head, num_classes, objective=objective
+    )
     pred["index"] = decode_outputs(pred["raw"], cfg.head, num_classes, offsets)[1].numpy()
     record: dict[str, Any] = {
         "rule": "fitted",
+        "objective": objective,
         "offsets": [round(float(o), 4) for o in offsets],
         "val_plain": {k: plain[k] for k in keys},
     }

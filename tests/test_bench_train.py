@@ -231,6 +231,7 @@ def test_runs_at_two_image_sizes_from_one_pack(
     assert [m["model"] for m in d["models"]] == [fitted["model_dir"], plain["model_dir"]]
     for m in d["models"]:
         assert m["val_fitted"]["accuracy"] >= m["val_plain"]["accuracy"]
+        assert m["val_fitted_rmse"]["rmse"] <= m["val_plain"]["rmse"]
         assert m["test_plain"]["n"] == m["test_fitted"]["n"] == r["data"]["split"]["test"]
     # same weights, same val images: the command's plain figure is the run's own
     assert d["models"][1]["val_plain"]["accuracy"] == pytest.approx(plain["val"]["accuracy"])

@@ -79,6 +79,24 @@ def test_fitted_offsets_recover_a_biased_ordinal_head() -> None:
         fit_decision_offsets(raw, y[:10], "ordinal", 5)
 
 
+def test_offsets_fitted_for_rmse_lower_the_squared_error() -> None:
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randint(0, 5, (2000,), generator=gen)
+    latent = y + torch.randn(2000, generator=gen) * 0.8
+    raw = 3.0 * (latent[:, None] - torch.arange(4)[None, :] - 0.5)
+    raw[:, 0] += 2.0  # too eager to say "more than 1": costly in squared error
+    raw[:, 3] -= 2.0
+
+    def mse(o: torch.Tensor | None) -> float:
+        return float(((decode_outputs(raw, "ordinal", 5, o)[1] - y).float() ** 2).mean())
+
+    o_rmse = fit_decision_offsets(raw, y, "ordinal", 5, objective="rmse")
+    assert mse(o_rmse) < mse(None) - 0.03
+    assert mse(o_rmse) <= mse(fit_decision_offsets(raw, y, "ordinal", 5))
+    with pytest.raises(ConfigError, match="objective"):
+        fit_decision_offsets(raw, y, "ordinal", 5, objective="mae")
+
+
 def test_fitted_offsets_for_classification_and_regression() -> None:
     gen = torch.Generator().manual_seed(1)
     y = torch.randint(0, 5, (2000,), generator=gen)
