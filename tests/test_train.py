@@ -84,8 +84,10 @@ def test_fitted_decision_is_fitted_on_val_and_baked_into_the_served_graph(
     # image to 5.
     seen = {}
 
-    def fit(raw: torch.Tensor, target: torch.Tensor, head: str, num_classes: int) -> torch.Tensor:
-        seen.update(n=len(raw), targets=sorted(target.tolist()))
+    def fit(
+        raw: torch.Tensor, target: torch.Tensor, head: str, num_classes: int, objective: str
+    ) -> torch.Tensor:
+        seen.update(n=len(raw), targets=sorted(target.tolist()), objective=objective)
         return torch.full((4,), 1e6)
 
     monkeypatch.setattr(train_module, "fit_decision_offsets", fit)
@@ -96,7 +98,8 @@ def test_fitted_decision_is_fitted_on_val_and_baked_into_the_served_graph(
     assert main([*cli, "--cache-dir", str(tmp_path / "cache")]) == 0
     rows, paths = load_labelled(tiny_split["val"], tiny_split["data_root"])
     y = [r.count for r in rows]
-    assert seen == {"n": 10, "targets": sorted(c - 1 for c in y)}  # fitted on val, in index units
+    # fitted on val, in index units, for the selection metric (val_accuracy by default)
+    assert seen == {"n": 10, "targets": sorted(c - 1 for c in y), "objective": "accuracy"}
     metrics = json.loads((out / "metrics.json").read_text())
     decision = metrics["decision"]
     spec = load_model_spec(out)
