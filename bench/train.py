@@ -21,6 +21,11 @@
     A run spec overrides any training setting, e.g. ``ordinal:image_size=288,seed=2``; ``--result-name``
     keeps each comparison in its own file. ``--ensemble`` scores the runs' average in one graph;
     ``--distill`` then trains one more model taught by them (``components.train --teacher``).
+    ``--decision fitted`` fits each run's (and the ensemble's) count rule on val; ``--pretrain-per-run``
+    gives each run a stage of its own.
+``python bench/train.py decision --model DIR... --val val.csv --test test.csv``
+    The plain count rule against offsets fitted on val (for accuracy, and for RMSE) of trained models,
+    on val and test, from their ``model.pt``: no training -> ``train_decision.json``.
 
 The re-encoding (JPEG q90 of the already resized 224 px frames) is a second lossy step that the
 training path from raw images does not have; results note it.
@@ -771,7 +776,8 @@ def decision_run(args: argparse.Namespace) -> dict[str, Any]:
         tta = bool(spec.params.get("tta"))
         graph = (AverageModel([net], flips=True) if tta else net).eval().to(dev)
         _, rules = compare_rules(graph, spec, args.val, args.test, args.data_root, args.cache_dir, dev)
-        rf.data["models"].append({"model": str(model_dir), "head": spec.head, "tta": tta, **rules})
+        rec = {"model": str(model_dir), "head": spec.head, "tta": tta, "train_params": spec.params}
+        rf.data["models"].append({**rec, **rules})
         print(f"{model_dir}: offsets {rules['offsets']} (for RMSE: {rules['offsets_rmse']})")
         for rule in ("plain", "fitted", "fitted_rmse"):
             v, t = rules[f"val_{rule}"], rules[f"test_{rule}"]
