@@ -35,7 +35,8 @@ def _decision(metrics: dict[str, Any]) -> str:
         return ""
     plain = d.get("val_plain") or {"accuracy": float("nan"), "rmse": float("nan")}
     text = (
-        f" The count rule's offsets {d.get('offsets')} were fitted on validation for accuracy (plain"
+        f" The count rule's offsets {d.get('offsets')} were fitted on validation for"
+        f" {d.get('objective', 'accuracy')} (plain"
         f" rule there: accuracy {plain['accuracy']:.3f}, RMSE {plain['rmse']:.3f}), so the validation"
         " figures below are optimistic"
     )

@@ -471,12 +471,12 @@ class Trainer:
             _, index, expected = decode_outputs(raw, self.cfg.head, self.num_classes)
             idx.append(index)
             exp.append(expected)
-            raws.append(raw.cpu())
+            raws.append(raw)
         return {
             "loss": float(torch.stack(losses).sum().item() / len(images)),
             "index": torch.cat(idx).cpu().numpy(),
             "expected": torch.cat(exp).cpu().numpy(),
-            "raw": torch.cat(raws),
+            "raw": torch.cat(raws).cpu(),
         }
 
 
