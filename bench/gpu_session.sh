@@ -108,7 +108,7 @@ case $mode in
     # run pretrains its own (a stage per seed), then the ensemble, all with fitted count rules.
     python3 bench/train.py gpu --pack .gpu/abid_all_224_q75.npz --out "$out" --bench-batch \
       --compile-below 0 --epochs 100 --tta --pretrain-epochs 40 --pretrain-per-run --ensemble \
-      --decision fitted --budget-s 330 --result-name train_gpu_stages.json \
+      --decision fitted --budget-s 300 --result-name train_gpu_stages.json \
       --runs "ordinal:seed=1" "ordinal:seed=2" "ordinal:seed=3"
     ;;
   resolution)
