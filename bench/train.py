@@ -748,9 +748,8 @@ def decision_run(args: argparse.Namespace) -> dict[str, Any]:
     ``--decision`` existed can be measured without training again."""
     import torch
 
-    from components.common import read_json
     from components.model import build_model
-    from components.modelspec import ModelSpec
+    from components.modelspec import load_model_spec
     from components.train import AverageModel
 
     if args.threads:
@@ -759,7 +758,7 @@ def decision_run(args: argparse.Namespace) -> dict[str, Any]:
     rf = ResultFile(args, "train_decision")
     rf.data["models"] = []
     for model_dir in args.model:
-        spec = ModelSpec.from_dict(read_json(model_dir / "model.json"))
+        spec = load_model_spec(model_dir)
         net = build_model(len(spec.classes), spec.head)
         net.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
         tta = bool(spec.params.get("tta"))
