@@ -19,6 +19,9 @@
 #                                        #   epochs, the run's seed), their ensemble, every count rule
 #                                        #   fitted on val beside the plain one (~8 minutes). Needs
 #                                        #   .gpu/abid_all_224_q75.npz
+#   bash bench/gpu_session.sh refit      # accuracy: the pretrained recipe's seeds, each also trained
+#                                        #   again on train + val up to its val-chosen epoch; both
+#                                        #   models tested (~7 minutes). Needs .gpu/abid_all_224_q75.npz
 #   bash bench/gpu_session.sh resolution # accuracy: the same ordinal run at 224 and at 288 px.
 #                                        #   Needs .gpu/abid_288_q75.npz
 #   bash bench/gpu_session.sh distill    # accuracy: two runs, their ensemble, and one ResNet18 taught
@@ -111,6 +114,15 @@ case $mode in
       --decision fitted --budget-s 300 --result-name train_gpu_stages.json \
       --runs "ordinal:seed=1" "ordinal:seed=2" "ordinal:seed=3"
     ;;
+  refit)
+    need .gpu/abid_all_224_q75.npz
+    # The pretrained recipe (one 40-epoch stage, 100-epoch fits, flips), each run then trained again
+    # on train + val up to the epoch val chose: the selected model's and the refit's test figures,
+    # paired, per seed (~160 s a seed; a third seed only if it starts before 300 s).
+    python3 bench/train.py gpu --pack .gpu/abid_all_224_q75.npz --out "$out" --bench-batch \
+      --compile-below 0 --epochs 100 --tta --pretrain-epochs 40 --refit --budget-s 300 \
+      --result-name train_gpu_refit.json --runs "ordinal:seed=1" "ordinal:seed=2" "ordinal:seed=3"
+    ;;
   resolution)
     need .gpu/abid_288_q75.npz
     # ABID photos are 250-600 px on a side: does counting gain from more of them than 224 px keeps?
@@ -128,7 +140,7 @@ case $mode in
       --result-name train_gpu_distill.json --runs "ordinal:seed=1" "ordinal:seed=2"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tune|tune-pretrained|pretrain|ensemble|decision|stages|resolution|distill" >&2
+    echo "usage: bash bench/gpu_session.sh tune|tune-pretrained|pretrain|ensemble|decision|stages|refit|resolution|distill" >&2
     exit 2
     ;;
 esac

@@ -22,7 +22,8 @@
     keeps each comparison in its own file. ``--ensemble`` scores the runs' average in one graph;
     ``--distill`` then trains one more model taught by them (``components.train --teacher``).
     ``--decision fitted`` fits each run's (and the ensemble's) count rule on val; ``--pretrain-per-run``
-    gives each run a stage of its own.
+    gives each run a stage of its own; ``--refit`` also trains each run again on train + val up to its
+    val-chosen epoch and tests both models.
 ``python bench/train.py decision --model DIR... --val val.csv --test test.csv``
     The plain count rule against offsets fitted on val (for accuracy, and for RMSE) of trained models,
     on val and test, from their ``model.pt``: no training -> ``train_decision.json``.
@@ -534,6 +535,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         max_steps_per_epoch=args.max_steps_per_epoch,
         tta=args.tta,
         decision=args.decision,
+        refit=args.refit,
     )
     weights = "none"
     if args.pretrain_epochs > 0 and not args.pretrain_per_run:
@@ -637,8 +639,10 @@ def run_one(name: str, cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str,
         "history": [{k: round(v, 4) for k, v in h.items()} for h in res.history],
         "decision": m.get("decision", {"rule": "plain"}),
     }
-    shown = ("run", "seconds", "best_epoch", "val", "test", "decision")
-    print(json.dumps({k: run[k] for k in shown}), flush=True)
+    if "refit" in m:  # test is the refit's; refit.test_selected the val-selected model's
+        run["refit"] = m["refit"]
+    shown = ("run", "seconds", "best_epoch", "val", "test", "decision", "refit")
+    print(json.dumps({k: run[k] for k in shown if k in run}), flush=True)
     return run
 
 
@@ -848,6 +852,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a stage per run, with the run's seed (ensemble members that share no backbone)",
     )
+    g.add_argument(
+        "--refit",
+        action="store_true",
+        help="each run also refit on train + val up to its val-chosen epoch (components.train --refit): "
+        "the refit is tested, the val-selected model's test figures are kept beside",
+    )
     dc = sub.add_parser("decision", help="plain vs val-fitted count rule of trained models, on val and test")
     dc.add_argument("--model", type=Path, nargs="+", required=True, help="components.train output dirs")
     dc.add_argument("--val", type=Path, required=True, help="the manifest the rule is fitted on")
@@ -908,6 +918,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "decision":
         decision_run(args)
     elif args.cmd == "gpu":
+        if args.refit and (args.ensemble or args.distill):
+            # refit members were trained on val: it can neither fit their average's rule nor rank them
+            p.error("--refit cannot be combined with --ensemble or --distill (both are scored on val)")
         r = gpu_run(args)
         print(json.dumps(r.get("selected", {})))
     else:

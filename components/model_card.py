@@ -46,6 +46,25 @@ def _decision(metrics: dict[str, Any]) -> str:
     return text + "."
 
 
+def _refit(metrics: dict[str, Any]) -> str:
+    r = metrics.get("refit")
+    if not r:
+        return ""
+    text = (
+        f" Validation chose epoch {metrics.get('best_epoch')}; this model is the same recipe trained"
+        f" again on the training and validation images ({r.get('images')}) up to that epoch, so the"
+        " validation figures below are the selected run's, not this model's"
+    )
+    sel = r.get("test_selected")
+    if sel:
+        text += f" (that run scored {sel['accuracy']:.3f} accuracy, RMSE {sel['rmse']:.3f} on test)"
+    return text + "."
+
+
+def _refit_data(metrics: dict[str, Any]) -> str:
+    return "; the hash covers both: the model was refit on them" if metrics.get("refit") else ""
+
+
 def render_model_card(spec: ModelSpec, metrics: dict[str, Any]) -> str:
     """Markdown text; figures come from ``metrics`` (val always, test when it was given)."""
     p = spec.params
@@ -60,7 +79,8 @@ outputs `probabilities`, `count`, `expected`), `model.pt` (PyTorch state dict), 
 ## Data
 Amazon Bin Image Dataset photos with their `EXPECTED_QUANTITY` inventory record as label, restricted to
 counts {classes}. Training data SHA-256: `{spec.training_data_sha256}` ({metrics.get("n_train", "?")} training
-images, {metrics.get("n_val", "?")} validation images). The dataset is licensed CC BY-NC-SA 3.0 US
+images, {metrics.get("n_val", "?")} validation images{_refit_data(metrics)}).
+The dataset is licensed CC BY-NC-SA 3.0 US
 (non-commercial, share-alike); models trained on it inherit those terms.
 
 ## Training
@@ -68,14 +88,14 @@ Weights: `{p.get("weights")}`; {p.get("epochs")} epochs planned, {metrics.get("e
 {metrics.get("best_epoch")} (selected on validation {metrics.get("selection_metric")}; the test set is
 never used for selection). Optimizer {p.get("optimizer")}, peak lr {p.get("lr")}, batch {p.get("batch_size")},
 augmentation strength {p.get("aug_strength")}, seed {p.get("seed")}.{_pretraining(p, metrics)}\
-{_decision(metrics)}
+{_decision(metrics)}{_refit(metrics)}
 
 ## Metrics
 RMSE and MAE are in items, of the predicted (rounded, clipped) count.
 
 | split | images | accuracy | RMSE | MAE |
 | --- | --- | --- | --- | --- |
-{_row("validation", metrics.get("val"))}
+{_row("validation (selected run)" if metrics.get("refit") else "validation", metrics.get("val"))}
 {_row("test", metrics.get("test"))}
 
 ## Intended use and limits

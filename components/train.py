@@ -146,6 +146,8 @@ class TrainConfig:
     pretrain_data_root: Path | None = None
     pretrain_epochs: int = 0
     pretrain_count_cap: int = 10
+    refit: bool = False
+    stop_after: int = 0
 
     def validate(self) -> None:
         """Fail early, with a message that says how to fix the setting."""
@@ -177,6 +179,10 @@ class TrainConfig:
             (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "--max-steps-per-epoch >= 1"),
             (self.limit is None or self.limit >= 1, "--limit must be >= 1"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+            (
+                0 <= self.stop_after <= self.epochs,
+                f"stop_after must be in [0, --epochs {self.epochs}] (0 = off), got {self.stop_after}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -812,6 +818,8 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
             best_state = {k: v.detach().cpu().clone() for k, v in trainer.eval_model().state_dict().items()}
         if cfg.patience and epoch + 1 - best_epoch >= cfg.patience:
             stopped_early = True
+        if cfg.stop_after and epoch + 1 >= cfg.stop_after:
+            stopped_early = True  # a refit ends where its selection run was best; the schedule is the same
         bar.set_postfix(acc=f"{metrics['val_accuracy']:.3f}", rmse=f"{metrics['val_rmse']:.3f}")
         if not cfg.progress:  # no bar (pods, CI logs): one line per epoch instead
             LOG.info(
@@ -845,9 +853,15 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
         if on_epoch is not None:
             on_epoch(epoch + 1, dict(metrics))
         if stopped_early:
-            LOG.info(
-                "early stop after epoch %d: best %s at epoch %d", epoch + 1, cfg.selection_metric, best_epoch
-            )
+            if cfg.stop_after and epoch + 1 >= cfg.stop_after:
+                LOG.info("stopping after epoch %d of %d, as asked (stop_after)", epoch + 1, cfg.epochs)
+            else:
+                LOG.info(
+                    "early stop after epoch %d: best %s at epoch %d",
+                    epoch + 1,
+                    cfg.selection_metric,
+                    best_epoch,
+                )
             break
 
     # Best weights -> final validation figures, export, reports.
@@ -860,6 +874,15 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
         val_cache.counts, pred["index"] + cfg.classes[0], cfg.classes, pred["expected"] + cfg.classes[0]
     )
     val_metrics["loss"] = pred["loss"]
+    refit: dict[str, Any] | None = None
+    exported_rows = train_rows
+    if cfg.refit:
+        refit = _refit(cfg, init.weights, best_epoch, trainer, decision.get("offsets"), device)
+        exported_rows = train_rows + val_rows
+        # from here on, the refit's weights are the model: exported, tested and served
+        final.load_state_dict(
+            torch.load(Path(refit["dir"]) / STATE_DICT_FILE, map_location="cpu", weights_only=True)
+        )
     steady = [h["train_images_per_s"] for h in history[1:]] or [h["train_images_per_s"] for h in history]
     metrics: dict[str, Any] = {
         "val": val_metrics,
@@ -876,8 +899,10 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
     }
     if pretrained is not None:
         metrics["pretrain"] = pretrained
+    if refit is not None:
+        metrics["refit"] = refit
     if cfg.export:
-        _export(cfg, final, train_rows, metrics, history, out_dir, decision.get("offsets"))
+        _export(cfg, final, exported_rows, metrics, history, out_dir, decision.get("offsets"))
     atomic_write_json(
         out_dir / DONE_FILE,
         {
@@ -921,12 +946,8 @@ def _fit_decision(
     }
     if cfg.test_csv is not None:
         # Reporting only (nothing is chosen on it): what the plain rule would have scored on test.
-        rows, paths = _load_split(Path(cfg.test_csv), cfg, "test")
-        cache = build_cache(
-            rows, paths, cfg.image_size, cfg.cache_dir, workers=cfg.decode_workers, progress=cfg.progress
-        )
-        test = trainer.predict(DeviceImages(cache, device), tta=cfg.tta)
-        test_plain = count_metrics(cache.counts, test["index"] + c0, cfg.classes)
+        test, counts = _test_prediction(cfg, trainer, device)
+        test_plain = count_metrics(counts, test["index"] + c0, cfg.classes)
         record["test_plain"] = {k: test_plain[k] for k in keys}
     LOG.info(
         "decision offsets %s: val accuracy %.4f -> %.4f",
@@ -934,6 +955,106 @@ def _fit_decision(
         plain["accuracy"],
         float((pred["index"] + c0 == np.asarray(val_counts)).mean()),
     )
+    return record
+
+
+def _test_prediction(
+    cfg: TrainConfig, trainer: Trainer, device: torch.device
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The trainer's current model on ``--test`` (for reports only) and the true counts.
+
+    Every test image, as the exported model's evaluation takes them (``--limit`` trims training data).
+    """
+    assert cfg.test_csv is not None
+    rows, paths = _load_split(Path(cfg.test_csv), replace(cfg, limit=None), "test")
+    cache = build_cache(
+        rows, paths, cfg.image_size, cfg.cache_dir, workers=cfg.decode_workers, progress=cfg.progress
+    )
+    return trainer.predict(DeviceImages(cache, device), tta=cfg.tta), np.asarray(cache.counts)
+
+
+REFIT_DIR = "refit"
+
+
+def refit_train_val(cfg: TrainConfig, weights: str, epochs: int) -> TrainResult:
+    """``--refit``: the selected run's recipe trained again on train + val, stopped after ``epochs``.
+
+    Why: with a few thousand images, the validation split is data the selected model never learnt
+    from. Once val has chosen the epoch (and the count rule), the same start (``weights``: the
+    pretrained backbone, if any), seed and schedule (it still spans ``--epochs``) on train + val give
+    that epoch's counterpart with ~20 % more data. Val figures cannot score it (val is trained on):
+    test only reports it. Written under ``MODEL_DIR/refit``; resumes with the run (``--resume``).
+    """
+    stage_dir = Path(cfg.out_dir) / REFIT_DIR
+    train_rows, train_paths = _load_split(Path(cfg.train_csv), cfg, "train")
+    val_rows, val_paths = _load_split(Path(cfg.val_csv), cfg, "val")
+    # Absolute paths: the stage's manifest lives under MODEL_DIR, not beside the data.
+    rows = [
+        replace(r, path=str(p.resolve()))
+        for r, p in zip(train_rows + val_rows, train_paths + val_paths, strict=True)
+    ]
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_csv = write_manifest(stage_dir / "train_val.csv", rows)
+    stage = replace(
+        cfg,
+        train_csv=stage_csv,
+        out_dir=stage_dir,
+        test_csv=None,
+        weights=weights,
+        limit=None,  # the rows above are already limited
+        stop_after=epochs,  # the schedule still spans cfg.epochs
+        selection_metric="last",
+        patience=0,
+        tta=False,
+        decision="plain",
+        refit=False,
+        export=True,  # the fit loads the stage's model.pt
+        pretrain_extra=None,
+        pretrain_data_root=None,
+        pretrain_epochs=0,
+        model_name=f"{cfg.model_name}-refit",
+    )
+    LOG.info(
+        "refit on train + val (%d images) for %d of %d epochs; its val figures are of trained-on images",
+        len(rows),
+        epochs,
+        cfg.epochs,
+    )
+    return train(stage)
+
+
+def _refit(
+    cfg: TrainConfig,
+    weights: str,
+    best_epoch: int,
+    trainer: Trainer,
+    offsets: list[float] | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Run :func:`refit_train_val`; its record for metrics.json.
+
+    With ``--test``, the record keeps the val-selected model's test figures (count rule included) to
+    compare the refit against; they must be taken before the refit's weights replace it.
+    """
+    selected: dict[str, Any] | None = None
+    if cfg.test_csv is not None:
+        test, counts = _test_prediction(cfg, trainer, device)
+        c0, num_classes = cfg.classes[0], len(cfg.classes)
+        index = decode_outputs(
+            test["raw"], cfg.head, num_classes, None if offsets is None else torch.tensor(offsets)
+        )[1].numpy()
+        m = count_metrics(counts, index + c0, cfg.classes)
+        selected = {k: m[k] for k in ("accuracy", "rmse", "mae", "n")}
+    stage = refit_train_val(cfg, weights, best_epoch)
+    record: dict[str, Any] = {
+        "dir": str(stage.model_dir),
+        "images": stage.metrics["n_train"],
+        "epochs": stage.epochs_run,
+        # a resumed, finished stage reports its first run's time, not the reload's
+        "seconds": stage.metrics.get("train_seconds", stage.seconds),
+    }
+    if selected is not None:
+        record["test_selected"] = selected
     return record
 
 
@@ -1117,6 +1238,12 @@ def _parser() -> argparse.ArgumentParser:
         help="count rule: the head's own, or offsets fitted on val for accuracy (baked into the graph)",
     )
     p.add_argument(
+        "--refit",
+        action="store_true",
+        help="after val chose the epoch (and rule), train again on train + val up to that epoch and export "
+        "that model (under MODEL_DIR/refit; val figures stay the selected run's, test reports both)",
+    )
+    p.add_argument(
         "--teacher",
         nargs="+",
         default=[],
@@ -1206,6 +1333,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         checkpoint_every=args.checkpoint_every,
         tta=args.tta,
         decision=args.decision,
+        refit=args.refit,
         teacher=tuple(args.teacher),
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
@@ -1241,6 +1369,9 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("accuracy", "rmse", "mae")
         if "test" in result.metrics
     ]
+    selected = result.metrics.get("refit", {}).get("test_selected")
+    if selected:  # --refit: the exported model's test figures above, the val-selected run's here
+        rows += [[f"test_{k} (val-selected run)", selected[k]] for k in ("accuracy", "rmse", "mae")]
     rows += [
         ["best_epoch", result.best_epoch],
         ["epochs_run", result.epochs_run],

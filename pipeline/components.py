@@ -599,6 +599,7 @@ def train_model(
     ema: float,
     tta: bool,
     decision: str,
+    refit: bool,
     seed: int,
     device: str,
     num_threads: int,
@@ -640,6 +641,7 @@ def train_model(
             epochs=epochs,
             tta=tta,
             decision=decision,
+            refit=refit,
             model_name=model_name,
         )
         cfg = apply_params(json.loads(best_params or "{}"), cfg)
@@ -673,8 +675,10 @@ def train_model(
         shutil.copyfile(card, model_card.path)
     else:
         Path(model_card.path).write_text(f"# {model_name}\n\nNo model card was written.\n", encoding="utf-8")
-    # the resumable checkpoint is not part of the exported model
+    # the resumable checkpoint is not part of the exported model, nor is the refit stage (its weights
+    # are the exported ones; metrics.json keeps its record)
     (out / "checkpoint.pt").unlink(missing_ok=True)
+    shutil.rmtree(out / "refit", ignore_errors=True)
 
 
 def evaluate_model(

@@ -39,6 +39,8 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "forward passes per image (about 4x the inference cost) for a point or two of accuracy",
         "decision": "count rule of the final fit: plain (the head's own: argmax, thresholds at one half, "
         "rounding) or fitted (one offset per decision fitted on val for accuracy, baked into the graph)",
+        "refit": "after val chose the final fit's epoch (and count rule), train it again on train + val up "
+        "to that epoch and publish that model (about 20 % more data; val figures stay the selected run's)",
         "pretrain_per_class": "images per count to ingest for the pretraining stage, with the counts of "
         "pretrain_classes (0 = none)",
         "pretrain_classes": "the counts outside `classes` those images have (empty bins, 6+ items); never "
@@ -71,6 +73,7 @@ _COMMON: dict[str, Any] = {
     "seed": 0,
     "head": "ordinal",
     "decision": "plain",
+    "refit": False,
     "optuna_storage": "",
     "model_name": "inventory-counter",
     "int8": True,

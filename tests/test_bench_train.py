@@ -184,6 +184,31 @@ def test_pretraining_on_every_count_feeds_the_runs(
     assert scratch["weights"] == "none" and "pretrain" not in scratch
 
 
+def test_refit_runs_record_both_models_test_figures(
+    pack_path: Path, bench_train: ModuleType, tmp_path: Path
+) -> None:
+    from components.modelspec import load_model_spec
+
+    argv = ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+            "--bench-batch", "--compile-below", "0", "--image-size", "32", "--epochs", "2",
+            "--batch-size", "16", "--threads", "1", "--max-steps-per-epoch", "1", "--pretrain-epochs", "1",
+            "--refit", "--runs", "ordinal"]  # fmt: skip
+    assert bench_train.main(argv) == 0
+    r = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
+    (run,) = r["runs"]
+    split = r["data"]["split"]
+    assert run["refit"]["images"] == split["train"] + split["val"]
+    assert run["refit"]["epochs"] == run["best_epoch"]
+    assert set(run["refit"]["test_selected"]) == {"accuracy", "rmse", "mae", "n"}
+    assert run["refit"]["test_selected"]["n"] == run["test"]["n"] == split["test"]
+    # the refit starts where the run did: from the shared pretrained backbone
+    assert load_model_spec(Path(run["refit"]["dir"])).params["weights"] == r["pretrain"]["weights"]
+    for flag in ("--ensemble", "--distill"):  # both are scored on val, which refit members learnt
+        with pytest.raises(SystemExit) as e:
+            bench_train.main([*argv, flag])
+        assert e.value.code == 2
+
+
 def test_cpu_throughput_at_each_thread_count(bench_train: ModuleType, tmp_path: Path) -> None:
     import torch
 

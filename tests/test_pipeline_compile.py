@@ -107,6 +107,7 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
     assert train["ema"]["componentInputParameter"] == "ema"
     assert train["tta"]["componentInputParameter"] == "tta"
     assert train["decision"]["componentInputParameter"] == "decision"
+    assert train["refit"]["componentInputParameter"] == "refit"
     assert "tta" not in params and "tta" not in best
     # pretraining: one task gets the other counts' images and the stage's settings; every trial,
     # select_best and the final fit get its backbone

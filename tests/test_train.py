@@ -494,3 +494,74 @@ def test_pretraining_settings_are_checked(
         assert main(base + flags) == 2, flags
         assert words in capsys.readouterr().err, flags
     assert not (tmp_path / "m" / "pretrain").exists()  # refused before any work
+
+
+def test_refit_trains_on_train_and_val_up_to_the_selected_epoch_and_exports_that_model(
+    tiny_split: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import components.train as train_module
+    from components.data import data_hash
+    from components.evaluate import count_metrics, evaluate
+    from components.model import build_model, decode_outputs
+
+    select = train_module._select_key
+
+    def epoch_2_is_best(metrics: dict[str, float], name: str) -> tuple[float, float]:
+        # val picks epoch 2 of 3, so the refit must stop before the schedule's end
+        return select(metrics, name) if name == "last" else (float(metrics["epoch"] == 2), 0.0)
+
+    monkeypatch.setattr(train_module, "_select_key", epoch_2_is_best)
+    out = tmp_path / "m"
+    cfg = tiny_train_config(tiny_split, out, epochs=3, refit=True, test_csv=tiny_split["test"])
+    result = train(cfg)
+    assert result.best_epoch == 2 and result.epochs_run == 3
+
+    stage = out / "refit"
+    train_rows, val_rows = read_manifest(tiny_split["train"]), read_manifest(tiny_split["val"])
+    assert [r.id for r in read_manifest(stage / "train_val.csv")] == [r.id for r in train_rows + val_rows]
+    stage_metrics = json.loads((stage / "metrics.json").read_text())
+    stage_params = load_model_spec(stage).params
+    assert stage_metrics["epochs_run"] == 2 and stage_metrics["n_train"] == len(train_rows) + len(val_rows)
+    assert (stage_params["epochs"], stage_params["stop_after"]) == (3, 2)  # same schedule, cut at 2
+    assert stage_params["weights"] == "none" and stage_params["seed"] == cfg.seed
+
+    # The exported model is the refit, not the val-selected weights (kept in the checkpoint).
+    exported = torch.load(out / "model.pt", weights_only=True)
+    refit = torch.load(stage / "model.pt", weights_only=True)
+    selected = torch.load(out / CHECKPOINT_FILE, weights_only=False)["best_state"]
+    assert all(torch.equal(exported[k], refit[k]) for k in refit)
+    assert not torch.allclose(exported["conv1.weight"], selected["conv1.weight"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    spec = load_model_spec(out)
+    assert metrics["refit"]["images"] == len(train_rows) + len(val_rows) and metrics["refit"]["epochs"] == 2
+    assert spec.training_data_sha256 == data_hash(train_rows + val_rows) and spec.params["refit"] is True
+    # test: the refit's figures through ONNX; test_selected: the val-selected weights' figures
+    refit_eval = evaluate(stage, tiny_split["test"], tmp_path / "refit_eval")
+    assert metrics["test"]["confusion_matrix"] == refit_eval["confusion_matrix"]
+    test_rows, test_paths = load_labelled(tiny_split["test"])
+    model = build_model(5, "ordinal")
+    model.load_state_dict(selected)
+    with torch.no_grad():
+        raw = model.eval()(torch.from_numpy(preprocess_batch(test_paths, spec.preprocess)))
+    index = decode_outputs(raw, "ordinal", 5)[1].numpy()
+    want = count_metrics([r.count for r in test_rows], index + 1, spec.classes)
+    assert metrics["refit"]["test_selected"]["accuracy"] == pytest.approx(want["accuracy"])
+    assert metrics["refit"]["test_selected"]["rmse"] == pytest.approx(want["rmse"])
+    # val figures are the selected run's (val was trained on), and the card says so
+    assert spec.metrics["val"]["accuracy"] == metrics["val"]["accuracy"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "trained again on the training and validation images" in card
+    assert "validation (selected run)" in card
+
+    # A run cut off after its refit stage resumes without training that stage again.
+    (out / "checkpoint.json").unlink()
+    stage_done = (stage / "model.pt").stat().st_mtime_ns
+    resumed = train(dataclasses.replace(cfg, resume=True))
+    assert (stage / "model.pt").stat().st_mtime_ns == stage_done
+    assert resumed.metrics["test"]["confusion_matrix"] == metrics["test"]["confusion_matrix"]
+
+
+def test_stop_after_is_checked(tiny_split: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="stop_after must be in"):
+        train(tiny_train_config(tiny_split, tmp_path / "m", epochs=2, stop_after=3))
+    assert not (tmp_path / "m" / "model.onnx").exists()
