@@ -24,7 +24,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -533,8 +533,16 @@ def _resume_mismatches(old: dict[str, Any], fingerprint: dict[str, Any], source:
     diffs = []
     old_params = old.get("params", old.get("args")) or {}
     new_params = fingerprint["params"]
+    # a run saved before a setting existed trained as its default does
+    defaults = {
+        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+        for f in fields(TrainConfig)
+        if f.default is not MISSING
+    }
     for key in sorted(set(old_params) | set(new_params)):
         if key in RESUME_MAY_CHANGE:
+            continue
+        if key not in old_params and key in defaults and new_params.get(key) == defaults[key]:
             continue
         a, b = old_params.get(key, "<unset>"), new_params.get(key, "<unset>")
         if a != b:
@@ -596,6 +604,39 @@ def _finished_run(
 # --------------------------------------------------------------------------------------- train
 
 
+def _stage_config(
+    cfg: TrainConfig, stage_dir: Path, rows: list[Any], manifest_name: str, **fields: Any
+) -> TrainConfig:
+    """A stage's settings (pretraining, refit): the run's, trained on ``rows`` (written with absolute
+    paths into ``stage_dir``, as their manifests may live under different data roots), without what
+    belongs to the fit alone (test report, count rule, flips, its own stages), ``fields`` on top.
+
+    The last epoch is kept (``selection_metric="last"``): neither stage is ranked on val.
+    """
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    manifest = write_manifest(stage_dir / manifest_name, rows)
+    stage: dict[str, Any] = {
+        "train_csv": manifest,
+        "out_dir": stage_dir,
+        "test_csv": None,
+        "selection_metric": "last",
+        "patience": 0,
+        "tta": False,
+        "decision": "plain",
+        "refit": False,
+        "stop_after": 0,
+        "export": True,  # the fit reads the stage's model.pt
+        "pretrain_extra": None,
+        "pretrain_data_root": None,
+        "pretrain_epochs": 0,
+    }
+    return replace(cfg, **{**stage, **fields})
+
+
+def _absolute(rows: list[Any], paths: list[Path]) -> list[Any]:
+    return [replace(r, path=str(p.resolve())) for r, p in zip(rows, paths, strict=True)]
+
+
 PRETRAIN_DIR = "pretrain"
 #: next to a pretraining stage's model.pt: what the stage was, so a fit started from it can say so
 BACKBONE_FILE = "backbone.json"
@@ -625,30 +666,20 @@ def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
                 f"{len(leaked)} images of --pretrain-extra are also in {csv} (first: {leaked[0]}): they "
                 "would be trained on; ingest the extra images with counts outside --classes"
             )
-    rows, paths = train_rows + extra_rows, train_paths + extra_paths
-    # Absolute paths: the two manifests may live under different data roots.
     stage_rows = [
-        replace(r, count=min(r.count, cap), path=str(p.resolve())) for r, p in zip(rows, paths, strict=True)
+        replace(r, count=min(r.count, cap))
+        for r in _absolute(train_rows + extra_rows, train_paths + extra_paths)
     ]
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    stage_csv = write_manifest(stage_dir / "pretrain.csv", stage_rows)
-    stage = replace(
+    stage = _stage_config(
         cfg,
-        train_csv=stage_csv,
-        out_dir=stage_dir,
-        test_csv=None,
+        stage_dir,
+        stage_rows,
+        "pretrain.csv",
         classes=tuple(range(cap + 1)),
         head="ordinal",
         epochs=cfg.pretrain_epochs,
         label_smoothing=0.0,
-        selection_metric="last",
-        patience=0,
-        tta=False,
-        decision="plain",
-        teacher=(),
-        pretrain_extra=None,
-        pretrain_data_root=None,
-        pretrain_epochs=0,
+        teacher=(),  # the teachers count 1-5, the stage 0..cap
         model_name=f"{cfg.model_name}-pretrain",
     )
     LOG.info("pretraining on %d images (counts 0..%d) for %d epochs", len(stage_rows), cap, stage.epochs)
@@ -985,33 +1016,17 @@ def refit_train_val(cfg: TrainConfig, weights: str, epochs: int) -> TrainResult:
     that epoch's counterpart with ~20 % more data. Val figures cannot score it (val is trained on):
     test only reports it. Written under ``MODEL_DIR/refit``; resumes with the run (``--resume``).
     """
-    stage_dir = Path(cfg.out_dir) / REFIT_DIR
     train_rows, train_paths = _load_split(Path(cfg.train_csv), cfg, "train")
     val_rows, val_paths = _load_split(Path(cfg.val_csv), cfg, "val")
-    # Absolute paths: the stage's manifest lives under MODEL_DIR, not beside the data.
-    rows = [
-        replace(r, path=str(p.resolve()))
-        for r, p in zip(train_rows + val_rows, train_paths + val_paths, strict=True)
-    ]
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    stage_csv = write_manifest(stage_dir / "train_val.csv", rows)
-    stage = replace(
+    rows = _absolute(train_rows + val_rows, train_paths + val_paths)
+    stage = _stage_config(
         cfg,
-        train_csv=stage_csv,
-        out_dir=stage_dir,
-        test_csv=None,
+        Path(cfg.out_dir) / REFIT_DIR,
+        rows,
+        "train_val.csv",
         weights=weights,
         limit=None,  # the rows above are already limited
         stop_after=epochs,  # the schedule still spans cfg.epochs
-        selection_metric="last",
-        patience=0,
-        tta=False,
-        decision="plain",
-        refit=False,
-        export=True,  # the fit loads the stage's model.pt
-        pretrain_extra=None,
-        pretrain_data_root=None,
-        pretrain_epochs=0,
         model_name=f"{cfg.model_name}-refit",
     )
     LOG.info(

@@ -203,6 +203,9 @@ def test_refit_runs_record_both_models_test_figures(
     assert run["refit"]["test_selected"]["n"] == run["test"]["n"] == split["test"]
     # the refit starts where the run did: from the shared pretrained backbone
     assert load_model_spec(Path(run["refit"]["dir"])).params["weights"] == r["pretrain"]["weights"]
+    # the stage itself is no fit: it is neither refit nor trained on val
+    stage = Path(r["pretrain"]["weights"]).parent
+    assert not (stage / "refit").exists() and load_model_spec(stage).params["refit"] is False
     for flag in ("--ensemble", "--distill"):  # both are scored on val, which refit members learnt
         with pytest.raises(SystemExit) as e:
             bench_train.main([*argv, flag])

@@ -157,6 +157,14 @@ def test_resume_continues_from_checkpoint(
         train(tiny_train_config(tiny_split, out, resume=True, train_csv=fewer))
     assert torch.load(out / CHECKPOINT_FILE, weights_only=False)["epoch"] == 1  # left as it was
 
+    # A checkpoint saved before a setting existed resumes while the setting is at its default (below)...
+    ckpt = torch.load(out / CHECKPOINT_FILE, weights_only=False)
+    for key in ("refit", "stop_after"):
+        del ckpt["params"][key]
+    torch.save(ckpt, out / CHECKPOINT_FILE)
+    with pytest.raises(ConfigError, match="refit: '<unset>' -> True"):  # ...and only then
+        train(tiny_train_config(tiny_split, out, resume=True, refit=True))
+
     # Run-time settings may change: another thread count resumes.
     threads = torch.get_num_threads()
     try:
