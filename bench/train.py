@@ -24,6 +24,9 @@
     ``--decision fitted`` fits each run's (and the ensemble's) count rule on val; ``--pretrain-per-run``
     gives each run a stage of its own; ``--refit`` also trains each run again on train + val up to its
     val-chosen epoch and tests both models.
+``python bench/train.py collect --model DIR... --result-name NAME.json``
+    The figures (val, test, refit, count rule, settings, device, time) of models trained by
+    ``components.train`` directly, kept as a result file.
 ``python bench/train.py decision --model DIR... --val val.csv --test test.csv``
     The plain count rule against offsets fitted on val (for accuracy, and for RMSE) of trained models,
     on val and test, from their ``model.pt``: no training -> ``train_decision.json``.
@@ -782,6 +785,41 @@ def decision_run(args: argparse.Namespace) -> dict[str, Any]:
     return rf.data
 
 
+def collect_run(args: argparse.Namespace) -> dict[str, Any]:
+    """The figures of models trained by ``components.train`` itself (their ``metrics.json`` and
+    ``model.json``: every setting, the device, the time), kept like any other result: for runs this
+    script does not drive, such as a ``--refit`` run on a CPU."""
+    from components.common import ConfigError, read_json
+    from components.modelspec import load_model_spec
+
+    rf = ResultFile(args, "train_collect")
+    rf.data["models"] = []
+    keys = ("accuracy", "rmse", "mae", "rmse_expected", "n", "per_class_accuracy")
+    for model_dir in args.model:
+        try:
+            spec = load_model_spec(model_dir)
+            m = read_json(Path(model_dir) / "metrics.json")
+        except ConfigError as e:
+            raise SystemExit(f"error: {model_dir} is not a components.train output: {e}") from e
+        rec: dict[str, Any] = {
+            "model": str(model_dir),
+            "train_params": spec.params,
+            "device": m.get("device"),
+            "train_seconds": m.get("train_seconds"),
+            "best_epoch": m.get("best_epoch"),
+            "epochs_run": m.get("epochs_run"),
+            "val": {k: m["val"][k] for k in keys if k in m["val"]},
+        }
+        if "test" in m:
+            rec["test"] = {k: m["test"][k] for k in keys if k in m["test"]}
+        rec |= {k: m[k] for k in ("decision", "pretrain", "refit") if k in m}
+        rf.data["models"].append(rec)
+        test_acc = rec.get("test", {}).get("accuracy", float("nan"))
+        print(f"{model_dir}: val acc {rec['val']['accuracy']:.4f} | test acc {test_acc:.4f}")
+    rf.save()
+    return rf.data
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd")
@@ -867,6 +905,10 @@ def main(argv: list[str] | None = None) -> int:
     dc.add_argument("--threads", type=int, default=None)
     dc.add_argument("--out", type=Path, default=RESULTS)
     dc.add_argument("--result-name", default="train_decision.json")
+    co = sub.add_parser("collect", help="the figures of models components.train trained, into one result")
+    co.add_argument("--model", type=Path, nargs="+", required=True, help="components.train output dirs")
+    co.add_argument("--out", type=Path, default=RESULTS)
+    co.add_argument("--result-name", default="train_collect.json")
     t = sub.add_parser("tune", help="timed Optuna tune + final fit with the best parameters")
     t.add_argument("--pack", type=Path, default=REPO / ".gpu" / "abid_224_q90.npz")
     t.add_argument("--out", type=Path, default=RESULTS)
@@ -917,6 +959,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if "val" in r["final_fit"] else 1
     elif args.cmd == "decision":
         decision_run(args)
+    elif args.cmd == "collect":
+        collect_run(args)
     elif args.cmd == "gpu":
         if args.refit and (args.ensemble or args.distill):
             # refit members were trained on val: it can neither fit their average's rule nor rank them

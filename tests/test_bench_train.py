@@ -212,6 +212,31 @@ def test_refit_runs_record_both_models_test_figures(
         assert e.value.code == 2
 
 
+def test_collect_keeps_the_figures_of_trained_models(
+    bench_train: ModuleType, tiny_trained_model_dir: Path, tmp_path: Path
+) -> None:
+    argv = [
+        "collect",
+        "--model",
+        str(tiny_trained_model_dir),
+        "--out",
+        str(tmp_path),
+        "--result-name",
+        "c.json",
+    ]
+    assert bench_train.main(argv) == 0
+    (rec,) = json.loads((tmp_path / "c.json").read_text())["models"]
+    metrics = json.loads((tiny_trained_model_dir / "metrics.json").read_text())
+    assert (
+        rec["val"]["accuracy"] == metrics["val"]["accuracy"]
+        and rec["test"]["rmse"] == metrics["test"]["rmse"]
+    )
+    assert rec["train_params"]["epochs"] == 2 and rec["device"] == metrics["device"] == "cpu"
+    assert "refit" not in rec  # only what the run recorded
+    with pytest.raises(SystemExit, match=r"not a components\.train output"):
+        bench_train.main(["collect", "--model", str(tmp_path), "--out", str(tmp_path)])
+
+
 def test_cpu_throughput_at_each_thread_count(bench_train: ModuleType, tmp_path: Path) -> None:
     import torch
 
