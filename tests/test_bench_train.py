@@ -146,13 +146,18 @@ def test_pretraining_needs_the_out_of_range_images(
     assert not (tmp_path / "w" / "tune").exists()  # refused before any trial ran
 
 
+def _tiny_gpu_argv(pack_path: Path, tmp_path: Path) -> list[str]:
+    """``gpu`` on the test pack, one step per epoch, no throughput timing: a run's flags go after it."""
+    return ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+            "--bench-batch", "--compile-below", "0", "--batch-size", "16", "--threads", "1",
+            "--max-steps-per-epoch", "1"]  # fmt: skip
+
+
 def test_pretraining_on_every_count_feeds_the_runs(
     pack_path: Path, bench_train: ModuleType, tmp_path: Path
 ) -> None:
-    argv = ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
-            "--bench-batch", "--compile-below", "0", "--image-size", "32", "--epochs", "1",
-            "--batch-size", "16", "--threads", "1", "--max-steps-per-epoch", "1", "--pretrain-epochs", "1",
-            "--runs", "ordinal:weights=none", "ordinal"]  # fmt: skip
+    argv = [*_tiny_gpu_argv(pack_path, tmp_path), "--image-size", "32", "--epochs", "1",
+            "--pretrain-epochs", "1", "--runs", "ordinal:weights=none", "ordinal"]  # fmt: skip
     assert bench_train.main(argv) == 0
     r = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
     pre = r["pretrain"]
@@ -189,10 +194,8 @@ def test_refit_runs_record_both_models_test_figures(
 ) -> None:
     from components.modelspec import load_model_spec
 
-    argv = ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
-            "--bench-batch", "--compile-below", "0", "--image-size", "32", "--epochs", "2",
-            "--batch-size", "16", "--threads", "1", "--max-steps-per-epoch", "1", "--pretrain-epochs", "1",
-            "--refit", "--runs", "ordinal"]  # fmt: skip
+    argv = [*_tiny_gpu_argv(pack_path, tmp_path), "--image-size", "32", "--epochs", "2",
+            "--pretrain-epochs", "1", "--refit", "--runs", "ordinal"]  # fmt: skip
     assert bench_train.main(argv) == 0
     r = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
     (run,) = r["runs"]
@@ -259,9 +262,8 @@ def test_cpu_throughput_at_each_thread_count(bench_train: ModuleType, tmp_path: 
 def test_runs_at_two_image_sizes_from_one_pack(
     pack_path: Path, bench_train: ModuleType, tmp_path: Path
 ) -> None:
-    argv = ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
-            "--result-name", "train_gpu_resolution.json", "--bench-batch", "--compile-below", "0",
-            "--epochs", "1", "--batch-size", "16", "--threads", "1", "--max-steps-per-epoch", "1",
+    argv = [*_tiny_gpu_argv(pack_path, tmp_path), "--result-name", "train_gpu_resolution.json",
+            "--epochs", "1",
             "--runs", "ordinal:image_size=24,decision=fitted", "ordinal:image_size=32"]  # fmt: skip
     assert bench_train.main(argv) == 0
     assert not (tmp_path / "out" / "train_gpu.json").exists()
@@ -293,9 +295,7 @@ def test_runs_at_two_image_sizes_from_one_pack(
 
 
 def test_a_student_is_taught_by_the_runs(pack_path: Path, bench_train: ModuleType, tmp_path: Path) -> None:
-    argv = ["gpu", "--pack", str(pack_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
-            "--bench-batch", "--compile-below", "0", "--image-size", "32", "--epochs", "1",
-            "--batch-size", "16", "--threads", "1", "--max-steps-per-epoch", "1", "--distill",
+    argv = [*_tiny_gpu_argv(pack_path, tmp_path), "--image-size", "32", "--epochs", "1", "--distill",
             "--ensemble", "--decision", "fitted",
             "--runs", "ordinal:seed=1", "ordinal:seed=2", "classification"]  # fmt: skip
     assert bench_train.main(argv) == 0
