@@ -22,6 +22,9 @@
 #   bash bench/gpu_session.sh refit      # accuracy: the pretrained recipe's seeds, each also trained
 #                                        #   again on train + val up to its val-chosen epoch; both
 #                                        #   models tested (~7 minutes). Needs .gpu/abid_all_224_q75.npz
+#   bash bench/gpu_session.sh contrastive  # accuracy: the pretrained recipe's seeds from a backbone
+#                                        #   trained self-supervised instead (SimCLR, 200 epochs, batch
+#                                        #   512, no labels; ~8 minutes). Needs .gpu/abid_all_224_q75.npz
 #   bash bench/gpu_session.sh resolution # accuracy: the same ordinal run at 224 and at 288 px.
 #                                        #   Needs .gpu/abid_288_q75.npz
 #   bash bench/gpu_session.sh distill    # accuracy: two runs, their ensemble, and one ResNet18 taught
@@ -123,6 +126,16 @@ case $mode in
       --compile-below 0 --epochs 100 --tta --pretrain-epochs 40 --refit --budget-s 300 \
       --result-name train_gpu_refit.json --runs "ordinal:seed=1" "ordinal:seed=2" "ordinal:seed=3"
     ;;
+  contrastive)
+    need .gpu/abid_all_224_q75.npz
+    # The refit mode's recipe (100-epoch fits, flips, seeds 1 and 2), its backbone learned without
+    # labels: SimCLR views of the training split plus the 0 and 6+ images, 200 epochs at batch 512
+    # (~5 minutes), the k-NN val accuracy of its features recorded each epoch.
+    python3 bench/train.py gpu --pack .gpu/abid_all_224_q75.npz --out "$out" --bench-batch \
+      --compile-below 0 --epochs 100 --tta --pretrain-epochs 200 --pretrain-objective contrastive \
+      --pretrain-batch-size 512 --budget-s 420 --result-name train_gpu_contrastive.json \
+      --runs "ordinal:seed=1" "ordinal:seed=2"
+    ;;
   resolution)
     need .gpu/abid_288_q75.npz
     # ABID photos are 250-600 px on a side: does counting gain from more of them than 224 px keeps?
@@ -140,7 +153,7 @@ case $mode in
       --result-name train_gpu_distill.json --runs "ordinal:seed=1" "ordinal:seed=2"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tune|tune-pretrained|pretrain|ensemble|decision|stages|refit|resolution|distill" >&2
+    echo "usage: bash bench/gpu_session.sh tune|tune-pretrained|pretrain|ensemble|decision|stages|refit|contrastive|resolution|distill" >&2
     exit 2
     ;;
 esac

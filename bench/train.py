@@ -22,8 +22,9 @@
     keeps each comparison in its own file. ``--ensemble`` scores the runs' average in one graph;
     ``--distill`` then trains one more model taught by them (``components.train --teacher``).
     ``--decision fitted`` fits each run's (and the ensemble's) count rule on val; ``--pretrain-per-run``
-    gives each run a stage of its own; ``--refit`` also trains each run again on train + val up to its
-    val-chosen epoch and tests both models.
+    gives each run a stage of its own; ``--pretrain-objective contrastive`` makes that stage
+    self-supervised (SimCLR, :mod:`components.contrastive`); ``--refit`` also trains each run again on
+    train + val up to its val-chosen epoch and tests both models.
 ``python bench/train.py collect --model DIR... --result-name NAME.json``
     The figures (val, test, refit, count rule, settings, device, time) of models trained by
     ``components.train`` directly, kept as a result file.
@@ -190,7 +191,12 @@ def prepare_data(pack_path: Path, work: Path, limit: int | None = None) -> dict[
 
 
 def pretrain(
-    base: TrainConfig, work: Path, epochs: int, cap: int, stage_dir: Path | None = None
+    base: TrainConfig,
+    work: Path,
+    epochs: int,
+    cap: int,
+    stage_dir: Path | None = None,
+    batch_size: int = 0,
 ) -> dict[str, Any]:
     """Stage 1 on every count (``components.train.pretrain_backbone``): the training split plus the
     0 and 6+ images of an ``--all-counts`` pack; the runs then start from its backbone.
@@ -211,17 +217,25 @@ def pretrain(
         pretrain_epochs=epochs,
         pretrain_count_cap=cap,
         resume=False,
+        batch_size=batch_size or base.batch_size,
     )
     t = time.perf_counter()
     res = pretrain_backbone(cfg)
-    return {
+    record = {
+        "objective": cfg.pretrain_objective,
         "images": res.metrics["n_train"],
         "count_cap": cap,
         "epochs": epochs,
+        "batch_size": cfg.batch_size,
         "seconds": time.perf_counter() - t,
         "best_epoch": res.best_epoch,
         "weights": str(res.model_dir / "model.pt"),
     }
+    if cfg.pretrain_objective == "contrastive":  # its label-free progress: k-NN on its features
+        record["knn_val_accuracy_start"] = res.metrics["knn_val_accuracy_start"]
+        record["knn_val_accuracy"] = res.metrics["knn_val_accuracy"]
+        record["final_loss"] = res.metrics["final_loss"]
+    return record
 
 
 def work_config(work: Path, out_dir: Path, **fields: Any) -> TrainConfig:
@@ -539,10 +553,13 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         tta=args.tta,
         decision=args.decision,
         refit=args.refit,
+        pretrain_objective=args.pretrain_objective,
     )
     weights = "none"
     if args.pretrain_epochs > 0 and not args.pretrain_per_run:
-        result["pretrain"] = pretrain(base, work, args.pretrain_epochs, args.pretrain_cap)
+        result["pretrain"] = pretrain(
+            base, work, args.pretrain_epochs, args.pretrain_cap, batch_size=args.pretrain_batch_size
+        )
         weights = result["pretrain"]["weights"]
         print(json.dumps(result["pretrain"]), flush=True)
         save()
@@ -565,7 +582,12 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
             # A backbone of its own, pretrained with the run's seed: members of an ensemble that do
             # not share one (members that do made the same mistakes: train_gpu_ensemble.json).
             stage = pretrain(
-                cfg, work, args.pretrain_epochs, args.pretrain_cap, stage_dir=work / f"stage_{i}"
+                cfg,
+                work,
+                args.pretrain_epochs,
+                args.pretrain_cap,
+                stage_dir=work / f"stage_{i}",
+                batch_size=args.pretrain_batch_size,
             )
             cfg = dataclasses.replace(cfg, weights=stage["weights"])
         run = run_one(spec, cfg, overrides)
@@ -886,6 +908,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     g.add_argument("--pretrain-cap", type=int, default=10, help="counts above this are this in pretraining")
     g.add_argument(
+        "--pretrain-objective",
+        choices=("counts", "contrastive"),
+        default="counts",
+        help="the stage's objective: counts 0..cap, or contrastive (SimCLR on the same images, no labels)",
+    )
+    g.add_argument(
+        "--pretrain-batch-size",
+        type=int,
+        default=0,
+        help="the stage's batch size (0 = the runs'); contrastive learning gains from more negatives",
+    )
+    g.add_argument(
         "--pretrain-per-run",
         action="store_true",
         help="a stage per run, with the run's seed (ensemble members that share no backbone)",
@@ -962,6 +996,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "collect":
         collect_run(args)
     elif args.cmd == "gpu":
+        if args.pretrain_batch_size < 0:
+            p.error("--pretrain-batch-size must be >= 0 (0 = the runs' batch size)")
         if args.refit and (args.ensemble or args.distill):
             # refit members were trained on val: it can neither fit their average's rule nor rank them
             p.error("--refit cannot be combined with --ensemble or --distill (both are scored on val)")

@@ -239,6 +239,57 @@ def augment_batch(
     return x
 
 
+def contrastive_view(
+    batch_uint8_nhwc: Any,
+    spec: PreprocessSpec,
+    generator: Any = None,
+    channels_last: bool = False,
+) -> Any:
+    """One random view per image for contrastive pretraining (two calls give a positive pair).
+
+    Unlike :func:`augment_batch`, views may crop items away: there is no count label to keep true
+    here. Random resized crop (20-100 % of the area, aspect 3/4-4/3), both flips, colour jitter
+    (brightness, contrast, saturation +-40 %, with probability 0.8) and greyscale (probability 0.2),
+    as in SimCLR minus hue and blur, batched on the batch's device; then the same normalization.
+    """
+    import torch
+    from torch.nn import functional as tf
+
+    x = to_float_nchw(batch_uint8_nhwc, channels_last).div_(255.0)
+    n, dev = x.shape[0], x.device
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, device=dev, generator=generator)
+
+    area = 0.2 + 0.8 * rand(n)
+    log_aspect = (rand(n) * 2 - 1) * float(np.log(4 / 3))
+    w = (area * torch.exp(log_aspect)).sqrt().clamp_(max=1.0)  # half-extents in [-1, 1] coordinates
+    h = (area / torch.exp(log_aspect)).sqrt().clamp_(max=1.0)
+    cx, cy = (rand(n) * 2 - 1) * (1 - w), (rand(n) * 2 - 1) * (1 - h)  # the crop stays in the frame
+    w = torch.where(rand(n) < 0.5, -w, w)  # a negative scale is a flip
+    h = torch.where(rand(n) < 0.5, -h, h)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+    grid = tf.affine_grid(theta, list(x.shape), align_corners=False)
+    x = tf.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    jitter = rand(n, 1, 1, 1) < 0.8
+    b, c, s = (1 + (rand(n, 1, 1, 1) * 2 - 1) * 0.4 for _ in range(3))
+    luma = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)
+    mean = (x * luma).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    y = (x * b).clamp(0, 1)
+    y = ((y - mean * b) * c + mean * b).clamp(0, 1)
+    y_grey = (y * luma).sum(1, keepdim=True)
+    y = ((y - y_grey) * s + y_grey).clamp(0, 1)
+    x = torch.where(jitter, y, x)
+    x_grey = (x * luma).sum(1, keepdim=True)
+    x = torch.where(rand(n, 1, 1, 1) < 0.2, x_grey.expand_as(x), x)
+    scale, shift = device_normalize_constants(spec, dev)
+    x = x * (scale * 255.0) - shift
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 class DeviceImages:
     """A cached image set, held on the training device when it fits, else read from the memmap."""
 

@@ -21,6 +21,18 @@ def _pretraining(p: dict[str, Any], metrics: dict[str, Any]) -> str:
     pre = metrics.get("pretrain")
     if not pre:
         return ""
+    if pre.get("objective") == "contrastive":
+        knn, start = pre.get("knn_val_accuracy"), pre.get("knn_val_accuracy_start", float("nan"))
+        monitor = (
+            f" (k-NN validation accuracy on its features: {start:.3f} at the start, {knn:.3f} at the end)"
+            if knn is not None
+            else ""
+        )
+        return (
+            f" The backbone was first trained self-supervised (SimCLR, no labels) for {pre.get('epochs')}"
+            f" epochs on {pre.get('images')} images: the training images plus any images with other"
+            f" counts, never validation or test images{monitor}."
+        )
     cap = pre.get("count_cap", p.get("pretrain_count_cap"))
     return (
         f" The backbone was first trained for {pre.get('epochs')} epochs on {pre.get('images')} images: the"

@@ -70,7 +70,8 @@ def save_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a stage without val figures leaves panels empty
+            ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -90,6 +90,8 @@ METRICS_FILE = "metrics.json"
 CURVES_PNG = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 SELECTION_METRICS = ("val_accuracy", "val_rmse", "val_loss", "last")
+#: what the pretraining stage learns: counts 0..cap (supervised) or SimCLR views (no labels)
+PRETRAIN_OBJECTIVES = ("counts", "contrastive")
 #: the count rule: the head's own (``plain``) or offsets fitted on validation (``fitted``)
 DECISIONS = ("plain", "fitted")
 OnEpoch = Callable[[int, dict[str, float]], None]
@@ -146,6 +148,8 @@ class TrainConfig:
     pretrain_data_root: Path | None = None
     pretrain_epochs: int = 0
     pretrain_count_cap: int = 10
+    pretrain_objective: str = "counts"
+    pretrain_temperature: float = 0.2
     refit: bool = False
     stop_after: int = 0
 
@@ -204,11 +208,20 @@ class TrainConfig:
     def _validate_pretrain(self) -> None:
         if self.pretrain_epochs < 0:
             raise ConfigError(f"--pretrain-epochs must be >= 0 (0 = off), got {self.pretrain_epochs}")
+        if self.pretrain_objective not in PRETRAIN_OBJECTIVES:
+            raise ConfigError(
+                f"--pretrain-objective must be one of {list(PRETRAIN_OBJECTIVES)}, "
+                f"got {self.pretrain_objective!r}"
+            )
+        if self.pretrain_temperature <= 0:
+            raise ConfigError(f"--pretrain-temperature must be > 0, got {self.pretrain_temperature}")
         if self.pretrain_epochs == 0:
             if self.pretrain_extra is not None:
                 raise ConfigError("--pretrain-extra is used only with --pretrain-epochs N (N >= 1)")
             return
         if self.pretrain_extra is None:
+            if self.pretrain_objective == "contrastive":
+                return  # the training images alone will do: no labels needed
             raise ConfigError(
                 "--pretrain-epochs needs --pretrain-extra: a manifest of images with other counts "
                 "(e.g. components.ingest --per-class N --classes 0,6,7,8,9,10)"
@@ -643,20 +656,27 @@ BACKBONE_FILE = "backbone.json"
 
 
 def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
-    """Stage 1 of ``--pretrain-epochs``: an ordinal head over counts 0..cap on the training split plus
-    ``--pretrain-extra`` (the 0 and 6+ images the 1-5 task leaves out), counts above the cap set to it.
+    """Stage 1 of ``--pretrain-epochs`` on the training split plus ``--pretrain-extra`` (the 0 and 6+
+    images the 1-5 task leaves out). ``--pretrain-objective counts``: an ordinal head over counts
+    0..cap, counts above the cap set to it; ``contrastive``: SimCLR, no labels
+    (:mod:`components.contrastive`; the extra images are optional there).
 
-    More images teach the backbone what "more items" looks like; the fit then starts from it (the head
-    is dropped). Val images never enter the training side, and the weights kept are the last epoch's:
-    val figures over a wider class range than the val split's say little about a backbone.
+    More images teach the backbone what bins and "more items" look like; the fit then starts from it
+    (any head is dropped). Val images never enter the training side, and the weights kept are the last
+    epoch's: val figures over a wider class range than the val split's say little about a backbone.
     Written under ``MODEL_DIR/pretrain``; resumes with the run (``--resume``).
     """
-    if cfg.pretrain_extra is None or cfg.pretrain_epochs < 1:
-        raise ConfigError("pretraining needs --pretrain-extra and --pretrain-epochs >= 1")
+    contrastive = cfg.pretrain_objective == "contrastive"
+    if cfg.pretrain_epochs < 1 or (cfg.pretrain_extra is None and not contrastive):
+        raise ConfigError(
+            "pretraining needs --pretrain-extra and --pretrain-epochs >= 1 (contrastive: the epochs alone)"
+        )
     stage_dir = Path(cfg.out_dir) / PRETRAIN_DIR
     cap = cfg.pretrain_count_cap
     train_rows, train_paths = load_labelled(Path(cfg.train_csv), cfg.data_root)
-    extra_rows, extra_paths = load_labelled(Path(cfg.pretrain_extra), cfg.pretrain_data_root)
+    extra_rows, extra_paths = (
+        load_labelled(Path(cfg.pretrain_extra), cfg.pretrain_data_root) if cfg.pretrain_extra else ([], [])
+    )
     for csv in [Path(cfg.val_csv)] + ([Path(cfg.test_csv)] if cfg.test_csv else []):
         held_out = read_manifest(csv)
         ids, hashes = {h.id for h in held_out}, {h.sha256 for h in held_out}
@@ -666,10 +686,46 @@ def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
                 f"{len(leaked)} images of --pretrain-extra are also in {csv} (first: {leaked[0]}): they "
                 "would be trained on; ingest the extra images with counts outside --classes"
             )
-    stage_rows = [
-        replace(r, count=min(r.count, cap))
-        for r in _absolute(train_rows + extra_rows, train_paths + extra_paths)
-    ]
+    stage_rows = _absolute(train_rows + extra_rows, train_paths + extra_paths)
+    if contrastive:
+        stage = _stage_config(
+            cfg,
+            stage_dir,
+            stage_rows,
+            "pretrain.csv",
+            epochs=cfg.pretrain_epochs,
+            teacher=(),
+            model_name=f"{cfg.model_name}-pretrain",
+        )
+        LOG.info("contrastive pretraining on %d images for %d epochs", len(stage_rows), stage.epochs)
+        from components.contrastive import contrastive_pretrain  # imports this module
+
+        result = contrastive_pretrain(stage)
+        record = {
+            "objective": "contrastive",
+            "temperature": cfg.pretrain_temperature,
+            "knn_val_accuracy_start": result.metrics["knn_val_accuracy_start"],
+            "knn_val_accuracy": result.metrics["knn_val_accuracy"],
+        }
+    else:
+        stage_rows = [replace(r, count=min(r.count, cap)) for r in stage_rows]
+        result = train(_counts_stage(cfg, stage_dir, stage_rows))
+        record = {"objective": "counts", "count_cap": cap}
+    atomic_write_json(
+        stage_dir / BACKBONE_FILE,
+        {
+            "images": result.metrics["n_train"],
+            "epochs": result.epochs_run,
+            **record,
+            # a resumed, finished stage reports its first run's time, not the reload's
+            "seconds": result.metrics.get("train_seconds", result.seconds),
+        },
+    )
+    return result
+
+
+def _counts_stage(cfg: TrainConfig, stage_dir: Path, stage_rows: list[Any]) -> TrainConfig:
+    cap = cfg.pretrain_count_cap
     stage = _stage_config(
         cfg,
         stage_dir,
@@ -683,18 +739,7 @@ def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
         model_name=f"{cfg.model_name}-pretrain",
     )
     LOG.info("pretraining on %d images (counts 0..%d) for %d epochs", len(stage_rows), cap, stage.epochs)
-    result = train(stage)
-    atomic_write_json(
-        stage_dir / BACKBONE_FILE,
-        {
-            "images": result.metrics["n_train"],
-            "epochs": result.epochs_run,
-            "count_cap": cap,
-            # a resumed, finished stage reports its first run's time, not the reload's
-            "seconds": result.metrics.get("train_seconds", result.seconds),
-        },
-    )
-    return result
+    return stage
 
 
 def backbone_info(weights: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -750,11 +795,10 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
     if cfg.pretrain_epochs:
         stage = pretrain_backbone(cfg)
         init = replace(cfg, weights=str(stage.model_dir / STATE_DICT_FILE))
+        # the stage's record (objective, images, epochs, its monitor), timed as this run saw it
         pretrained = {
+            **(backbone_info(init.weights) or {}),
             "dir": str(stage.model_dir),
-            "images": stage.metrics["n_train"],
-            "epochs": stage.epochs_run,
-            "count_cap": cfg.pretrain_count_cap,
             "seconds": stage.seconds,
         }
         seed_everything(cfg.seed)  # the fit starts from the same RNG state whether stage 1 ran or resumed
@@ -1295,6 +1339,19 @@ def _parser() -> argparse.ArgumentParser:
         help="counts above this are this in pretraining",
     )
     p.add_argument(
+        "--pretrain-objective",
+        choices=PRETRAIN_OBJECTIVES,
+        default=d.pretrain_objective,
+        help="what the stage learns: counts 0..cap (needs --pretrain-extra) or contrastive (SimCLR views, "
+        "no labels; --pretrain-extra optional)",
+    )
+    p.add_argument(
+        "--pretrain-temperature",
+        type=float,
+        default=d.pretrain_temperature,
+        help="NT-Xent temperature of the contrastive stage",
+    )
+    p.add_argument(
         "--pretrain-only",
         action="store_true",
         help="run only the pretraining stage (MODEL_DIR/pretrain) for other fits or a tune to start "
@@ -1356,6 +1413,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pretrain_data_root=args.pretrain_data_root,
         pretrain_epochs=args.pretrain_epochs,
         pretrain_count_cap=args.pretrain_count_cap,
+        pretrain_objective=args.pretrain_objective,
+        pretrain_temperature=args.pretrain_temperature,
         model_name=args.model_name,
         version=args.version,
         progress=args.progress,
@@ -1373,6 +1432,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.pretrain_only:
             stage = pretrain_backbone(cfg)
             print(f"backbone written to {stage.model_dir / STATE_DICT_FILE}")
+            if stage.metrics.get("knn_val_accuracy") is not None:
+                start, end = stage.metrics["knn_val_accuracy_start"], stage.metrics["knn_val_accuracy"]
+                print(f"k-NN val accuracy on its features: {start:.4f} at the start, {end:.4f} at the end")
             return 0
         result = train(cfg)
     except ConfigError as e:

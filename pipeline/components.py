@@ -359,6 +359,7 @@ def pretrain_model(
     classes: str,
     pretrain_classes: str,
     pretrain_epochs: int,
+    pretrain_objective: str,
     weights: str,
     image_size: int,
     batch_size: int,
@@ -371,8 +372,10 @@ def pretrain_model(
     """Stage 1 on every count, once per run: the tuning trials and the final fit all start from it.
 
     Trained on the training split plus ``extra`` (ingest_extra's images, counts outside ``classes``),
-    counts capped at the largest of both lists; val and test images never enter it. With
-    ``pretrain_epochs`` 0 it writes only a note, and the trials and the fit start from ``weights``.
+    counts capped at the largest of both lists (``pretrain_objective`` counts), or on the same images
+    without their labels (``contrastive``: SimCLR; ``extra`` may be empty); val and test images never
+    enter it. With ``pretrain_epochs`` 0 it writes only a note, and the trials and the fit start from
+    ``weights``.
     Returns the number of images the stage trained on (0 when off).
     """
     import json
@@ -392,9 +395,11 @@ def pretrain_model(
         # imported only when there is a stage to train: torch takes seconds to load
         from components.common import parse_int_list
         from components.ingest import MANIFEST_FILE
+        from components.manifest import read_manifest
         from components.train import CHECKPOINT_FILE, pretrain_backbone
         from pipeline.components import fit_config
 
+        extra_manifest = Path(extra.path) / MANIFEST_FILE
         counts = parse_int_list(pretrain_classes, name="pretrain_classes") + parse_int_list(
             classes, name="classes"
         )
@@ -412,18 +417,27 @@ def pretrain_model(
             device,
             num_threads,
             test_csv=Path(test.path),
-            pretrain_extra=Path(extra.path) / MANIFEST_FILE,
+            # ingest_extra with per_class 0 leaves an empty manifest: the training split alone
+            pretrain_extra=extra_manifest if read_manifest(extra_manifest) else None,
             pretrain_data_root=Path(extra.path),
             pretrain_epochs=pretrain_epochs,
             pretrain_count_cap=max(counts),
+            pretrain_objective=pretrain_objective,
         )
         stage = pretrain_backbone(cfg)
         # the optimizer state is only for resuming this task: the consumers need the weights
         (stage.model_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     n_images = int(stage.metrics["n_train"])
-    backbone.metadata.update(
-        {"pretrained": True, "images": n_images, "epochs": stage.epochs_run, "count_cap": max(counts)}
-    )
+    meta = {
+        "pretrained": True,
+        "objective": pretrain_objective,
+        "images": n_images,
+        "epochs": stage.epochs_run,
+        "count_cap": max(counts),
+    }
+    if stage.metrics.get("knn_val_accuracy") is not None:  # contrastive: the label-free monitor
+        meta["knn_val_accuracy"] = stage.metrics["knn_val_accuracy"]
+    backbone.metadata.update(meta)
     return n_images
 
 

@@ -17,6 +17,8 @@ task leaves out: empty bins, 6+ items) for ``pretrain_epochs``; every tuning tri
 start from it, so the tuned parameters are tuned for the fit's starting point. With
 ``pretrain_per_class`` 0 ``ingest_extra`` writes an empty manifest and reads nothing; with
 ``pretrain_epochs`` 0 ``pretrain`` writes only a note and everything starts from ``weights``.
+``pretrain_objective`` contrastive trains that backbone self-supervised (SimCLR) on the same images
+instead, without their labels (then ``pretrain_per_class`` may be 0: the training split alone).
 
 The graph is the same locally and on a cluster. What differs is decided at build time
 (:func:`build_pipeline`): the image, GPU requests for pretrain/tune/train, and the Kubernetes Secrets
@@ -136,6 +138,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         pretrain_per_class: int = 0,
         pretrain_classes: str = "0,6,7,8,9,10",
         pretrain_epochs: int = 0,
+        pretrain_objective: str = "counts",
         tune_trials: int = 3,
         tune_epochs: int = 1,
         n_tune_workers: int = 2,
@@ -173,6 +176,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             classes=classes,
             pretrain_classes=pretrain_classes,
             pretrain_epochs=pretrain_epochs,
+            pretrain_objective=pretrain_objective,
             weights=weights,
             image_size=image_size,
             batch_size=batch_size,

@@ -48,6 +48,8 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "pretrain_epochs": "first train a backbone for this many epochs on the training split plus those "
         "images (counts 0..max, ordinal); every tuning trial and the final fit start from it (0 = off; "
         "needs pretrain_per_class)",
+        "pretrain_objective": "what that backbone learns: counts (0..max, ordinal) or contrastive (SimCLR "
+        "views of the same images, no labels; pretrain_per_class may then be 0: the training split alone)",
         "tune_trials": "Optuna trials in the whole study (shared by all tuning workers)",
         "tune_epochs": "epochs per tuning trial (the pruner may stop a trial earlier)",
         "n_tune_workers": "parallel tuning workers (dsl.ParallelFor) sharing one Optuna study",
@@ -74,6 +76,7 @@ _COMMON: dict[str, Any] = {
     "head": "ordinal",
     "decision": "plain",
     "refit": False,
+    "pretrain_objective": "counts",
     "optuna_storage": "",
     "model_name": "inventory-counter",
     "int8": True,
@@ -252,7 +255,12 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
 def _validate_pretraining(params: Mapping[str, Any]) -> None:
     from components.common import parse_int_list
 
-    if params["pretrain_epochs"] and not params["pretrain_per_class"]:
+    if params["pretrain_objective"] not in ("counts", "contrastive"):
+        raise ConfigError(
+            f"pretrain_objective must be counts or contrastive, got {params['pretrain_objective']!r}"
+        )
+    contrastive = params["pretrain_objective"] == "contrastive"
+    if params["pretrain_epochs"] and not params["pretrain_per_class"] and not contrastive:
         raise ConfigError(
             "pretrain_epochs needs images to pretrain on: set pretrain_per_class >= 1 (e.g. 400), "
             "or pretrain_epochs=0"

@@ -189,6 +189,33 @@ def test_pretraining_on_every_count_feeds_the_runs(
     assert scratch["weights"] == "none" and "pretrain" not in scratch
 
 
+def test_a_contrastive_stage_feeds_the_runs_with_its_own_batch_size(
+    pack_path: Path, bench_train: ModuleType, tmp_path: Path
+) -> None:
+    stage = ["--pretrain-epochs", "2", "--pretrain-objective", "contrastive", "--pretrain-batch-size", "8"]
+    argv = [
+        *_tiny_gpu_argv(pack_path, tmp_path),
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        *stage,
+        "--runs",
+        "ordinal",
+    ]
+    assert bench_train.main(argv) == 0
+    r = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
+    pre = r["pretrain"]
+    assert pre["objective"] == "contrastive" and pre["batch_size"] == 8 and pre["epochs"] == 2
+    assert pre["images"] == r["data"]["split"]["train"] + N_EXTRA
+    assert 0 <= pre["knn_val_accuracy_start"] <= 1 and 0 <= pre["knn_val_accuracy"] <= 1
+    assert r["runs"][0]["weights"] == pre["weights"]
+    stage = json.loads((tmp_path / "w" / "pretrain" / "checkpoint.json").read_text())
+    assert stage["params"]["batch_size"] == 8 and stage["params"]["pretrain_objective"] == "contrastive"
+    with pytest.raises(SystemExit):
+        bench_train.main([*argv[:-2], "--pretrain-batch-size", "-1", "--runs", "ordinal"])
+
+
 def test_refit_runs_record_both_models_test_figures(
     pack_path: Path, bench_train: ModuleType, tmp_path: Path
 ) -> None:

@@ -119,6 +119,7 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
     }
     assert pre["parameters"]["pretrain_epochs"]["componentInputParameter"] == "pretrain_epochs"
     assert pre["parameters"]["pretrain_classes"]["componentInputParameter"] == "pretrain_classes"
+    assert pre["parameters"]["pretrain_objective"]["componentInputParameter"] == "pretrain_objective"
     backbone = {"outputArtifactKey": "backbone", "producerTask": "pretrain-model"}
     assert tasks["train-model"]["inputs"]["artifacts"]["backbone"]["taskOutputArtifact"] == backbone
     assert tasks["select-best"]["inputs"]["artifacts"]["backbone"]["taskOutputArtifact"] == backbone
@@ -290,6 +291,7 @@ def test_compile_flags_override_build_options(tmp_path):
         (["--param", "tta=maybe"], "tta"),
         (["--param", "decision=best"], "decision must be plain or fitted"),
         (["--param", "pretrain_epochs=10"], "set pretrain_per_class >= 1"),
+        (["--param", "pretrain_objective=rotation"], "pretrain_objective must be counts or contrastive"),
         (["--param", "pretrain_per_class=5", "--param", "pretrain_classes=0,5"], "also in classes"),
         (["--tune-parallelism", "0"], "--tune-parallelism"),
     ],
@@ -398,3 +400,31 @@ def test_trials_and_the_fit_start_from_the_backbone_only_when_one_was_made(tmp_p
     stage.mkdir(parents=True)
     (stage / "model.pt").write_bytes(b"state dict")
     assert backbone_weights(str(tmp_path / "on"), "none") == str(stage / "model.pt")
+
+
+def test_pretrain_task_trains_a_contrastive_backbone_on_the_training_split_alone(
+    tiny_split, tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from components.ingest import MANIFEST_FILE
+    from components.manifest import read_manifest, write_manifest
+    from pipeline.components import backbone_weights, pretrain_model
+
+    monkeypatch.setenv("INVENTORY_MONITOR_CACHE", str(tmp_path / "cache"))
+    extra = tmp_path / "extra"  # what ingest_extra leaves with pretrain_per_class 0
+    extra.mkdir()
+    write_manifest(extra / MANIFEST_FILE, [])
+
+    def artifact(path):
+        return SimpleNamespace(path=str(path), metadata={})
+
+    backbone = artifact(tmp_path / "backbone")
+    split = [artifact(tiny_split[k]) for k in ("data_root", "train", "val", "test")]
+    n = pretrain_model(*split, artifact(extra), "1,2,3,4,5", "0,6", 1, "contrastive", "none", 32, 10, 0.0, 0,
+                       "cpu", 1, backbone)  # fmt: skip
+    assert n == len(read_manifest(tiny_split["train"])) == backbone.metadata["images"]
+    assert backbone.metadata["objective"] == "contrastive"
+    assert 0 <= backbone.metadata["knn_val_accuracy"] <= 1
+    weights = backbone_weights(backbone.path, "none")
+    assert weights.endswith("pretrain/model.pt") and not (Path(weights).parent / "checkpoint.pt").exists()
