@@ -28,7 +28,7 @@ from components.data import DeviceImages, build_cache, contrastive_view, data_ha
 from components.manifest import load_labelled
 from components.model import build_model
 from components.modelspec import STATE_DICT_FILE
-from components.plots import save_training_curves
+from components.plots import save_contrastive_curves
 from components.preprocess import PreprocessSpec
 from components.train import (
     CHECKPOINT_FILE,
@@ -309,7 +309,7 @@ def contrastive_pretrain(cfg: TrainConfig) -> TrainResult:
     _atomic_torch_save(
         {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}, out_dir / STATE_DICT_FILE
     )
-    save_training_curves(history, out_dir / CURVES_PNG)
+    save_contrastive_curves(history, out_dir / CURVES_PNG)
     steady = [h["train_images_per_s"] for h in history[1:]] or [h["train_images_per_s"] for h in history]
     result_metrics: dict[str, Any] = {
         "objective": "contrastive",

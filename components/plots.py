@@ -70,8 +70,31 @@ def save_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a stage without val figures leaves panels empty
-            ax.legend()
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def save_contrastive_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
+    """A contrastive stage per epoch: its NT-Xent loss and the k-NN val accuracy of its features."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=100)
+    for ax, key, title in (
+        (axes[0], "train_loss", "NT-Xent loss (train)"),
+        (axes[1], "val_accuracy", "k-NN accuracy (val, frozen features)"),
+    ):
+        pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
