@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from components.common import ConfigError, atomic_write_json, read_json
-from components.data import DeviceImages, build_cache, contrastive_view, data_hash, normalize_batch
+from components.data import DeviceImages, build_cache, contrastive_view, normalize_batch
 from components.manifest import load_labelled
 from components.model import build_model
 from components.modelspec import STATE_DICT_FILE
@@ -42,8 +42,9 @@ from components.train import (
     _load_split,
     make_optimizer,
     make_scheduler,
-    resolve_device,
-    seed_everything,
+    resume_checkpoint,
+    run_fingerprint,
+    start_run,
 )
 
 LOG = logging.getLogger(__name__)
@@ -146,31 +147,14 @@ def contrastive_pretrain(cfg: TrainConfig) -> TrainResult:
     ``cfg.val_csv`` and the training images with counts in ``cfg.classes`` only feed the k-NN monitor.
     """
     t_start = time.perf_counter()
-    cfg.validate()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, device = start_run(cfg)
     ckpt_path = out_dir / CHECKPOINT_FILE
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-
     rows, paths = _limited(*load_labelled(Path(cfg.train_csv), cfg.data_root), cfg.limit)
     val_rows, val_paths = _load_split(Path(cfg.val_csv), cfg, "val")
-    fingerprint = {
-        "params": cfg.to_params(),
-        "train_data_sha256": data_hash(rows),
-        "val_data_sha256": data_hash(val_rows),
-    }
-    ckpt: dict[str, Any] | None = None
-    if cfg.resume:
-        finished = _finished(out_dir, fingerprint, t_start)
-        if finished is not None:
-            return finished
-        if ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            _check_resume(ckpt, fingerprint, ckpt_path)
-    (out_dir / DONE_FILE).unlink(missing_ok=True)
+    fingerprint = run_fingerprint(cfg, rows, val_rows)
+    if cfg.resume and (finished := _finished(out_dir, fingerprint, t_start)) is not None:
+        return finished
+    ckpt = resume_checkpoint(cfg, out_dir, fingerprint)
 
     kw: dict[str, Any] = {"workers": cfg.decode_workers, "progress": cfg.progress}
     images = DeviceImages(build_cache(rows, paths, cfg.image_size, cfg.cache_dir, **kw), device)

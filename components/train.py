@@ -760,35 +760,51 @@ def backbone_info(weights: str | os.PathLike[str]) -> dict[str, Any] | None:
     return {"dir": str(record.parent), **info}
 
 
-def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
-    """Train, select on validation, export. ``on_epoch(epoch, metrics)`` may raise to stop (pruning)."""
-    t_start = time.perf_counter()
+def start_run(cfg: TrainConfig) -> tuple[Path, torch.device]:
+    """What every run (a fit, a stage) does first: validate, make its directory, set threads, device
+    and seeds."""
     cfg.validate()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_FILE
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
+    return out_dir, device
 
-    train_rows, train_paths = _load_split(Path(cfg.train_csv), cfg, "train")
-    val_rows, val_paths = _load_split(Path(cfg.val_csv), cfg, "val")
-    fingerprint = {
+
+def run_fingerprint(cfg: TrainConfig, train_rows: Sequence[Any], val_rows: Sequence[Any]) -> dict[str, Any]:
+    """Settings and data hashes a resumed run must share with the one it continues."""
+    return {
         "params": cfg.to_params(),
         "train_data_sha256": data_hash(train_rows),
         "val_data_sha256": data_hash(val_rows),
     }
 
+
+def resume_checkpoint(cfg: TrainConfig, out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """``--resume``: the checkpoint to continue from (refused, by name, if made with other settings or
+    data); None to start afresh. The finished-run marker goes either way: MODEL_DIR is about to change."""
     ckpt: dict[str, Any] | None = None
-    if cfg.resume:
-        finished = _finished_run(cfg, out_dir, fingerprint, t_start)
-        if finished is not None:
-            return finished
-        if ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            _check_resume(ckpt, fingerprint, ckpt_path)
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _check_resume(ckpt, fingerprint, ckpt_path)
     (out_dir / DONE_FILE).unlink(missing_ok=True)
+    return ckpt
+
+
+def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
+    """Train, select on validation, export. ``on_epoch(epoch, metrics)`` may raise to stop (pruning)."""
+    t_start = time.perf_counter()
+    out_dir, device = start_run(cfg)
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    train_rows, train_paths = _load_split(Path(cfg.train_csv), cfg, "train")
+    val_rows, val_paths = _load_split(Path(cfg.val_csv), cfg, "val")
+    fingerprint = run_fingerprint(cfg, train_rows, val_rows)
+    if cfg.resume and (finished := _finished_run(cfg, out_dir, fingerprint, t_start)) is not None:
+        return finished
+    ckpt = resume_checkpoint(cfg, out_dir, fingerprint)
 
     init = cfg
     pretrained: dict[str, Any] | None = None
