@@ -717,6 +717,8 @@ def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
             "images": result.metrics["n_train"],
             "epochs": result.epochs_run,
             **record,
+            "batch_size": cfg.batch_size,  # the stage's own optimisation settings (the run's)
+            "lr": cfg.lr,
             # a resumed, finished stage reports its first run's time, not the reload's
             "seconds": result.metrics.get("train_seconds", result.seconds),
         },

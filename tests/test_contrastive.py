@@ -101,6 +101,7 @@ def test_contrastive_stage_trains_on_train_plus_extra_and_the_fit_starts_from_it
     record = json.loads((stage / "backbone.json").read_text())
     assert record["objective"] == "contrastive" and record["images"] == len(stage_rows)
     assert record["epochs"] == 2 and 0 <= record["knn_val_accuracy"] <= 1
+    assert (record["batch_size"], record["lr"]) == (cfg.batch_size, cfg.lr)
     done = json.loads((stage / "checkpoint.json").read_text())
     assert [h["epoch"] for h in done["history"]] == [1, 2]
     assert all(math.isfinite(h["train_loss"]) for h in done["history"])
