@@ -187,6 +187,15 @@ def normalize_batch(batch_uint8_nhwc: Any, spec: PreprocessSpec, channels_last: 
     return to_float_nchw(batch_uint8_nhwc, channels_last) * scale - shift
 
 
+def _normalize_unit(x: Any, spec: PreprocessSpec, channels_last: bool) -> Any:
+    """Normalize a float batch in 0..1 (the augmentations' scale) like :func:`normalize_batch`."""
+    import torch
+
+    scale, shift = device_normalize_constants(spec, x.device)
+    x = x * (scale * 255.0) - shift
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def augment_batch(
     batch_uint8_nhwc: Any,
     spec: PreprocessSpec,
@@ -232,11 +241,7 @@ def augment_batch(
         c = 1 + (rand(n, 1, 1, 1) * 2 - 1) * 0.25 * strength
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * c + mean * b).clamp_(0, 1)
-    scale, shift = device_normalize_constants(spec, dev)
-    x = x * (scale * 255.0) - shift
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return _normalize_unit(x, spec, channels_last)
 
 
 def contrastive_view(
@@ -283,11 +288,7 @@ def contrastive_view(
     x = torch.where(jitter, y, x)
     x_grey = (x * luma).sum(1, keepdim=True)
     x = torch.where(rand(n, 1, 1, 1) < 0.2, x_grey.expand_as(x), x)
-    scale, shift = device_normalize_constants(spec, dev)
-    x = x * (scale * 255.0) - shift
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return _normalize_unit(x, spec, channels_last)
 
 
 class DeviceImages:
