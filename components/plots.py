@@ -6,8 +6,20 @@ import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from components.common import atomic_write_bytes
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Lay out a matplotlib figure, write it as PNG atomically (a reader never sees half a file), free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def save_confusion_matrix(
@@ -45,11 +57,7 @@ def save_confusion_matrix(
     ax.set_xlabel("predicted count")
     ax.set_ylabel("true count")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def save_training_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
@@ -71,11 +79,7 @@ def save_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def save_contrastive_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
@@ -95,11 +99,7 @@ def save_contrastive_curves(history: Sequence[Mapping[str, float]], path: str | 
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def save_class_histogram(
@@ -129,8 +129,4 @@ def save_class_histogram(
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)

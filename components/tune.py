@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any
 
 from components.common import (
     ConfigError,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     format_table,
@@ -52,6 +51,7 @@ from components.common import (
     read_json,
     setup_logging,
 )
+from components.plots import save_figure
 
 if TYPE_CHECKING:
     import optuna
@@ -852,16 +852,6 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-def _savefig(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def _pyplot() -> Any:
     import matplotlib
 
@@ -904,7 +894,7 @@ def plot_history(study: optuna.Study, metric: str, path: Path) -> Path:
     if complete or pruned:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _savefig(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_intermediate(study: optuna.Study, metric: str, path: Path) -> Path:
@@ -931,7 +921,7 @@ def plot_intermediate(study: optuna.Study, metric: str, path: Path) -> Path:
     ax.set_ylabel(metric)
     ax.set_title("per-epoch validation metric (dashed gray: pruned)", fontsize=10)
     ax.grid(alpha=0.3)
-    return _savefig(fig, path)
+    return save_figure(fig, path)
 
 
 def param_importances(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
@@ -974,7 +964,7 @@ def plot_importances(study: optuna.Study, path: Path) -> tuple[Path, dict[str, f
         ax.axis("off")
         ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, transform=ax.transAxes)
         ax.set_title("parameter importance: not available yet", fontsize=10)
-    return _savefig(fig, path), importances
+    return save_figure(fig, path), importances
 
 
 def write_reports(study: optuna.Study, cfg: TuneConfig, *, n_run_here: int = 0) -> TuneResult:
