@@ -31,6 +31,13 @@
 ``python bench/train.py decision --model DIR... --val val.csv --test test.csv``
     The plain count rule against offsets fitted on val (for accuracy, and for RMSE) of trained models,
     on val and test, from their ``model.pt``: no training -> ``train_decision.json``.
+``python bench/train.py compare --model BASE OTHER... --test test.csv [--val val.csv]``
+    Trained models' served (ONNX) figures on the same images with 95 % bootstrap intervals, and each
+    model against the first, paired: the accuracy and RMSE differences with their intervals and McNemar's
+    exact p -> ``train_compare.json``. No training.
+``python bench/train.py intervals bench/results/train_gpu*.json``
+    95 % bootstrap intervals for every recorded figure that kept its confusion matrix (test splits of
+    876 images: one model's accuracy is known to about +-3 points) -> ``train_intervals.json``.
 
 The re-encoding (JPEG q90 of the already resized 224 px frames) is a second lossy step that the
 training path from raw images does not have; results note it.
@@ -631,14 +638,38 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
             if "val" in result["distilled"]:
                 done.append(result["distilled"])
         save()
+    paired = paired_test(done)
+    if paired:
+        result["paired_test"] = paired
     if done:
         result["selected"] = select_on_val([(r["run"], r) for r in done], "run")
     save()
     return result
 
 
+def paired_test(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each finished run (and the ensemble, the student) against the first on the same test images,
+    paired (:func:`components.evaluate.paired_difference`), from the predictions their test
+    evaluation wrote: whether a lever's gain is more than which images the split drew."""
+    from components.evaluate import load_predictions, paired_difference
+
+    scored = [r for r in records if r.get("test_predictions") and Path(r["test_predictions"]).is_file()]
+    if len(scored) < 2:
+        return []
+    ids, true, base = load_predictions(scored[0]["test_predictions"])
+    out = []
+    for r in scored[1:]:
+        other_ids, _, pred = load_predictions(r["test_predictions"])
+        if other_ids != ids:
+            LOG.warning("%s was tested on other images than %s: not paired", r["run"], scored[0]["run"])
+            continue
+        out.append({"run": r["run"], "vs": scored[0]["run"], **paired_difference(true, base, pred)})
+    return out
+
+
 def run_one(name: str, cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     """Train one accuracy run; its figures for the result file, or the error (the others go on)."""
+    from components.evaluate import PREDICTIONS_CSV
     from components.train import train
 
     t1 = time.perf_counter()
@@ -661,6 +692,7 @@ def run_one(name: str, cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str,
         "train_images_per_s_median_epoch": m["train_images_per_s"],
         "val": {k: m["val"][k] for k in ("accuracy", "rmse", "mae", "rmse_expected", "n")},
         "test": m["test"],  # components.train's test figures (through the ONNX model), as kept there
+        "test_predictions": str(Path(cfg.out_dir) / "test_eval" / PREDICTIONS_CSV),
         "history": [{k: round(v, 4) for k, v in h.items()} for h in res.history],
         "decision": m.get("decision", {"rule": "plain"}),
     }
@@ -675,7 +707,7 @@ def ensemble(runs: list[dict[str, Any]], work: Path, args: argparse.Namespace) -
     """Average the runs of the best run's head (and the 4 flips) in one exported graph; score via ONNX."""
     import torch
 
-    from components.evaluate import evaluate
+    from components.evaluate import PREDICTIONS_CSV, evaluate
     from components.model import build_model, export_onnx
     from components.modelspec import ModelSpec, load_model_spec
     from components.train import AverageModel
@@ -717,6 +749,7 @@ def ensemble(runs: list[dict[str, Any]], work: Path, args: argparse.Namespace) -
         "seconds": time.perf_counter() - t0,
         "val": {k: val[k] for k in keys},
         "test": {k: test[k] for k in (*keys, "per_class_accuracy", "confusion_matrix")},
+        "test_predictions": str(out / "test_eval" / PREDICTIONS_CSV),
         "decision": decision,
     }
     print(json.dumps(res), flush=True)
@@ -746,10 +779,11 @@ def compare_rules(
     graph: Any, spec: Any, val: Path, test: Path, data_root: Path | None, cache_dir: Path | None, device: str
 ) -> tuple[list[float], dict[str, Any]]:
     """Offsets fitted on ``val`` for ``graph`` (a model or an average of models) for accuracy
-    (``fitted``) and for RMSE (``fitted_rmse``), and the three rules' figures on val and test."""
+    (``fitted``) and for RMSE (``fitted_rmse``), the three rules' figures on val and test, and each
+    fitted rule against the plain one on test, paired (``test_paired``)."""
     import torch
 
-    from components.evaluate import count_metrics
+    from components.evaluate import count_metrics, paired_difference
     from components.model import decode_outputs, fit_decision_offsets
 
     c0, num_classes = spec.classes[0], len(spec.classes)
@@ -763,11 +797,20 @@ def compare_rules(
         "offsets": [round(float(o), 4) for o in offsets],
         "offsets_rmse": [round(float(o), 4) for o in for_rmse],
     }
+    test_counts: dict[str, np.ndarray] = {}
     for rule, o in (("plain", None), ("fitted", offsets), ("fitted_rmse", for_rmse)):
         for split, (raw, y) in outputs.items():
             idx = decode_outputs(raw, spec.head, num_classes, o)[1].numpy() + c0
-            m = count_metrics(y, idx, spec.classes)
-            rec[f"{split}_{rule}"] = {k: m[k] for k in ("accuracy", "rmse", "mae", "n", "per_class_accuracy")}
+            m = count_metrics(y, idx, spec.classes, intervals=split == "test")
+            keys = ("accuracy", "rmse", "mae", "n", "per_class_accuracy", "intervals")
+            rec[f"{split}_{rule}"] = {k: m[k] for k in keys if k in m}
+            if split == "test":
+                test_counts[rule] = idx
+    y_test = outputs["test"][1]
+    rec["test_paired"] = {
+        rule: paired_difference(y_test, test_counts["plain"], test_counts[rule])
+        for rule in ("fitted", "fitted_rmse")
+    }
     return rec["offsets"], rec
 
 
@@ -802,6 +845,14 @@ def decision_run(args: argparse.Namespace) -> dict[str, Any]:
                 f"  {rule:11} val acc {v['accuracy']:.4f} RMSE {v['rmse']:.4f}"
                 f" | test acc {t['accuracy']:.4f} RMSE {t['rmse']:.4f}",
                 flush=True,
+            )
+        for rule, d in rules["test_paired"].items():
+            print(
+                f"  {rule} - plain on test: accuracy {d['accuracy_diff']:+.4f}"
+                " ({:+.4f} to {:+.4f}),".format(*d["accuracy_diff_interval"])
+                + f" RMSE {d['rmse_diff']:+.4f} ({{:+.4f}} to {{:+.4f}}), McNemar p {{:.3g}}".format(
+                    *d["rmse_diff_interval"], d["mcnemar_p"]
+                )
             )
         rf.save()
     return rf.data
@@ -838,6 +889,125 @@ def collect_run(args: argparse.Namespace) -> dict[str, Any]:
         rf.data["models"].append(rec)
         test_acc = rec.get("test", {}).get("accuracy", float("nan"))
         print(f"{model_dir}: val acc {rec['val']['accuracy']:.4f} | test acc {test_acc:.4f}")
+    rf.save()
+    return rf.data
+
+
+def compare_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Trained models side by side on the same manifests, each against the first: their served
+    (ONNX) figures with bootstrap intervals, and the paired difference (interval and McNemar's p).
+
+    Runs the exported graphs through the serving preprocessing, so a model's flips or fitted count rule
+    count as they do when served. No training; any machine."""
+    from components.common import ConfigError, format_table
+    from components.evaluate import count_metrics, paired_difference, predict_onnx
+    from components.manifest import load_labelled
+    from components.modelspec import load_model_spec
+
+    try:
+        classes = {load_model_spec(m).classes for m in args.model}
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from e
+    if len(classes) != 1:
+        raise SystemExit(
+            f"error: the models count different classes {sorted(classes)}; compare like with like"
+        )
+    rf = ResultFile(args, "train_compare")
+    rf.data["models"] = [str(m) for m in args.model]
+    rf.data["splits"] = {}
+    keys = ("n", "accuracy", "rmse", "mae", "intervals")
+    for split, manifest in (("val", args.val), ("test", args.test)):
+        if manifest is None:
+            continue
+        rows, paths = load_labelled(manifest, args.data_root)
+        true = np.asarray([r.count for r in rows])
+        preds = [
+            predict_onnx(m, paths, num_threads=args.threads, progress=False)["count"] for m in args.model
+        ]
+        figures = []
+        for pred in preds:
+            m = count_metrics(true, pred, next(iter(classes)), intervals=True)
+            figures.append({k: m[k] for k in keys})
+        diffs = [paired_difference(true, preds[0], pred) for pred in preds[1:]]
+        rf.data["splits"][split] = {"manifest": str(manifest), "figures": figures, "vs_first": diffs}
+        rf.save()
+        table = [
+            [
+                str(model),
+                f"{f['accuracy']:.4f}",
+                "{:.3f}-{:.3f}".format(*f["intervals"]["accuracy"]),
+                f"{f['rmse']:.4f}",
+            ]
+            + (
+                ["", "", ""]
+                if d is None
+                else [
+                    "{:+.4f} ({:+.3f} to {:+.3f})".format(d["accuracy_diff"], *d["accuracy_diff_interval"]),
+                    "{:+.4f} ({:+.3f} to {:+.3f})".format(d["rmse_diff"], *d["rmse_diff_interval"]),
+                    f"{d['mcnemar_p']:.3f}",
+                ]
+            )
+            for model, f, d in zip(args.model, figures, [None, *diffs], strict=True)
+        ]
+        print(f"{split} ({len(rows)} images)")
+        print(
+            format_table(
+                table,
+                ["model", "accuracy", "95% interval", "rmse", "acc - first", "rmse - first", "McNemar p"],
+            )
+        )
+    return rf.data
+
+
+def intervals_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Bootstrap intervals for every figure block with a confusion matrix in earlier result files:
+    how far each recorded accuracy and RMSE could move on another draw of as many test images."""
+    from components.evaluate import bootstrap_intervals
+
+    rf = ResultFile(args, "train_intervals")
+    rf.data["blocks"] = []
+
+    def walk(node: Any, where: str, source: str) -> None:
+        if isinstance(node, dict):
+            if "confusion_matrix" in node and "accuracy" in node:
+                labels = node.get("labels") or args.classes
+                iv = bootstrap_intervals(node["confusion_matrix"], labels)
+                rf.data["blocks"].append(
+                    {
+                        "file": source,
+                        "where": where or "/",
+                        "accuracy": node["accuracy"],
+                        "rmse": node.get("rmse"),
+                        "n": int(np.asarray(node["confusion_matrix"]).sum()),
+                        "intervals": iv,
+                    }
+                )
+                print(
+                    f"{source}{where}: accuracy {node['accuracy']:.4f} ({{:.4f}}-{{:.4f}})".format(
+                        *iv["accuracy"]
+                    )
+                    + (
+                        ""
+                        if node.get("rmse") is None
+                        else f", RMSE {node['rmse']:.4f} ({{:.4f}}-{{:.4f}})".format(*iv["rmse"])
+                    )
+                )
+            for k, v in node.items():
+                walk(v, f"{where}/{k}", source)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}/{i}", source)
+
+    for path in args.result:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read {path} as JSON: {e}") from e
+        walk(data, "", Path(path).name)
+    if not rf.data["blocks"]:
+        raise SystemExit(
+            "error: no block with a confusion matrix and an accuracy in " + ", ".join(map(str, args.result))
+        )
     rf.save()
     return rf.data
 
@@ -943,6 +1113,26 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--model", type=Path, nargs="+", required=True, help="components.train output dirs")
     co.add_argument("--out", type=Path, default=RESULTS)
     co.add_argument("--result-name", default="train_collect.json")
+    cp = sub.add_parser(
+        "compare", help="trained models' served figures on the same images, paired against the first"
+    )
+    cp.add_argument("--model", type=Path, nargs="+", required=True, help="exported model dirs (model.json)")
+    cp.add_argument("--val", type=Path, default=None)
+    cp.add_argument("--test", type=Path, required=True)
+    cp.add_argument("--data-root", type=Path, default=None)
+    cp.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    cp.add_argument("--out", type=Path, default=RESULTS)
+    cp.add_argument("--result-name", default="train_compare.json")
+    iv = sub.add_parser("intervals", help="bootstrap intervals of the figures in earlier result files")
+    iv.add_argument("result", type=Path, nargs="+", help="bench/results/*.json files")
+    iv.add_argument(
+        "--classes",
+        type=lambda v: [int(c) for c in v.split(",")],
+        default=[1, 2, 3, 4, 5],
+        help="the counts of a matrix's rows when its block does not list them (default 1,2,3,4,5)",
+    )
+    iv.add_argument("--out", type=Path, default=RESULTS)
+    iv.add_argument("--result-name", default="train_intervals.json")
     t = sub.add_parser("tune", help="timed Optuna tune + final fit with the best parameters")
     t.add_argument("--pack", type=Path, default=REPO / ".gpu" / "abid_224_q90.npz")
     t.add_argument("--out", type=Path, default=RESULTS)
@@ -995,6 +1185,12 @@ def main(argv: list[str] | None = None) -> int:
         decision_run(args)
     elif args.cmd == "collect":
         collect_run(args)
+    elif args.cmd == "compare":
+        if len(args.model) < 2:
+            p.error("--model needs at least two model directories to compare")
+        compare_run(args)
+    elif args.cmd == "intervals":
+        intervals_run(args)
     elif args.cmd == "gpu":
         if args.pretrain_batch_size < 0:
             p.error("--pretrain-batch-size must be >= 0 (0 = the runs' batch size)")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import atomic_write_text
+from components.evaluate import interval_text
 from components.modelspec import ModelSpec
 
 CARD_FILE = "MODEL_CARD.md"
@@ -14,7 +15,25 @@ CARD_FILE = "MODEL_CARD.md"
 def _row(name: str, m: dict[str, Any] | None) -> str:
     if not m:
         return f"| {name} | - | - | - | - |"
-    return f"| {name} | {m['n']} | {m['accuracy']:.3f} | {m['rmse']:.3f} | {m['mae']:.3f} |"
+    figures = " | ".join(interval_text(m, k) for k in ("accuracy", "rmse", "mae"))
+    return f"| {name} | {m['n']} | {figures} |"
+
+
+def _interval_note(metrics: dict[str, Any]) -> str:
+    level = next(
+        (
+            m["intervals"]["level"]
+            for m in (metrics.get("val"), metrics.get("test"))
+            if m and "intervals" in m
+        ),
+        None,
+    )
+    if level is None:
+        return ""
+    return (
+        f" In brackets: {level:.0%} bootstrap intervals over the images; two models whose intervals"
+        " overlap widely are not ranked by these figures."
+    )
 
 
 def _pretraining(p: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -103,7 +122,7 @@ augmentation strength {p.get("aug_strength")}, seed {p.get("seed")}.{_pretrainin
 {_decision(metrics)}{_refit(metrics)}
 
 ## Metrics
-RMSE and MAE are in items, of the predicted (rounded, clipped) count.
+RMSE and MAE are in items, of the predicted (rounded, clipped) count.{_interval_note(metrics)}
 
 | split | images | accuracy | RMSE | MAE |
 | --- | --- | --- | --- | --- |

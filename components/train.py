@@ -964,7 +964,11 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
     pred = trainer.predict(val_images, tta=cfg.tta)  # the exported graph's figures
     decision = _fit_decision(cfg, trainer, pred, val_cache.counts, device)
     val_metrics = count_metrics(
-        val_cache.counts, pred["index"] + cfg.classes[0], cfg.classes, pred["expected"] + cfg.classes[0]
+        val_cache.counts,
+        pred["index"] + cfg.classes[0],
+        cfg.classes,
+        pred["expected"] + cfg.classes[0],
+        intervals=True,
     )
     val_metrics["loss"] = pred["loss"]
     refit: dict[str, Any] | None = None
@@ -1185,6 +1189,7 @@ def _export(
                 "n",
                 "per_class_accuracy",
                 "confusion_matrix",
+                "intervals",
             )
         }
         spec.metrics["test"] = {k: test[k] for k in ("accuracy", "rmse", "mae", "n")}
@@ -1458,21 +1463,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = [[f"val_{k}", result.metrics["val"][k]] for k in ("accuracy", "rmse", "mae")]
-    rows += [
-        [f"test_{k}", result.metrics["test"][k]]
+    rows = [
+        [f"{split}_{k}", m[k], "{:.4f}-{:.4f}".format(*m["intervals"][k]) if "intervals" in m else ""]
+        for split in ("val", "test")
+        if (m := result.metrics.get(split))
         for k in ("accuracy", "rmse", "mae")
-        if "test" in result.metrics
     ]
     selected = result.metrics.get("refit", {}).get("test_selected")
     if selected:  # --refit: the exported model's test figures above, the val-selected run's here
-        rows += [[f"test_{k} (val-selected run)", selected[k]] for k in ("accuracy", "rmse", "mae")]
+        rows += [[f"test_{k} (val-selected run)", selected[k], ""] for k in ("accuracy", "rmse", "mae")]
     rows += [
-        ["best_epoch", result.best_epoch],
-        ["epochs_run", result.epochs_run],
-        ["train_images_per_s", result.metrics.get("train_images_per_s", 0.0)],
+        ["best_epoch", result.best_epoch, ""],
+        ["epochs_run", result.epochs_run, ""],
+        ["train_images_per_s", result.metrics.get("train_images_per_s", 0.0), ""],
     ]
-    print(format_table(rows, ["metric", "value"]))
+    print(format_table(rows, ["metric", "value", "95% interval"]))
     print(f"model written to {result.model_dir}")
     return 0
 

@@ -718,6 +718,9 @@ def evaluate_model(
             "Test set",
             tables={
                 "metrics": {k: m[k] for k in ("n", "accuracy", "rmse", "mae", "within_one") if k in m},
+                "95% bootstrap intervals": {
+                    k: "{:.4f} - {:.4f}".format(*v) for k, v in m.get("intervals", {}).items() if k in m
+                },
                 "per-class accuracy": m["per_class_accuracy"],
             },
             images=[Path(tmp) / "confusion_matrix.png"],
@@ -725,6 +728,10 @@ def evaluate_model(
     for key in ("accuracy", "rmse", "mae", "within_one"):
         if key in m:
             metrics.log_metric(f"test_{key}", float(m[key]))
+        if key in m.get("intervals", {}):  # the 95 % bootstrap interval: how far the split can move it
+            low, high = m["intervals"][key]
+            metrics.log_metric(f"test_{key}_low", float(low))
+            metrics.log_metric(f"test_{key}_high", float(high))
     confusion.log_confusion_matrix(
         [str(label) for label in m["labels"]], [list(map(int, r)) for r in m["confusion_matrix"]]
     )

@@ -315,8 +315,49 @@ def test_runs_at_two_image_sizes_from_one_pack(
         assert m["val_fitted"]["accuracy"] >= m["val_plain"]["accuracy"]
         assert m["val_fitted_rmse"]["rmse"] <= m["val_plain"]["rmse"]
         assert m["test_plain"]["n"] == m["test_fitted"]["n"] == r["data"]["split"]["test"]
+        # each fitted rule against the plain one on the same test images, paired
+        for rule in ("fitted", "fitted_rmse"):
+            paired = m["test_paired"][rule]
+            diff = m[f"test_{rule}"]["accuracy"] - m["test_plain"]["accuracy"]
+            assert paired["accuracy_diff"] == pytest.approx(diff)
+            assert (
+                paired["accuracy_diff_interval"][0]
+                <= paired["accuracy_diff"]
+                <= paired["accuracy_diff_interval"][1]
+            )
     # same weights, same val images: the command's plain figure is the run's own
     assert d["models"][1]["val_plain"]["accuracy"] == pytest.approx(plain["val"]["accuracy"])
+    # the two runs paired on the test images, by the bench itself and by the compare command
+    (pair,) = r["paired_test"]
+    assert pair["run"] == r["runs"][1]["run"] and pair["vs"] == r["runs"][0]["run"]
+    assert pair["accuracy_diff"] == pytest.approx(plain["test"]["accuracy"] - fitted["test"]["accuracy"])
+    assert pair["n"] == r["data"]["split"]["test"]
+    cargv = ["compare", "--model", fitted["model_dir"], plain["model_dir"], "--test", str(work / "test.csv"),
+             "--val", str(work / "val.csv"), "--data-root", str(work / "data"), "--threads", "1",
+             "--out", str(tmp_path / "out")]  # fmt: skip
+    assert bench_train.main(cargv) == 0
+    c = json.loads((tmp_path / "out" / "train_compare.json").read_text())
+    for split in ("val", "test"):  # the served graphs' figures: the runs' own, fitted rule included
+        figures = c["splits"][split]["figures"]
+        assert [f["accuracy"] for f in figures] == pytest.approx(
+            [run[split]["accuracy"] for run in r["runs"]]
+        )
+        lo, hi = figures[0]["intervals"]["accuracy"]
+        assert lo <= figures[0]["accuracy"] <= hi
+    assert c["splits"]["test"]["vs_first"][0]["accuracy_diff"] == pytest.approx(pair["accuracy_diff"])
+    assert c["splits"]["test"]["vs_first"][0]["mcnemar_p"] == pytest.approx(pair["mcnemar_p"])
+    with pytest.raises(SystemExit):
+        bench_train.main([*cargv[:2], fitted["model_dir"], *cargv[4:]])  # one model: nothing to compare
+    # intervals for every recorded test matrix of the result file, from the matrix alone
+    assert bench_train.main(["intervals", str(tmp_path / "out" / "train_gpu_resolution.json"), "--out",
+                             str(tmp_path / "out")]) == 0  # fmt: skip
+    blocks = json.loads((tmp_path / "out" / "train_intervals.json").read_text())["blocks"]
+    assert [b["where"] for b in blocks] == ["/runs/0/test", "/runs/1/test"]
+    for b, run in zip(blocks, r["runs"], strict=True):
+        assert b["accuracy"] == run["test"]["accuracy"] and b["n"] == run["test"]["n"]
+        assert b["intervals"]["accuracy"][0] <= b["accuracy"] <= b["intervals"]["accuracy"][1]
+    with pytest.raises(SystemExit, match="no block"):
+        bench_train.main(["intervals", str(tmp_path / "out" / "train_compare.json"), "--out", str(tmp_path)])
     with pytest.raises(ConfigError, match="not TrainConfig fields"):
         bench_train.main([*argv[:-2], "ordinal:budget_s=3"])
 
@@ -343,6 +384,9 @@ def test_a_student_is_taught_by_the_runs(pack_path: Path, bench_train: ModuleTyp
     assert params["teacher"] == [t["model_dir"] for t in teachers] and params["distill_weight"] == 0.5
     names = [run["run"] for run in r["runs"]] + [student["run"], ens["run"]]
     assert r["selected"]["run"] in names
+    # every other model, ensemble and student included, paired against the first run on test
+    assert {p["run"] for p in r["paired_test"]} == set(names[1:])
+    assert all(p["vs"] == names[0] and p["n"] == ens["test"]["n"] for p in r["paired_test"])
     # Out of time: the student is skipped and said so.
     assert bench_train.main([*argv, "--distill-budget-s", "0"]) == 0
     late = json.loads((tmp_path / "out" / "train_gpu.json").read_text())

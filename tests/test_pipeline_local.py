@@ -123,7 +123,12 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     assert best["image_size"] == 32 and "lr" in best
     confusion = summary.artifact("evaluate-model", "confusion")["metadata"]["confusionMatrix"]
     assert [a["displayName"] for a in confusion["annotationSpecs"]] == ["1", "2", "3", "4", "5"]
-    assert 0.0 <= summary.param("evaluate-model") <= 1.0
+    test_accuracy = summary.param("evaluate-model")
+    assert 0.0 <= test_accuracy <= 1.0
+    figures = summary.artifact("evaluate-model", "metrics")["metadata"]
+    assert figures["test_accuracy"] == test_accuracy
+    assert figures["test_accuracy_low"] <= test_accuracy <= figures["test_accuracy_high"]
+    assert figures["test_rmse_low"] <= figures["test_rmse"] <= figures["test_rmse_high"]
 
     # the summary table names the metrics, the best parameters and the published location
     assert "test_accuracy" in out and "best parameter" in out

@@ -13,6 +13,7 @@ import torch
 
 from components.common import ConfigError
 from components.data import augment_batch, build_cache, normalize_batch
+from components.evaluate import bootstrap_intervals, interval_text
 from components.manifest import load_labelled, read_manifest, write_manifest
 from components.modelspec import load_model_spec
 from components.preprocess import PreprocessSpec, load_uint8, normalize, preprocess_batch
@@ -46,8 +47,16 @@ def test_tiny_run_writes_every_artifact(tiny_trained_model_dir: Path) -> None:
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert 1 <= metrics["best_epoch"] <= 2
     assert np.asarray(metrics["val"]["confusion_matrix"]).sum() == 10
+    # final val and test figures carry their bootstrap intervals, from their own confusion matrices
+    for split in ("val", "test"):
+        m = metrics[split]
+        assert m["intervals"] == bootstrap_intervals(m["confusion_matrix"], [1, 2, 3, 4, 5])
+        assert m["intervals"]["accuracy"][0] <= m["accuracy"] <= m["intervals"]["accuracy"][1]
+    assert "intervals" not in metrics["history"][0]
     card = (tiny_trained_model_dir / "MODEL_CARD.md").read_text()
-    assert "CC BY-NC-SA 3.0 US" in card and f"{metrics['val']['accuracy']:.3f}" in card
+    assert "CC BY-NC-SA 3.0 US" in card
+    assert f"| test | 10 | {interval_text(metrics['test'], 'accuracy')} |" in card
+    assert "95% bootstrap intervals" in card
 
 
 def test_onnx_matches_pytorch(tiny_trained_model_dir: Path, tiny_split: dict[str, Path]) -> None:
