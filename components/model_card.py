@@ -74,6 +74,13 @@ def _decision(metrics: dict[str, Any]) -> str:
     test = d.get("test_plain")
     if test:
         text += f"; on test the plain rule scores {test['accuracy']:.3f} accuracy, RMSE {test['rmse']:.3f}"
+    paired = d.get("test_paired")
+    if paired:
+        lo, hi = paired["accuracy_diff_interval"]
+        text += (
+            f" (the fitted rule's test accuracy minus the plain rule's, on the same images:"
+            f" {paired['accuracy_diff']:+.3f}, {paired['level']:.0%} interval {lo:+.3f} to {hi:+.3f})"
+        )
     return text + "."
 
 

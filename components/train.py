@@ -41,7 +41,7 @@ from components.common import (
     setup_logging,
 )
 from components.data import DeviceImages, augment_batch, build_cache, data_hash, normalize_batch
-from components.evaluate import count_metrics
+from components.evaluate import count_metrics, paired_difference
 from components.manifest import load_labelled, read_manifest, write_manifest
 from components.model import build_model, decode_outputs, export_onnx, fit_decision_offsets
 from components.modelspec import (
@@ -1046,6 +1046,9 @@ def _fit_decision(
         test, counts = _test_prediction(cfg, trainer, device)
         test_plain = count_metrics(counts, test["index"] + c0, cfg.classes)
         record["test_plain"] = {k: test_plain[k] for k in keys}
+        # both rules on the same test images: is the fitted rule's gain more than the split's draw?
+        fitted_index = decode_outputs(test["raw"], cfg.head, num_classes, offsets)[1].numpy()
+        record["test_paired"] = paired_difference(counts, test["index"] + c0, fitted_index + c0)
     LOG.info(
         "decision offsets %s: val accuracy %.4f -> %.4f",
         record["offsets"],

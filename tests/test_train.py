@@ -129,8 +129,16 @@ def test_fitted_decision_is_fitted_on_val_and_baked_into_the_served_graph(
     assert val["confusion_matrix"] == metrics["val"]["confusion_matrix"]
     assert [row[-1] for row in metrics["test"]["confusion_matrix"]] == [2, 2, 2, 2, 2]
     assert set(decision["test_plain"]) == {"accuracy", "rmse", "mae"}
+    # the two rules paired on the same test images: fitted (every image 5) minus plain
+    paired = decision["test_paired"]
+    assert paired["n"] == 10
+    assert paired["accuracy_diff"] == pytest.approx(
+        metrics["test"]["accuracy"] - decision["test_plain"]["accuracy"]
+    )
+    assert paired["rmse_diff"] == pytest.approx(metrics["test"]["rmse"] - decision["test_plain"]["rmse"])
     card = (out / "MODEL_CARD.md").read_text()
     assert "fitted on validation" in card and f"{decision['val_plain']['accuracy']:.3f}" in card
+    assert f"on the same images: {paired['accuracy_diff']:+.3f}, 95% interval" in card
 
 
 class _InterruptError(Exception):
