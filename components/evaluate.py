@@ -152,9 +152,12 @@ def paired_difference(
     n = len(y)
     ok_a, ok_b = (a == y).astype(np.float64), (b == y).astype(np.float64)
     se_a, se_b = ((a - y) ** 2).astype(np.float64), ((b - y) ** 2).astype(np.float64)
-    idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
-    d_acc = ok_b[idx].mean(1) - ok_a[idx].mean(1)
-    d_rmse = np.sqrt(se_b[idx].mean(1)) - np.sqrt(se_a[idx].mean(1))
+    # Images with the same (right?, right?, error^2, error^2) are interchangeable: resampling the
+    # counts of these few kinds is the image bootstrap, in memory that does not grow with n.
+    kinds, counts = np.unique(np.stack([ok_a, ok_b, se_a, se_b], axis=1), axis=0, return_counts=True)
+    w = np.random.default_rng(seed).multinomial(n, counts / n, size=draws) / n
+    d_acc = w @ kinds[:, 1] - w @ kinds[:, 0]
+    d_rmse = np.sqrt(w @ kinds[:, 3]) - np.sqrt(w @ kinds[:, 2])
     tail = (1 - level) / 2 * 100
     only_a, only_b = int(((ok_a == 1) & (ok_b == 0)).sum()), int(((ok_b == 1) & (ok_a == 0)).sum())
     return {
@@ -179,7 +182,10 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
     m, k = only_a + only_b, min(only_a, only_b)
     if m == 0:
         return 1.0
-    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2**m
+    # binomial(m, 1/2) lower tail up to k, in log space so that large m neither overflows nor crawls
+    log_terms = [math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) for i in range(k + 1)]
+    top = max(log_terms)
+    tail = math.exp(top - m * math.log(2)) * math.fsum(math.exp(t - top) for t in log_terms)
     return float(min(1.0, 2 * tail))
 
 
