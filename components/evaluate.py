@@ -102,26 +102,34 @@ def bootstrap_intervals(
     k = len(labels)
     if cm.shape != (k, k) or (cm < 0).any() or cm.sum() == 0:
         raise ValueError(f"need a non-negative {k}x{k} confusion matrix with at least one image")
+    values = np.asarray(labels, dtype=np.float64)
+    err = (values[None, :] - values[:, None]).ravel()  # predicted - true, per cell
+    w = _resampled_weights(cm.ravel(), level, draws, seed)
+    figures = {
+        "accuracy": w @ (err == 0),
+        "rmse": np.sqrt(w @ err**2),
+        "mae": w @ np.abs(err),
+        "within_one": w @ (np.abs(err) <= 1),
+    }
+    out: dict[str, Any] = {"level": level, "draws": draws, "method": "percentile bootstrap over images"}
+    return out | {name: _percentile_interval(v, level) for name, v in figures.items()}
+
+
+def _resampled_weights(counts: np.ndarray, level: float, draws: int, seed: int) -> np.ndarray:
+    """``draws`` bootstrap resamples of images that fall into kinds with these ``counts``, as the
+    share of each kind per resample (draws x kinds): resampling kinds, not images, keeps memory
+    independent of the number of images."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     if draws < 100:
         raise ValueError(f"draws must be >= 100 for a percentile interval, got {draws}")
-    n = int(cm.sum())
-    values = np.asarray(labels, dtype=np.float64)
-    err = (values[None, :] - values[:, None]).ravel()  # predicted - true, per cell
-    resampled = np.random.default_rng(seed).multinomial(n, cm.ravel() / n, size=draws) / n
-    figures = {
-        "accuracy": resampled @ (err == 0),
-        "rmse": np.sqrt(resampled @ err**2),
-        "mae": resampled @ np.abs(err),
-        "within_one": resampled @ (np.abs(err) <= 1),
-    }
+    n = int(counts.sum())
+    return np.random.default_rng(seed).multinomial(n, counts / n, size=draws) / n
+
+
+def _percentile_interval(samples: np.ndarray, level: float) -> list[float]:
     tail = (1 - level) / 2 * 100
-    out: dict[str, Any] = {"level": level, "draws": draws, "method": "percentile bootstrap over images"}
-    for name, v in figures.items():
-        lo, hi = np.percentile(v, [tail, 100 - tail])
-        out[name] = [float(lo), float(hi)]
-    return out
+    return [float(v) for v in np.percentile(samples, [tail, 100 - tail])]
 
 
 def paired_difference(
@@ -147,27 +155,23 @@ def paired_difference(
         raise ValueError(
             f"need three equal-length, non-empty 1-D arrays, got {y.shape}, {a.shape}, {b.shape}"
         )
-    if not 0 < level < 1 or draws < 100:
-        raise ValueError(f"need 0 < level < 1 and draws >= 100, got {level} and {draws}")
-    n = len(y)
     ok_a, ok_b = (a == y).astype(np.float64), (b == y).astype(np.float64)
     se_a, se_b = ((a - y) ** 2).astype(np.float64), ((b - y) ** 2).astype(np.float64)
     # Images with the same (right?, right?, error^2, error^2) are interchangeable: resampling the
-    # counts of these few kinds is the image bootstrap, in memory that does not grow with n.
+    # counts of these few kinds is the image bootstrap.
     kinds, counts = np.unique(np.stack([ok_a, ok_b, se_a, se_b], axis=1), axis=0, return_counts=True)
-    w = np.random.default_rng(seed).multinomial(n, counts / n, size=draws) / n
+    w = _resampled_weights(counts, level, draws, seed)
     d_acc = w @ kinds[:, 1] - w @ kinds[:, 0]
     d_rmse = np.sqrt(w @ kinds[:, 3]) - np.sqrt(w @ kinds[:, 2])
-    tail = (1 - level) / 2 * 100
     only_a, only_b = int(((ok_a == 1) & (ok_b == 0)).sum()), int(((ok_b == 1) & (ok_a == 0)).sum())
     return {
-        "n": n,
+        "n": len(y),
         "level": level,
         "draws": draws,
         "accuracy_diff": float(ok_b.mean() - ok_a.mean()),
-        "accuracy_diff_interval": [float(v) for v in np.percentile(d_acc, [tail, 100 - tail])],
+        "accuracy_diff_interval": _percentile_interval(d_acc, level),
         "rmse_diff": float(np.sqrt(se_b.mean()) - np.sqrt(se_a.mean())),
-        "rmse_diff_interval": [float(v) for v in np.percentile(d_rmse, [tail, 100 - tail])],
+        "rmse_diff_interval": _percentile_interval(d_rmse, level),
         "only_a_right": only_a,
         "only_b_right": only_b,
         "mcnemar_p": mcnemar_exact_p(only_a, only_b),

@@ -127,6 +127,8 @@ def test_paired_difference_of_two_models_on_the_same_images() -> None:
     )
     with pytest.raises(ValueError, match="equal-length"):
         paired_difference(true, a, b[:-1])
+    with pytest.raises(ValueError, match="level"):
+        paired_difference(true, a, b, level=0)
 
 
 def test_mcnemar_exact_p_by_hand() -> None:
