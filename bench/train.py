@@ -847,13 +847,8 @@ def decision_run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
         for rule, d in rules["test_paired"].items():
-            print(
-                f"  {rule} - plain on test: accuracy {d['accuracy_diff']:+.4f}"
-                " ({:+.4f} to {:+.4f}),".format(*d["accuracy_diff_interval"])
-                + f" RMSE {d['rmse_diff']:+.4f} ({{:+.4f}} to {{:+.4f}}), McNemar p {{:.3g}}".format(
-                    *d["rmse_diff_interval"], d["mcnemar_p"]
-                )
-            )
+            acc, rmse = (_signed(d[f"{k}_diff"], d[f"{k}_diff_interval"]) for k in ("accuracy", "rmse"))
+            print(f"  {rule} - plain on test: accuracy {acc}, RMSE {rmse}, McNemar p {d['mcnemar_p']:.3g}")
         rf.save()
     return rf.data
 
@@ -942,8 +937,8 @@ def compare_run(args: argparse.Namespace) -> dict[str, Any]:
                 ["", "", ""]
                 if d is None
                 else [
-                    "{:+.4f} ({:+.3f} to {:+.3f})".format(d["accuracy_diff"], *d["accuracy_diff_interval"]),
-                    "{:+.4f} ({:+.3f} to {:+.3f})".format(d["rmse_diff"], *d["rmse_diff_interval"]),
+                    _signed(d["accuracy_diff"], d["accuracy_diff_interval"]),
+                    _signed(d["rmse_diff"], d["rmse_diff_interval"]),
                     f"{d['mcnemar_p']:.3f}",
                 ]
             )
@@ -957,6 +952,16 @@ def compare_run(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
     return rf.data
+
+
+def _signed(value: float, interval: list[float]) -> str:
+    """``+0.0308 (-0.0035 to +0.0628)``: a difference and its interval."""
+    return f"{value:+.4f} ({interval[0]:+.4f} to {interval[1]:+.4f})"
+
+
+def _ranged(value: float, interval: list[float]) -> str:
+    """``0.4372 (0.4030-0.4703)``: a figure and its interval."""
+    return f"{value:.4f} ({interval[0]:.4f}-{interval[1]:.4f})"
 
 
 def intervals_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -982,16 +987,8 @@ def intervals_run(args: argparse.Namespace) -> dict[str, Any]:
                         "intervals": iv,
                     }
                 )
-                print(
-                    f"{source}{where}: accuracy {node['accuracy']:.4f} ({{:.4f}}-{{:.4f}})".format(
-                        *iv["accuracy"]
-                    )
-                    + (
-                        ""
-                        if node.get("rmse") is None
-                        else f", RMSE {node['rmse']:.4f} ({{:.4f}}-{{:.4f}})".format(*iv["rmse"])
-                    )
-                )
+                rmse = "" if node.get("rmse") is None else f", RMSE {_ranged(node['rmse'], iv['rmse'])}"
+                print(f"{source}{where}: accuracy {_ranged(node['accuracy'], iv['accuracy'])}{rmse}")
             for k, v in node.items():
                 walk(v, f"{where}/{k}", source)
         elif isinstance(node, list):
