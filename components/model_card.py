@@ -20,19 +20,12 @@ def _row(name: str, m: dict[str, Any] | None) -> str:
 
 
 def _interval_note(metrics: dict[str, Any]) -> str:
-    level = next(
-        (
-            m["intervals"]["level"]
-            for m in (metrics.get("val"), metrics.get("test"))
-            if m and "intervals" in m
-        ),
-        None,
-    )
-    if level is None:
+    m = next((m for m in (metrics.get("val"), metrics.get("test")) if m and "intervals" in m), None)
+    if m is None:
         return ""
     return (
-        f" In brackets: {level:.0%} bootstrap intervals over the images; two models whose intervals"
-        " overlap widely are not ranked by these figures."
+        f" In brackets: {m['intervals']['level']:.0%} bootstrap intervals over the images; two models"
+        " whose intervals overlap widely are not ranked by these figures."
     )
 
 
