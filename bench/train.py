@@ -895,7 +895,7 @@ def compare_run(args: argparse.Namespace) -> dict[str, Any]:
     Runs the exported graphs through the serving preprocessing, so a model's flips or fitted count rule
     count as they do when served. No training; any machine."""
     from components.common import ConfigError, format_table
-    from components.evaluate import count_metrics, paired_difference, predict_onnx
+    from components.evaluate import count_metrics, paired_difference, predict_onnx, range_text
     from components.manifest import load_labelled
     from components.modelspec import load_model_spec
 
@@ -930,7 +930,7 @@ def compare_run(args: argparse.Namespace) -> dict[str, Any]:
             [
                 str(model),
                 f"{f['accuracy']:.4f}",
-                "{:.3f}-{:.3f}".format(*f["intervals"]["accuracy"]),
+                range_text(f["intervals"]["accuracy"], 3),
                 f"{f['rmse']:.4f}",
             ]
             + (
@@ -961,7 +961,9 @@ def _signed(value: float, interval: list[float]) -> str:
 
 def _ranged(value: float, interval: list[float]) -> str:
     """``0.4372 (0.4030-0.4703)``: a figure and its interval."""
-    return f"{value:.4f} ({interval[0]:.4f}-{interval[1]:.4f})"
+    from components.evaluate import range_text
+
+    return f"{value:.4f} ({range_text(interval)})"
 
 
 def intervals_run(args: argparse.Namespace) -> dict[str, Any]:

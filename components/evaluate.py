@@ -193,11 +193,16 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
     return float(min(1.0, 2 * tail))
 
 
+def range_text(interval: Sequence[float], digits: int = 4) -> str:
+    """``"0.3980-0.4640"``: an interval as tables and reports print it."""
+    return f"{interval[0]:.{digits}f}-{interval[1]:.{digits}f}"
+
+
 def interval_text(m: dict[str, Any], key: str, digits: int = 3) -> str:
     """``"0.431 (0.398-0.464)"``: a figure with its interval when ``m`` has one."""
     text = f"{m[key]:.{digits}f}"
     iv = (m.get("intervals") or {}).get(key)
-    return f"{text} ({iv[0]:.{digits}f}-{iv[1]:.{digits}f})" if iv else text
+    return f"{text} ({range_text(iv, digits)})" if iv else text
 
 
 def predict_onnx(
@@ -340,10 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         format_table(
             [["n", m["n"], ""]]
-            + [
-                [k, m[k], "{:.4f}-{:.4f}".format(*m["intervals"][k])]
-                for k in ("accuracy", "rmse", "mae", "within_one")
-            ],
+            + [[k, m[k], range_text(m["intervals"][k])] for k in ("accuracy", "rmse", "mae", "within_one")],
             ["metric", "value", level],
         )
     )

@@ -41,7 +41,7 @@ from components.common import (
     setup_logging,
 )
 from components.data import DeviceImages, augment_batch, build_cache, data_hash, normalize_batch
-from components.evaluate import count_metrics, paired_difference
+from components.evaluate import count_metrics, paired_difference, range_text
 from components.manifest import load_labelled, read_manifest, write_manifest
 from components.model import build_model, decode_outputs, export_onnx, fit_decision_offsets
 from components.modelspec import (
@@ -1467,7 +1467,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = [
-        [f"{split}_{k}", m[k], "{:.4f}-{:.4f}".format(*m["intervals"][k]) if "intervals" in m else ""]
+        [f"{split}_{k}", m[k], range_text(m["intervals"][k]) if "intervals" in m else ""]
         for split in ("val", "test")
         if (m := result.metrics.get(split))
         for k in ("accuracy", "rmse", "mae")

@@ -708,6 +708,7 @@ def evaluate_model(
     from pathlib import Path
 
     from components.evaluate import evaluate as run_evaluation
+    from components.evaluate import range_text
     from pipeline.components import html_report, step_errors
 
     with step_errors("evaluate", metrics.path), tempfile.TemporaryDirectory() as tmp:
@@ -719,7 +720,7 @@ def evaluate_model(
             tables={
                 "metrics": {k: m[k] for k in ("n", "accuracy", "rmse", "mae", "within_one") if k in m},
                 "95% bootstrap intervals": {
-                    k: "{:.4f} - {:.4f}".format(*v) for k, v in m.get("intervals", {}).items() if k in m
+                    k: range_text(v) for k, v in m.get("intervals", {}).items() if k in m
                 },
                 "per-class accuracy": m["per_class_accuracy"],
             },
