@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.aws import free_port
+from tests.fixtures.aws import free_ports
 from tests.fixtures.docker import DockerEngine
 from tests.fixtures.models import make_random_model_dir
 
@@ -237,9 +237,8 @@ def wait_until(engine: DockerEngine, c: Container, path: str, timeout: float = 1
     pytest.fail(f"{path} never answered 200 (running={state}):\n{logs.stdout}\n{logs.stderr}")
 
 
-def start(engine: DockerEngine, image: str, model_dir: Path, mount: str, *args: str) -> Container:
+def start(engine: DockerEngine, image: str, model_dir: Path, mount: str, port: int, *args: str) -> Container:
     """Run the image as the platforms do: non-root, read-only root fs, model mounted read-only."""
-    port = free_port()
     cid = engine.run_container(
         [
             "--network", "host",
@@ -259,15 +258,17 @@ def servers(
     docker_engine: DockerEngine, serving_image: str, model_dir: Path
 ) -> Iterator[tuple[Container, Container]]:
     """The KServe-style and the SageMaker-style container, started together (removed afterwards)."""
+    kserve_port, sagemaker_port = free_ports(2)  # both containers share the host network
     kserve = start(
         docker_engine,
         serving_image,
         model_dir,
         "/mnt/models",
+        kserve_port,
         "--model_dir=/mnt/models",
         f"--model_name={MODEL_NAME}",
     )
-    sagemaker = start(docker_engine, serving_image, model_dir, "/opt/ml/model", "serve")
+    sagemaker = start(docker_engine, serving_image, model_dir, "/opt/ml/model", sagemaker_port, "serve")
     try:
         wait_until(docker_engine, kserve, "/v2/health/ready")
         wait_until(docker_engine, sagemaker, "/ping")
