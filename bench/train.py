@@ -956,7 +956,9 @@ def compare_run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _signed(value: float, interval: list[float]) -> str:
     """``+0.0308 (-0.0035 to +0.0628)``: a difference and its interval."""
-    return f"{value:+.4f} ({interval[0]:+.4f} to {interval[1]:+.4f})"
+    from components.evaluate import difference_text
+
+    return difference_text(value, interval)
 
 
 def _ranged(value: float, interval: list[float]) -> str:

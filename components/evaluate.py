@@ -198,6 +198,11 @@ def range_text(interval: Sequence[float], digits: int = 4) -> str:
     return f"{interval[0]:.{digits}f}-{interval[1]:.{digits}f}"
 
 
+def difference_text(value: float, interval: Sequence[float], digits: int = 4) -> str:
+    """``"+0.0308 (-0.0035 to +0.0628)"``: a difference and its interval, whose ends may have either sign."""
+    return f"{value:+.{digits}f} ({interval[0]:+.{digits}f} to {interval[1]:+.{digits}f})"
+
+
 def interval_text(m: dict[str, Any], key: str, digits: int = 3) -> str:
     """``"0.431 (0.398-0.464)"``: a figure with its interval when ``m`` has one."""
     text = f"{m[key]:.{digits}f}"

@@ -741,6 +741,67 @@ def evaluate_model(
     return float(m["accuracy"])
 
 
+def challenge_model(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    test: Input[Dataset],
+    model_store: str,
+    endpoint_url: str,
+    model_name: str,
+    champion_gate: str,
+    champion_min_gain: float,
+    metrics: Output[Metrics],
+    report: Output[HTML],
+) -> bool:
+    """Score the model against the store's latest published version on the same test images; returns
+    whether to publish it (the champion gate: True when nothing is published yet or the gate is off)."""
+    import tempfile
+    from pathlib import Path
+
+    from components.champion import GateRule, challenge, summary_rows
+    from components.common import ConfigError
+    from components.evaluate import difference_text
+    from pipeline.components import html_report, step_errors
+
+    with step_errors("challenge", report.path), tempfile.TemporaryDirectory() as tmp:
+        if not model_store:
+            raise ConfigError("model_store is empty: set it to s3://bucket/prefix or a directory")
+        if champion_gate == "off":
+            record = {"promote": True, "reason": "champion_gate is off: no comparison", "champion": None}
+        else:
+            record = challenge(
+                Path(model.path),
+                model_store,
+                Path(test.path),
+                Path(tmp),
+                data_root=Path(dataset.path),
+                model_name=model_name,
+                endpoint_url=endpoint_url or None,
+                rule=GateRule(min_gain=champion_min_gain, gate=champion_gate),
+                progress=False,
+            )
+    tables = {"decision": {"promote": record["promote"], "reason": record["reason"]}}
+    if record["champion"]:
+        tables["same test images"] = {k: f"{a} | {b}" for k, a, b in summary_rows(record)}
+        gain = record["gain"]
+        tables["accuracy gain (challenger - champion)"] = {
+            "gain (95% paired interval)": difference_text(gain["value"], gain["interval"]),
+            "McNemar p": record["paired"]["mcnemar_p"],
+        }
+        for key in ("accuracy", "rmse"):
+            metrics.log_metric(f"champion_{key}", float(record["champion"][key]))
+            metrics.log_metric(f"challenger_{key}", float(record["challenger"][key]))
+        metrics.log_metric("accuracy_gain", float(gain["value"]))
+        metrics.log_metric("accuracy_gain_low", float(gain["interval"][0]))
+        metrics.log_metric("accuracy_gain_high", float(gain["interval"][1]))
+    report.metadata.update(
+        {"promote": record["promote"], "champion_version": (record["champion"] or {}).get("version", "")}
+    )
+    with open(report.path, "w", encoding="utf-8") as fh:
+        fh.write(html_report("Published model vs this one", tables=tables))
+    return bool(record["promote"])
+
+
 def publish_model(
     model: Input[Model],
     test_accuracy: float,
@@ -801,6 +862,7 @@ class Components:
     select_best: Callable[..., Any]
     train: Callable[..., Any]
     evaluate: Callable[..., Any]
+    challenge: Callable[..., Any]
     publish: Callable[..., Any]
 
 
@@ -820,5 +882,6 @@ def make_components(image: str = DEFAULT_COMPONENTS_IMAGE) -> Components:
         select_best=build(select_best),
         train=build(train_model),
         evaluate=build(evaluate_model),
+        challenge=build(challenge_model),
         publish=build(publish_model),
     )

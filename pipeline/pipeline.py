@@ -10,7 +10,7 @@
                          └────────────────────────────────────────► select_best ─► train_model
                                                                                      │
                                   dsl.If(test accuracy >= accuracy_threshold) ◄─ evaluate_model
-                                                 └─► publish_model
+                                                 └─► challenge_model ─► dsl.If(promote) ─► publish_model
 
 ``pretrain`` trains a backbone on the training split plus ``ingest_extra``'s images (the counts the
 task leaves out: empty bins, 6+ items) for ``pretrain_epochs``; every tuning trial and the final fit
@@ -19,6 +19,11 @@ start from it, so the tuned parameters are tuned for the fit's starting point. W
 ``pretrain_epochs`` 0 ``pretrain`` writes only a note and everything starts from ``weights``.
 ``pretrain_objective`` contrastive trains that backbone self-supervised (SimCLR) on the same images
 instead, without their labels (then ``pretrain_per_class`` may be 0: the training split alone).
+
+``challenge_model`` scores the new model and the store's latest published version of ``model_name`` on
+the same test images (:mod:`components.champion`): the new one is published only when its paired
+accuracy gain reaches ``champion_min_gain`` (``champion_gate`` point: the gain itself; interval: the
+lower end of its 95 % interval; off: no comparison). With nothing published yet it always is.
 
 The graph is the same locally and on a cluster. What differs is decided at build time
 (:func:`build_pipeline`): the image, GPU requests for pretrain/tune/train, and the Kubernetes Secrets
@@ -146,6 +151,8 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         device: str = "cpu",
         num_threads: int = 1,
         accuracy_threshold: float = 0.0,
+        champion_gate: str = "point",
+        champion_min_gain: float = 0.0,
         model_store: str = "",
         model_name: str = "inventory-counter",
         int8: bool = True,
@@ -254,17 +261,31 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         _k8s(evaluate, opts)
 
         with dsl.If(evaluate.outputs["Output"] >= accuracy_threshold, name="accuracy-gate"):
-            publish = c.publish(
+            challenge = c.challenge(
                 model=train.outputs["model"],
-                test_accuracy=evaluate.outputs["Output"],
+                dataset=data,
+                test=test_csv,
                 model_store=model_store,
                 endpoint_url=endpoint_url,
                 model_name=model_name,
-                model_version=model_version,
-                serving_image=serving_image,
+                champion_gate=champion_gate,
+                champion_min_gain=champion_min_gain,
             )
-            publish.set_display_name("publish to the model store").set_caching_options(False)
-            publish.set_cpu_limit("1").set_memory_limit("1G")
-            _with_s3_credentials(_k8s(publish, opts), opts)
+            challenge.set_display_name("challenge the published model").set_caching_options(False)
+            challenge.set_cpu_limit("2").set_memory_limit("4G")
+            _with_s3_credentials(_k8s(challenge, opts), opts)
+            with dsl.If(challenge.outputs["Output"] == True, name="champion-gate"):  # noqa: E712 - KFP condition
+                publish = c.publish(
+                    model=train.outputs["model"],
+                    test_accuracy=evaluate.outputs["Output"],
+                    model_store=model_store,
+                    endpoint_url=endpoint_url,
+                    model_name=model_name,
+                    model_version=model_version,
+                    serving_image=serving_image,
+                )
+                publish.set_display_name("publish to the model store").set_caching_options(False)
+                publish.set_cpu_limit("1").set_memory_limit("1G")
+                _with_s3_credentials(_k8s(publish, opts), opts)
 
     return inventory_pipeline

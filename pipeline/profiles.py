@@ -58,6 +58,11 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "device": "training device: auto, cpu or cuda",
         "num_threads": "CPU threads per training process (0 = torch's default)",
         "accuracy_threshold": "publish only when test accuracy >= this (dsl.If)",
+        "champion_gate": "compare with the store's latest published model on the same test images "
+        "before publishing: point (publish when the paired accuracy gain >= champion_min_gain), interval "
+        "(when the lower end of its 95 % interval is) or off",
+        "champion_min_gain": "the accuracy gain over the published model needed to publish (0.01 = one "
+        "point; negative = a tolerated loss)",
         "model_store": "where publish copies the model: s3://bucket/prefix or a local directory",
         "model_name": "model and InferenceService name",
         "int8": "also quantize to int8 (onnxruntime static, calibrated on train images); served and "
@@ -76,6 +81,8 @@ _COMMON: dict[str, Any] = {
     "head": "ordinal",
     "decision": "plain",
     "refit": False,
+    "champion_gate": "point",
+    "champion_min_gain": 0.0,
     "pretrain_objective": "counts",
     "optuna_storage": "",
     "model_name": "inventory-counter",
@@ -239,6 +246,13 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
         raise ConfigError(f"ema must be in [0, 1) (0 = off, e.g. 0.998), got {params['ema']}")
     if not 0.0 <= params["accuracy_threshold"] <= 1.0:
         raise ConfigError(f"accuracy_threshold must be in [0, 1], got {params['accuracy_threshold']}")
+    if params["champion_gate"] not in ("point", "interval", "off"):
+        raise ConfigError(f"champion_gate must be point, interval or off, got {params['champion_gate']!r}")
+    if not -1.0 <= params["champion_min_gain"] <= 1.0:
+        raise ConfigError(
+            f"champion_min_gain is an accuracy difference in [-1, 1] (0.01 = one point), "
+            f"got {params['champion_min_gain']}"
+        )
     if params["head"] not in HEADS:
         raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {params['head']!r}")
     if params["decision"] not in ("plain", "fitted"):

@@ -15,6 +15,7 @@ Optuna uses a SQLite file instead of PostgreSQL; kfp.local runs at most two tuni
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import logging
 import shutil
@@ -141,10 +142,15 @@ def run_pipeline(params: Mapping[str, Any], run_dir: Path) -> RunSummary:
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         # resources, display names etc. are cluster settings; kfp.local says so once per task
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        # kfp.local indents task logs by swapping builtins.print per task; tasks that run in parallel
+        # threads restore each other's swap, and the indent outlives the run: put print back ourselves
+        original_print = builtins.print
         try:
             pipeline_func(**params)
         except RuntimeError as e:
             failure = e
+        finally:
+            builtins.print = original_print
     run = latest_run_dir(pipeline_root, started)
     summary = collect_run(run) if run else RunSummary(run_dir=pipeline_root)
     if failure is not None:
@@ -156,7 +162,12 @@ def run_pipeline(params: Mapping[str, Any], run_dir: Path) -> RunSummary:
 def summary_tables(summary: RunSummary, params: Mapping[str, Any], model_dir: Path | None) -> str:
     """Metrics, best parameters and where every artifact is, as plain-text tables."""
     metrics: list[tuple[str, Any]] = []
-    for task, name in (("train-model", "metrics"), ("evaluate-model", "metrics"), ("select-best", "study")):
+    for task, name in (
+        ("train-model", "metrics"),
+        ("evaluate-model", "metrics"),
+        ("challenge-model", "metrics"),
+        ("select-best", "study"),
+    ):
         art = summary.artifact(task, name)
         metrics += sorted((k, v) for k, v in ((art or {}).get("metadata") or {}).items())
     ingest = summary.artifact("ingest", "dataset")
@@ -173,6 +184,7 @@ def summary_tables(summary: RunSummary, params: Mapping[str, Any], model_dir: Pa
         ("training curves (HTML)", "train-model", "curves"),
         ("model card", "train-model", "model_card"),
         ("test report (HTML)", "evaluate-model", "report"),
+        ("published model vs this one (HTML)", "challenge-model", "report"),
     ):
         art = summary.artifact(task, name)
         if art:
@@ -184,6 +196,10 @@ def summary_tables(summary: RunSummary, params: Mapping[str, Any], model_dir: Pa
         isvc = summary.artifact("publish-model", "inference_service")
         if isvc:
             where.append(("InferenceService manifest", isvc["uri"]))
+    elif summary.param("challenge-model") is False:
+        report = summary.artifact("challenge-model", "report") or {}
+        version = (report.get("metadata") or {}).get("champion_version", "")
+        where.append(("published model", f"not published (no better than the published version {version})"))
     else:
         where.append(("published model", f"not published (test accuracy < {params['accuracy_threshold']})"))
     if model_dir is not None:

@@ -14,6 +14,7 @@ from components.common import ConfigError
 from components.evaluate import (
     bootstrap_intervals,
     count_metrics,
+    difference_text,
     evaluate,
     interval_text,
     load_predictions,
@@ -89,6 +90,8 @@ def test_bootstrap_intervals_use_the_count_values_and_reject_bad_input() -> None
         "0.500 (0.250-0.750)"
     )
     assert interval_text({"accuracy": 0.5}, "accuracy") == "0.500"
+    # a difference's interval may straddle zero: both ends carry their sign
+    assert difference_text(0.0308, [-0.0035, 0.0628]) == "+0.0308 (-0.0035 to +0.0628)"
     for bad, kwargs, match in [
         (np.zeros((2, 2)), {}, "at least one image"),
         (np.ones((3, 3)), {}, "2x2"),

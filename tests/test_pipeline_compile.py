@@ -41,7 +41,7 @@ EXPECTED_EDGES = {
     "select-best": {"for-loop-1", "ingest", "pretrain-model", "split"},
     "train-model": {"ingest", "pretrain-model", "select-best", "split"},
     "evaluate-model": {"ingest", "split", "train-model"},
-    "condition-2": {"evaluate-model", "train-model"},
+    "condition-2": {"evaluate-model", "ingest", "split", "train-model"},
 }
 
 
@@ -138,14 +138,25 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
         assert "pretrain_epochs" not in consumer and "extra" not in consumer
 
 
-def test_publish_is_gated_on_test_accuracy(full):
+def test_publish_is_gated_on_test_accuracy_then_on_the_published_model(full):
     spec, _ = full
     cond = spec["root"]["dag"]["tasks"]["condition-2"]
     assert cond["triggerPolicy"]["condition"] == (
         "inputs.parameter_values['pipelinechannel--evaluate-model-Output'] >= "
         "inputs.parameter_values['pipelinechannel--accuracy_threshold']"
     )
-    assert set(spec["components"]["comp-condition-2"]["dag"]["tasks"]) == {"publish-model"}
+    # inside the accuracy gate: challenge the published model, publish only if it says so
+    inner = spec["components"]["comp-condition-2"]["dag"]["tasks"]
+    assert set(inner) == {"challenge-model", "condition-3"}
+    assert inner["condition-3"]["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--challenge-model-Output'] == true"
+    )
+    assert set(spec["components"]["comp-condition-3"]["dag"]["tasks"]) == {"publish-model"}
+    challenge = spec["components"]["comp-challenge-model"]
+    assert challenge["outputDefinitions"]["parameters"]["Output"] == {"parameterType": "BOOLEAN"}
+    params = inner["challenge-model"]["inputs"]["parameters"]
+    for name in ("champion_gate", "champion_min_gain", "model_store", "model_name"):
+        assert params[name]["componentInputParameter"] == f"pipelinechannel--{name}"
     assert spec["components"]["comp-evaluate-model"]["outputDefinitions"]["parameters"]["Output"] == {
         "parameterType": "NUMBER_DOUBLE"
     }
@@ -200,7 +211,7 @@ def test_pipeline_signature_matches_the_profiles():
 def test_executors_run_in_the_image_and_install_nothing(full):
     spec, _ = full
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 10
+    assert len(executors) == 11
     for name, ex in executors.items():
         container = ex["container"]
         assert container["image"] == IMAGE, name
@@ -233,8 +244,10 @@ def test_resources_retries_and_caching(full, quick):
     assert not caching["select-best"] and not caching["train-model"]
     loop_body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["tune-worker"]
     assert not loop_body.get("cachingOptions", {}).get("enableCache", False)
-    publish = spec["components"]["comp-condition-2"]["dag"]["tasks"]["publish-model"]
-    assert not publish.get("cachingOptions", {}).get("enableCache", False)
+    # the published model changes between runs: neither the challenge nor the publish may be cached
+    for comp, task in (("comp-condition-2", "challenge-model"), ("comp-condition-3", "publish-model")):
+        gated = spec["components"][comp]["dag"]["tasks"][task]
+        assert not gated.get("cachingOptions", {}).get("enableCache", False)
 
 
 def test_secrets_for_optuna_and_s3(full):
@@ -243,7 +256,7 @@ def test_secrets_for_optuna_and_s3(full):
         (secret,) = k8s[name]["secretAsEnv"]
         assert secret["secretName"] == "optuna-db" and not secret.get("optional", False)
         assert secret["keyToEnv"] == [{"envVar": "OPTUNA_STORAGE", "secretKey": "url"}]
-    for name in ("exec-ingest", "exec-publish-model"):
+    for name in ("exec-ingest", "exec-challenge-model", "exec-publish-model"):
         (secret,) = k8s[name]["secretAsEnv"]
         assert secret["secretName"] == "aws-credentials" and secret["optional"] is True
         assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
@@ -290,6 +303,8 @@ def test_compile_flags_override_build_options(tmp_path):
         (["--param", "ema=1.0"], "ema must be in [0, 1)"),
         (["--param", "tta=maybe"], "tta"),
         (["--param", "decision=best"], "decision must be plain or fitted"),
+        (["--param", "champion_gate=strict"], "champion_gate must be point, interval or off"),
+        (["--param", "champion_min_gain=5"], "champion_min_gain is an accuracy difference"),
         (["--param", "pretrain_epochs=10"], "set pretrain_per_class >= 1"),
         (["--param", "pretrain_objective=rotation"], "pretrain_objective must be counts or contrastive"),
         (["--param", "pretrain_per_class=5", "--param", "pretrain_classes=0,5"], "also in classes"),

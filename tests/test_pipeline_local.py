@@ -10,6 +10,7 @@ way KServe's storage initializer does and must load and predict on a real JPEG.
 
 from __future__ import annotations
 
+import builtins
 import json
 from pathlib import Path
 
@@ -18,7 +19,9 @@ import pytest
 import yaml
 
 from components.modelspec import load_model_spec
+from components.publish import publish
 from pipeline import run_local
+from tests.fixtures.models import constant_model
 
 pytestmark = pytest.mark.slow
 
@@ -84,15 +87,27 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     tiny_bucket, tmp_path: Path, abid_dir: Path, capsys: pytest.CaptureFixture[str]
 ):
     endpoint, ids = tiny_bucket
+    # a model already published: the run challenges it on its test images (a loss is tolerated here)
+    champion = constant_model(tmp_path / "champion", 3)
+    publish(
+        champion,
+        "s3://models/registry",
+        version="v0",
+        endpoint_url=endpoint,
+        manifest_path=tmp_path / "v0.yaml",
+    )
     run_dir = tmp_path / "run"
     argv = ["--source", "s3://abid/mirror", "--endpoint-url", endpoint, "--out", str(run_dir),
             "--store", "s3://models/registry", "--model-version", "e2e", *TINY,
             "--param", "ema=0.9", "--param", "tta=true", "--param", "decision=fitted",
-            "--param", "refit=true",
+            "--param", "refit=true", "--param", "champion_min_gain=-1",
             "--param", "pretrain_per_class=2",
             "--param", "pretrain_classes=0,7", "--param", "pretrain_epochs=1"]  # fmt: skip
+    print_before = builtins.print
     assert run_local.main(argv) == 0
     out = capsys.readouterr().out
+    # kfp.local's per-task log indent (a swapped builtins.print) does not outlive the run
+    assert builtins.print is print_before
 
     # every step ran and left its outputs
     runs = list((run_dir / "kfp").iterdir())
@@ -107,6 +122,7 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
         "select-best",
         "train-model",
         "evaluate-model",
+        "challenge-model",
         "publish-model",
     ):
         assert task in summary.tasks, f"{task} left no executor output"
@@ -129,6 +145,12 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     assert figures["test_accuracy"] == test_accuracy
     assert figures["test_accuracy_low"] <= test_accuracy <= figures["test_accuracy_high"]
     assert figures["test_rmse_low"] <= figures["test_rmse"] <= figures["test_rmse_high"]
+    # the challenge scored the published v0 and this model on the same test images
+    assert summary.param("challenge-model") is True
+    assert summary.artifact("challenge-model", "report")["metadata"]["champion_version"] == "v0"
+    challenged = summary.artifact("challenge-model", "metrics")["metadata"]
+    assert challenged["challenger_accuracy"] == pytest.approx(test_accuracy)
+    assert challenged["accuracy_gain"] == pytest.approx(test_accuracy - challenged["champion_accuracy"])
 
     # the summary table names the metrics, the best parameters and the published location
     assert "test_accuracy" in out and "best parameter" in out
