@@ -26,9 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from components.common import ConfigError, atomic_write_json, format_table, read_json, setup_logging
+from components.common import ConfigError, atomic_write_json, format_table, setup_logging
 from components.evaluate import (
     PREDICTIONS_CSV,
     difference_text,
@@ -36,8 +34,8 @@ from components.evaluate import (
     load_predictions,
     paired_difference,
 )
-from components.modelspec import MODEL_JSON, load_model_spec
-from components.publish import DEFAULT_MODEL_NAME, VERSIONS_FILE, parse_store, validate_model_name
+from components.modelspec import load_model_spec
+from components.publish import DEFAULT_MODEL_NAME, fetch_published, latest_published, validate_model_name
 
 log = logging.getLogger(__name__)
 
@@ -88,66 +86,6 @@ def decide(paired: dict[str, Any], rule: GateRule) -> tuple[bool, str]:
         f"{rule.metric} gain {difference_text(value, interval)}, McNemar p {paired['mcnemar_p']:.3g}: "
         f"{what} {'>=' if promote else '<'} {rule.min_gain:+.4f}, {verdict}"
     )
-
-
-def latest_published(store: str, model_name: str, endpoint_url: str | None = None) -> dict[str, Any] | None:
-    """The store's ``versions.json`` entry of the latest version of ``model_name``; None if none yet."""
-    parsed = parse_store(store)
-    if parsed.kind == "local":
-        assert parsed.root is not None
-        path = parsed.root / model_name / VERSIONS_FILE
-        if not path.is_file():
-            return None
-        index = read_json(path)
-        where = str(path)
-    else:
-        from components.ingest import make_s3_client
-        from components.publish import _read_s3_index, _s3_error
-
-        key = "/".join(p for p in (parsed.prefix, model_name, VERSIONS_FILE) if p)
-        where = f"s3://{parsed.bucket}/{key}"
-        try:
-            s3, _ = make_s3_client(endpoint_url=endpoint_url, workers=4)
-            index, etag = _read_s3_index(s3, parsed.bucket, key)
-        except Exception as e:
-            raise _s3_error(e, store) from e
-        if index is None:
-            if etag is not None:
-                raise ConfigError(f"{where} is not valid JSON: mend it or publish with a fresh --model-name")
-            return None
-    latest = index.get("latest")
-    for entry in index.get("versions", []):
-        if entry.get("version") == latest and entry.get("uri"):
-            return entry
-    raise ConfigError(f"{where} names no usable latest version ({latest!r}): mend it or publish again")
-
-
-def fetch_published(uri: str, dest: Path, endpoint_url: str | None = None) -> Path:
-    """A local folder holding the published model at ``uri``: the folder itself for a local store,
-    else ``dest`` with the version's objects downloaded into it."""
-    if not uri.startswith("s3://"):
-        folder = Path(uri)
-        if not (folder / MODEL_JSON).is_file():
-            raise ConfigError(f"the published model {uri} is missing its {MODEL_JSON}: publish it again")
-        return folder
-    from components.ingest import make_s3_client
-    from components.publish import _s3_error
-
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        s3, _ = make_s3_client(endpoint_url=endpoint_url, workers=4)
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
-        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-        for key in keys:
-            name = key.rsplit("/", 1)[1]
-            if name:
-                s3.download_file(bucket, key, str(dest / name))
-    except Exception as e:
-        raise _s3_error(e, uri) from e
-    if not (dest / MODEL_JSON).is_file():
-        raise ConfigError(f"the published model {uri} has no {MODEL_JSON}: publish it again")
-    return dest
 
 
 def _figures(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -214,9 +152,7 @@ def challenge(
         reason += (
             "; the two were trained on different data, so either may have seen some of these test images"
         )
-        log.warning(
-            "the champion was trained on other data than the challenger: the comparison may favour it"
-        )
+        log.warning("champion and challenger were trained on different data: either may know test images")
     record |= {
         "promote": promote,
         "reason": reason,
@@ -225,7 +161,6 @@ def challenge(
         "paired": paired,
         "gain": dict(zip(("value", "interval"), gain(paired, rule.metric), strict=True)),
         "same_training_data": same_data,
-        "n": int(np.asarray(true).size),
     }
     atomic_write_json(out_dir / CHALLENGE_FILE, record)
     log.info("%s", reason)

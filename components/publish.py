@@ -473,6 +473,66 @@ def _update_s3_index(s3: Any, bucket: str, key: str, name: str, entry: dict[str,
     )
 
 
+def latest_published(store: str, model_name: str, endpoint_url: str | None = None) -> dict[str, Any] | None:
+    """The ``versions.json`` entry of the latest published version of ``model_name`` in ``store``
+    (version, uri, sha256, metrics); None when nothing is published under that name yet."""
+    parsed = parse_store(store)
+    if parsed.kind == "local":
+        assert parsed.root is not None
+        path = parsed.root / model_name / VERSIONS_FILE
+        if not path.is_file():
+            return None
+        index = read_json(path)
+        where = str(path)
+    else:
+        from components.ingest import make_s3_client
+
+        key = "/".join(p for p in (parsed.prefix, model_name, VERSIONS_FILE) if p)
+        where = f"s3://{parsed.bucket}/{key}"
+        try:
+            s3, _ = make_s3_client(endpoint_url=endpoint_url, workers=4)
+            index, etag = _read_s3_index(s3, parsed.bucket, key)
+        except Exception as e:
+            raise _s3_error(e, store) from e
+        if index is None:
+            if etag is not None:
+                raise ConfigError(f"{where} is not valid JSON: mend it or publish with a fresh --model-name")
+            return None
+    latest = index.get("latest")
+    for entry in index.get("versions", []):
+        if entry.get("version") == latest and entry.get("uri"):
+            return entry
+    raise ConfigError(f"{where} names no usable latest version ({latest!r}): mend it or publish again")
+
+
+def fetch_published(uri: str, dest: Path, endpoint_url: str | None = None) -> Path:
+    """A local folder holding the published model at ``uri``: the folder itself for a local store,
+    else ``dest`` with the version's objects downloaded into it (what KServe's storage initializer
+    does with ``/mnt/models``). Reading needs no credentials on a public bucket."""
+    if not uri.startswith("s3://"):
+        folder = Path(uri)
+        if not (folder / MODEL_JSON).is_file():
+            raise ConfigError(f"the published model {uri} is missing its {MODEL_JSON}: publish it again")
+        return folder
+    from components.ingest import make_s3_client
+
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        s3, _ = make_s3_client(endpoint_url=endpoint_url, workers=4)
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        for key in keys:
+            name = key.rsplit("/", 1)[1]
+            if name:
+                s3.download_file(bucket, key, str(dest / name))
+    except Exception as e:
+        raise _s3_error(e, uri) from e
+    if not (dest / MODEL_JSON).is_file():
+        raise ConfigError(f"the published model {uri} has no {MODEL_JSON}: publish it again")
+    return dest
+
+
 def publish(
     model_dir: str | os.PathLike[str],
     store: str,

@@ -85,6 +85,14 @@ def _fmt(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def require_model_store(model_store: str) -> None:
+    """The gated steps need the ``model_store`` parameter: say which one is missing, before any work."""
+    from components.common import ConfigError
+
+    if not model_store:
+        raise ConfigError("model_store is empty: set it to s3://bucket/prefix or a directory")
+
+
 def optional_int(value: int) -> int | None:
     """Pipeline parameters cannot be None: 0 means "not set"."""
     return value if value > 0 else None
@@ -759,13 +767,11 @@ def challenge_model(
     from pathlib import Path
 
     from components.champion import GateRule, challenge, summary_rows
-    from components.common import ConfigError
     from components.evaluate import difference_text
-    from pipeline.components import html_report, step_errors
+    from pipeline.components import html_report, require_model_store, step_errors
 
     with step_errors("challenge", report.path), tempfile.TemporaryDirectory() as tmp:
-        if not model_store:
-            raise ConfigError("model_store is empty: set it to s3://bucket/prefix or a directory")
+        require_model_store(model_store)
         if champion_gate == "off":
             record = {"promote": True, "reason": "champion_gate is off: no comparison", "champion": None}
         else:
@@ -817,13 +823,11 @@ def publish_model(
     from collections import namedtuple
     from pathlib import Path
 
-    from components.common import ConfigError
     from components.publish import publish as run_publish
-    from pipeline.components import step_errors
+    from pipeline.components import require_model_store, step_errors
 
     with step_errors("publish", summary.path):
-        if not model_store:
-            raise ConfigError("model_store is empty: set it to s3://bucket/prefix or a directory")
+        require_model_store(model_store)
         result = run_publish(
             Path(model.path),
             model_store,

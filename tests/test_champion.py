@@ -184,7 +184,7 @@ def test_pipeline_step_returns_the_gate_and_logs_both_models(models, manifest: P
     store = str(tmp_path / "store")
     publish(models["ones"], store, version="v1", manifest_path=tmp_path / "v1.yaml")
 
-    def step(gate: str, min_gain: float = 0.0) -> tuple[bool, Metrics, HTML]:
+    def step(gate: str, min_gain: float = 0.0, model_store: str = store) -> tuple[bool, Metrics, HTML]:
         metrics, report = (
             Metrics(uri=str(tmp_path / gate / "metrics")),
             HTML(uri=str(tmp_path / gate / "r.html")),
@@ -194,7 +194,7 @@ def test_pipeline_step_returns_the_gate_and_logs_both_models(models, manifest: P
             model=Model(uri=str(models["twos"])),
             dataset=Dataset(uri=str(manifest.parent)),
             test=Dataset(uri=str(manifest)),
-            model_store=store,
+            model_store=model_store,
             endpoint_url="",
             model_name="inventory-counter",
             champion_gate=gate,
@@ -230,3 +230,7 @@ def test_pipeline_step_returns_the_gate_and_logs_both_models(models, manifest: P
     assert step("interval", min_gain=-1.0)[0] is True
     promote, metrics, report = step("off")
     assert promote is True and metrics.metadata == {} and report.metadata["champion_version"] == ""
+    # without a store there is nothing to challenge or publish to: the step says which parameter
+    with pytest.raises(ConfigError, match="model_store is empty"):
+        step("nostore", model_store="")
+    assert "model_store is empty" in (tmp_path / "nostore" / "step_error.json").read_text()
