@@ -150,9 +150,12 @@ def challenge(
     )
     if same_data is False:
         reason += (
-            "; the two were trained on different data, so either may have seen some of these test images"
+            "; the two were trained on different data (another split, or a refit on train + val): "
+            "the comparison is fair only if neither saw these test images"
         )
-        log.warning("champion and challenger were trained on different data: either may know test images")
+        log.warning(
+            "champion and challenger were trained on different data: check neither saw the test images"
+        )
     record |= {
         "promote": promote,
         "reason": reason,
@@ -172,7 +175,7 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
     a, b = record.get("champion"), record.get("challenger")
     if not a or not b:
         return []
-    rows = [("version", str(a["version"]), str(b["model"]))]
+    rows = [("model", f"{a['version']} (published)", str(b["model"]))]
     for k in ("accuracy", "rmse", "mae"):
         if k in a and k in b:
             rows.append((k, f"{a[k]:.4f}", f"{b[k]:.4f}"))
