@@ -246,8 +246,10 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
         raise ConfigError(f"ema must be in [0, 1) (0 = off, e.g. 0.998), got {params['ema']}")
     if not 0.0 <= params["accuracy_threshold"] <= 1.0:
         raise ConfigError(f"accuracy_threshold must be in [0, 1], got {params['accuracy_threshold']}")
-    if params["champion_gate"] not in ("point", "interval", "off"):
-        raise ConfigError(f"champion_gate must be point, interval or off, got {params['champion_gate']!r}")
+    from components.champion import GATES  # the gates the champion step knows, plus "off" (no step)
+
+    if params["champion_gate"] not in (*GATES, "off"):
+        raise ConfigError(f"champion_gate must be {', '.join(GATES)} or off, got {params['champion_gate']!r}")
     if not -1.0 <= params["champion_min_gain"] <= 1.0:
         raise ConfigError(
             f"champion_min_gain is an accuracy difference in [-1, 1] (0.01 = one point), "
