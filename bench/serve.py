@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_model_spec(model_dir)
         gate: dict[str, Any] | None = None
         if args.quantize and args.int8 != "off" and not spec.onnx_int8_file:
-            from serving.quantize import quantize_model
+            from components.quantize import quantize_model
 
             print("quantizing (calibration + accuracy gate on labelled ABID images) ...", flush=True)
             calib, evaluation = abid_manifests(args.abid, tmpdir, n_calib=64, n_eval=200)

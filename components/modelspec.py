@@ -155,7 +155,7 @@ def choose_onnx_file(model_dir: str | os.PathLike[str], spec: ModelSpec, int8: s
         if int8_path is None or not int8_path.is_file():
             raise ConfigError(
                 f"--int8 on but {model_dir}/model.json lists no int8 model (or it is missing); "
-                "run python -m serving.quantize first or use --int8 auto"
+                "run python -m components.quantize first or use --int8 auto"
             )
         return int8_path
     if int8 == "auto" and int8_path is not None and int8_path.is_file():

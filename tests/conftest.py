@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.postgres",
     "tests.fixtures.docker",
+    "tests.fixtures.images",
 ]
 
 

@@ -15,31 +15,25 @@ the engine's layer cache persist in ``~/.cache/inventory-monitor`` so a rerun ta
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import re
 import shutil
 import subprocess
-import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.fixtures.aws import free_ports
 from tests.fixtures.docker import DockerEngine
+from tests.fixtures.images import Container, http, start, wait_until
 from tests.fixtures.models import make_random_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = (REPO / "docker" / "serving.Dockerfile", REPO / "docker" / "components.Dockerfile")
 MODEL_NAME = "inventory-counter"
-#: Where Debian keeps locally added CAs (e.g. of a TLS-intercepting proxy in front of PyPI).
-LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
 MAX_IMAGE_BYTES = 1_000_000_000
 
 
@@ -86,9 +80,11 @@ def test_dockerfile_rules(dockerfile: Path) -> None:
     default = base_arg.split("=", 1)[1]
     assert "@sha256:" in default or re.search(r":\d+\.\d+\.\d+", default), f"unpinned base {default}"
     assert not default.endswith(":latest")
-    froms = [i for s in parts for i in s if i.startswith("FROM ")]
+    froms = [i.split() for s in parts for i in s if i.startswith("FROM ")]
     assert len(froms) >= 2, "builder and runtime stages"
-    assert all(f.split()[1] == "${BASE_IMAGE}" for f in froms), froms
+    # every stage starts from the base or from an earlier stage, never from another image
+    names = [f[3] for f in froms if len(f) == 4 and f[2].upper() == "AS"]
+    assert all(f[1] == "${BASE_IMAGE}" or f[1] in names[:i] for i, f in enumerate(froms)), froms
     runtime = parts[-1]
     users = [i for i in runtime if i.startswith("USER ")]
     assert users and users[-1].split()[1].split(":")[0] not in ("0", "root")
@@ -119,63 +115,156 @@ def test_serving_dockerfile_has_no_torch() -> None:
     assert not {"components/", "components", "components/model.py"} & set(sources), "torch code in the image"
 
 
+#: The project's own top-level packages: imports of these must be copied into an image.
+PROJECT_PACKAGES = ("components", "pipeline", "serving", "bench")
+
+
+def copied_sources(dockerfile: Path, stage: str) -> set[Path]:
+    """Repository files the ``COPY`` instructions of ``stage`` put into the image (directories
+    expanded to their files, as the ``.dockerignore`` allow-list sends them: no caches)."""
+    (instructions,) = [s for s in stages(dockerfile) if s[0].split()[-1] == stage]
+    out: set[Path] = set()
+    for i in instructions:
+        if not i.startswith("COPY ") or "--from=" in i:
+            continue
+        for src in i.split()[1:-1]:
+            path = REPO / src
+            files = path.rglob("*") if path.is_dir() else [path]
+            out |= {f for f in files if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"}
+    return out
+
+
+def module_file(name: str) -> Path | None:
+    """The repository file of a project module (package ``__init__`` or plain module), if any."""
+    base = REPO.joinpath(*name.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_names(source: str, package: str) -> set[str]:
+    """Every module an ``import`` anywhere in ``source`` names (relative imports resolved against
+    ``package``), plus ``module.name`` for each ``from module import name`` (it may be a submodule)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}
+    return out
+
+
+def import_closure(programs: list[str]) -> tuple[set[Path], set[str]]:
+    """Project files the programs need, following the project's own modules transitively (every
+    parent package's ``__init__`` too), and the top-level names of everything else they import."""
+    todo = {name for program in programs for name in imported_names(program, "")}
+    files: set[Path] = set()
+    others: set[str] = set()
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        top = name.split(".")[0]
+        if top not in PROJECT_PACKAGES:
+            others.add(top)
+            continue
+        parts = name.split(".")
+        for n in range(1, len(parts) + 1):
+            module = ".".join(parts[:n])
+            path = module_file(module)
+            if path is None or path in files:
+                continue
+            files.add(path)
+            package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+            todo |= imported_names(path.read_text(encoding="utf-8"), package)
+    return files, others
+
+
+def installed_requirements(extras: tuple[str, ...]) -> set[str]:
+    """Normalized names of the distributions pip installs for the core plus ``extras``, with every
+    dependency of theirs (read from this venv's metadata, where the same pins are installed)."""
+    import importlib.metadata as md
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in extras:
+        requirements += project["optional-dependencies"][extra]
+
+    def norm(req: str) -> str:
+        return re.split(r"[\s\[<>=!~;]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+    todo = [norm(r) for r in requirements]
+    out: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        out.add(name)
+        try:
+            deps = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        todo += [norm(d) for d in deps if "extra ==" not in d]
+    return out
+
+
+def test_components_image_copies_exactly_what_the_steps_import() -> None:
+    """The programs KFP runs in the components image (each component's command, as compiled) import
+    project modules the image must hold, and third-party packages its venv must have."""
+    import importlib.metadata as md
+    import sys
+
+    from pipeline.components import make_components
+
+    components = [getattr(make_components("x"), f) for f in make_components("x").__dataclass_fields__]
+    programs = [c.component_spec.implementation.container.command[-1] for c in components]
+    assert all("def " in p and "import" in p for p in programs), "the program is the command's last item"
+    needed, others = import_closure(programs)
+    dockerfile = REPO / "docker" / "components.Dockerfile"
+    copied = copied_sources(dockerfile, "app")
+    # package data (read by path, never imported): the shipped file list and its package marker
+    data_files = {f for f in copied if f.parent == REPO / "components" / "resources"}
+    data_names = {f.relative_to(REPO).as_posix() for f in data_files}
+    assert "components/resources/abid_file_list.json" in data_names
+    missing = sorted(f.relative_to(REPO).as_posix() for f in needed - copied)
+    unused = sorted(f.relative_to(REPO).as_posix() for f in copied - data_files - needed)
+    assert not missing, f"the steps import modules the image lacks: {missing}"
+    assert not unused, f"the image copies modules no step imports: {unused}"
+    assert REPO / "components" / "quantize.py" in needed, "train-model quantizes: a pipeline module"
+
+    third_party = sorted(others - set(sys.stdlib_module_names) - {"__future__"})
+    distributions = md.packages_distributions()
+    installed = installed_requirements(("train", "pipeline"))
+    lacking = [
+        name
+        for name in third_party
+        if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & installed
+    ]
+    assert {"torch", "torchvision", "kfp", "onnxruntime", "optuna"} <= set(third_party)
+    assert not lacking, f"imported by the steps, not installed in the image: {lacking}"
+
+
+def test_serving_image_copies_what_the_server_imports() -> None:
+    """The serving image's entry point (``python -m serving``) finds every project module it imports."""
+    needed, _ = import_closure([(REPO / "serving" / "__main__.py").read_text(encoding="utf-8")])
+    needed.add(REPO / "serving" / "__main__.py")
+    copied = copied_sources(REPO / "docker" / "serving.Dockerfile", "app")
+    missing = sorted(f.relative_to(REPO).as_posix() for f in needed - copied)
+    assert not missing, f"the server imports modules the serving image lacks: {missing}"
+
+
 # --------------------------------------------------------------------------------------------------
 # the serving image, built and run
 # --------------------------------------------------------------------------------------------------
-
-
-def extra_ca_certs() -> str:
-    """PEM of the machine's locally added CAs, so pip inside the build trusts the same proxy."""
-    if not LOCAL_CA_DIR.is_dir():
-        return ""
-    return "".join(p.read_text() for p in sorted(LOCAL_CA_DIR.glob("*.crt")))
-
-
-@pytest.fixture(scope="module")
-def base_image(docker_engine: DockerEngine) -> str:
-    """The debootstrap base image (rootfs tarball cached; imported into the engine when missing)."""
-    from tests.fixtures.docker import cache_dir
-
-    env = {**docker_engine.env, "DOCKER": docker_engine.cli, "CACHE_DIR": str(cache_dir())}
-    started = time.monotonic()
-    proc = subprocess.run(
-        ["bash", str(REPO / "docker" / "base" / "build-base.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, f"base image build failed:\n{proc.stderr[-4000:]}"
-    tag = proc.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"inventory-monitor/base:bookworm-py311-[0-9a-f]{12}", tag), tag
-    print(f"\nbase image {tag} ready in {time.monotonic() - started:.0f}s")
-    return tag
-
-
-@pytest.fixture(scope="module")
-def serving_image(docker_engine: DockerEngine, base_image: str) -> Iterator[str]:
-    """``docker/serving.Dockerfile`` built on the local base; its tag is removed afterwards (the layers
-    stay in the engine's cache for the next run)."""
-    tag = f"inventory-monitor/serving:test-{uuid.uuid4().hex[:12]}"
-    started = time.monotonic()
-    docker_engine.run(
-        [
-            "build",
-            "--network", "host",  # pip reaches the index through the host's network
-            "-f", str(REPO / "docker" / "serving.Dockerfile"),
-            "--build-arg", f"BASE_IMAGE={base_image}",
-            "--build-arg", f"EXTRA_CA_CERTS={extra_ca_certs()}",
-            "-t", tag,
-            str(REPO),
-        ],
-        timeout=1200,
-    )  # fmt: skip
-    print(f"\nbuilt {tag} in {time.monotonic() - started:.0f}s ({docker_engine.storage_driver})")
-    try:
-        yield tag
-    finally:
-        docker_engine.run(["rmi", "--no-prune", tag], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -195,62 +284,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def jpeg(abid_dir: Path) -> bytes:
     """A real bin photo from the ABID sample."""
     return sorted((abid_dir / "bin-images").glob("*.jpg"))[0].read_bytes()
-
-
-@dataclass
-class Container:
-    cid: str
-    url: str
-
-
-def http(method: str, url: str, body: bytes | None = None, ctype: str = "") -> tuple[int, Any]:
-    """One HTTP call; returns (status, parsed JSON or text)."""
-    req = urllib.request.Request(url, data=body, method=method)
-    if ctype:
-        req.add_header("Content-Type", ctype)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
-
-
-def wait_until(engine: DockerEngine, c: Container, path: str, timeout: float = 180.0) -> None:
-    """Poll ``path`` until 200; fail with the container's log if it exits or never gets there."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = engine.run(["inspect", "-f", "{{.State.Running}}", c.cid], check=False).stdout.strip()
-        if state != "true":
-            break
-        try:
-            with urllib.request.urlopen(c.url + path, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    logs = engine.run(["logs", "--tail", "80", c.cid], check=False)
-    pytest.fail(f"{path} never answered 200 (running={state}):\n{logs.stdout}\n{logs.stderr}")
-
-
-def start(engine: DockerEngine, image: str, model_dir: Path, mount: str, port: int, *args: str) -> Container:
-    """Run the image as the platforms do: non-root, read-only root fs, model mounted read-only."""
-    cid = engine.run_container(
-        [
-            "--network", "host",
-            "--read-only", "--tmpfs", "/tmp",
-            "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-            "-v", f"{model_dir}:{mount}:ro",
-            image, *args,
-            f"--http_port={port}", "--http_host=127.0.0.1",
-            "--intra_op_threads=1", "--decode_threads=1",
-        ]
-    )  # fmt: skip
-    return Container(cid=cid, url=f"http://127.0.0.1:{port}")
 
 
 @pytest.fixture(scope="module")

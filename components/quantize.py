@@ -6,7 +6,7 @@ scored on the same labelled images (the validation split), and ``model.int8.onnx
 listed in ``model.json`` only if int8 accuracy >= fp32 accuracy - ``max_drop``. The server's
 ``--int8 auto`` (the default) uses it when listed, so a model that failed the gate is never served.
 
-``python -m serving.quantize --model_dir DIR --calib train.csv --eval val.csv [--data_root ROOT]``
+``python -m components.quantize --model_dir DIR --calib train.csv --eval val.csv [--data_root ROOT]``
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from components.manifest import load_labelled
 from components.modelspec import ONNX_INT8_FILE, ModelSpec, load_model_spec
 from components.preprocess import preprocess_batch
 
-logger = logging.getLogger("serving.quantize")
+logger = logging.getLogger("components.quantize")
 
 
 @dataclass
@@ -138,7 +138,7 @@ def quantize_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.quantize", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m components.quantize", description=__doc__.split("\n")[0])
     p.add_argument("--model_dir", required=True, type=Path, help="exported model directory (model.json)")
     p.add_argument("--calib", required=True, type=Path, help="manifest of training images for calibration")
     p.add_argument("--eval", required=True, type=Path, help="labelled manifest for the accuracy gate (val)")
