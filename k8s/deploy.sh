@@ -3,8 +3,9 @@
 #
 #   make deploy                       # kind (cluster "kind", context kind-kind)
 #   make deploy CLUSTER=minikube      # minikube (profile "minikube")
-#   make deploy PROFILE=sagemaker     # AWS SageMaker: SAGEMAKER_ROLE, IMAGE_URI (ECR), MODEL_DIR and
-#                                     # SAGEMAKER_MAX_RPS or SAGEMAKER_TARGET_INVOCATIONS (below)
+#   make deploy PROFILE=sagemaker     # AWS SageMaker: SAGEMAKER_ROLE, IMAGE_URI (ECR), MODEL_DIR, AWS_REGION
+#                                     # and SAGEMAKER_MAX_RPS or SAGEMAKER_TARGET_INVOCATIONS (below; all
+#                                     # missing ones are listed at once)
 #   bash k8s/deploy.sh --render s3://models/inventory-counter/V   # print the manifests, touch nothing
 #
 # Local path: check the tools and KServe -> build the serving image (tagged with the git sha) -> load
@@ -62,16 +63,44 @@ check_python() {
 # autoscaling policy from the measured capacity).
 # ---------------------------------------------------------------------------------------------------
 if [ "${PROFILE:-}" = "sagemaker" ]; then
-  check_python
-  check_model_dir
-  [ -n "${SAGEMAKER_ROLE:-}" ] || die "SAGEMAKER_ROLE is not set: the ARN of the SageMaker execution role"
-  [ -n "${IMAGE_URI:-}" ] || die "IMAGE_URI is not set: the serving image pushed to ECR (…amazonaws.com/…:tag)"
+  # SAGEMAKER_ARGS: any other flags, e.g. "--no-autoscaling" or "--dry-run" (see --help); last, so they win.
+  read -r -a extra <<< "${SAGEMAKER_ARGS:-}"
+  has_flag() {  # FLAG...: one of them is in SAGEMAKER_ARGS (as --flag or --flag=value)
+    local a f
+    for a in ${extra[@]+"${extra[@]}"}; do
+      for f in "$@"; do case "$a" in "$f" | "$f"=*) return 0 ;; esac; done
+    done
+    return 1
+  }
+  # Every missing setting at once, by the variable the user sets (make deploy PROFILE=sagemaker VAR=...).
+  unset_vars=()
+  [ -x "$PY" ] || unset_vars+=("PYTHON: $PY not found: run 'make setup'")
+  if [ ! -f "$MODEL_DIR/model.json" ] || [ ! -f "$MODEL_DIR/model.onnx" ]; then
+    unset_vars+=("MODEL_DIR: no exported model in $MODEL_DIR (model.json + model.onnx): train one with 'make run'")
+  fi
+  [ -n "${SAGEMAKER_ROLE:-}" ] || has_flag --role \
+    || unset_vars+=("SAGEMAKER_ROLE: the SageMaker execution role's ARN (arn:aws:iam::<account>:role/<name>)")
+  [ -n "${IMAGE_URI:-}" ] || has_flag --image-uri \
+    || unset_vars+=("IMAGE_URI: the serving image pushed to ECR (<account>.dkr.ecr.<region>.amazonaws.com/…:<tag>)")
+  [ -n "${AWS_REGION:-}${AWS_DEFAULT_REGION:-}" ] || has_flag --region \
+    || unset_vars+=("AWS_REGION: the endpoint's region, e.g. us-east-1")
+  [ -n "${SAGEMAKER_MAX_RPS:-}${SAGEMAKER_TARGET_INVOCATIONS:-}" ] \
+    || has_flag --max-rps --target-invocations --no-autoscaling \
+    || unset_vars+=("SAGEMAKER_MAX_RPS: requests/s one instance sustained in 'make bench-serve' (or \
+SAGEMAKER_TARGET_INVOCATIONS per instance per minute, or SAGEMAKER_ARGS=--no-autoscaling)")
+  if [ ${#unset_vars[@]} -gt 0 ]; then
+    printf 'error: PROFILE=sagemaker needs these variables (make deploy PROFILE=sagemaker VAR=value ...):\n' >&2
+    printf '  - %s\n' "${unset_vars[@]}" >&2
+    exit 2
+  fi
   sm_args=(
-    --model-dir "$MODEL_DIR" --image-uri "$IMAGE_URI" --role "$SAGEMAKER_ROLE"
+    --model-dir "$MODEL_DIR"
     --endpoint-name "${SAGEMAKER_ENDPOINT:-inventory-counter}"
     --instance-type "${SAGEMAKER_INSTANCE_TYPE:-ml.m5.large}"
     --min "${SAGEMAKER_MIN:-1}" --max "${SAGEMAKER_MAX:-3}"
   )
+  if [ -n "${IMAGE_URI:-}" ]; then sm_args+=(--image-uri "$IMAGE_URI"); fi
+  if [ -n "${SAGEMAKER_ROLE:-}" ]; then sm_args+=(--role "$SAGEMAKER_ROLE"); fi
   if [ -n "${AWS_REGION:-}" ]; then sm_args+=(--region "$AWS_REGION"); fi
   if [ -n "${SAGEMAKER_BUCKET:-}" ]; then sm_args+=(--bucket "$SAGEMAKER_BUCKET"); fi
   if [ -n "${SAGEMAKER_MAX_RPS:-}" ]; then sm_args+=(--max-rps "$SAGEMAKER_MAX_RPS"); fi
@@ -79,9 +108,7 @@ if [ "${PROFILE:-}" = "sagemaker" ]; then
     sm_args+=(--target-invocations "$SAGEMAKER_TARGET_INVOCATIONS")
   fi
   if [ -n "${SMOKE_IMAGE:-}" ]; then sm_args+=(--smoke-image "$SMOKE_IMAGE"); fi
-  # SAGEMAKER_ARGS: any other flags, e.g. "--no-autoscaling" or "--dry-run" (see --help); last, so they win.
-  read -r -a extra <<< "${SAGEMAKER_ARGS:-}"
-  log "deploying $MODEL_DIR to SageMaker endpoint ${SAGEMAKER_ENDPOINT:-inventory-counter} with $IMAGE_URI"
+  log "deploying $MODEL_DIR to SageMaker endpoint ${SAGEMAKER_ENDPOINT:-inventory-counter} with ${IMAGE_URI:-the image in SAGEMAKER_ARGS}"
   exec "$PY" -m serving.sagemaker deploy "${sm_args[@]}" ${extra[@]+"${extra[@]}"}
 fi
 

@@ -8,7 +8,8 @@ arguments (override any with ``--param NAME=VALUE``). By default the package is 
 version of ``--pipeline-name`` when that pipeline exists) and starts the run from that version.
 
 The cluster needs the components image pushed (``make images``), the ``optuna-db`` Secret (key ``url``,
-a PostgreSQL URL reachable from the pods) and, for a private bucket or an s3:// model store, the
+a PostgreSQL URL reachable from the pods; ``kubectl apply -k k8s/overlays/kubeflow`` runs a database
+and generates it) and, for a private bucket or an s3:// model store, the
 optional ``aws-credentials`` Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
 """
 
@@ -31,6 +32,8 @@ from pipeline.pipeline import PIPELINE_NAME
 from pipeline.profiles import pipeline_parameters
 
 TOKEN_ENV = "KFP_TOKEN"
+#: Set to 1 by ``make submit``: errors then name the make variables (SUBMIT_ARGS=...), not the flags.
+VIA_MAKE_ENV = "SUBMIT_VIA_MAKE"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
 
@@ -59,8 +62,12 @@ def validate_submission(
     upload: bool = False,
     pipeline_name: str = PIPELINE_NAME,
     service_account: str | None = None,
+    via_make: bool = False,
 ) -> Submission:
-    """Check what a cluster run needs and that a local-only setting did not slip in."""
+    """Check what a cluster run needs and that a local-only setting did not slip in.
+
+    ``via_make``: the hints name ``make submit``'s variables instead of this CLI's flags.
+    """
     if not re.match(r"^https?://[^\s/]+", host or ""):
         raise ConfigError(f"--host {host!r} must be the KFP API URL, e.g. http://localhost:8080")
     for flag, value in (("--experiment", experiment), ("--pipeline-name", pipeline_name)):
@@ -71,10 +78,19 @@ def validate_submission(
         raise ConfigError(f"--run-name {run_name!r}: use letters, digits, space, '.', '_' or '-'")
     store = str(params.get("model_store", ""))
     if not store.startswith("s3://"):
-        raise ConfigError(
-            f"model_store {store!r} is not reachable from the cluster's pods: pass --param "
-            "model_store=s3://bucket/prefix"
+        if via_make:
+            how = (
+                f"set the model store: make submit KFP_HOST={host} PROFILE={profile} "
+                'SUBMIT_ARGS="--param model_store=s3://bucket/prefix"'
+            )
+        else:
+            how = "pass --param model_store=s3://bucket/prefix"
+        what = (
+            f"no model_store (profile {profile} has none): a cluster run publishes the model to S3"
+            if not store
+            else f"model_store {store!r} is not reachable from the cluster's pods"
         )
+        raise ConfigError(f"{what}: {how}")
     source = str(params.get("source", ""))
     if not source.startswith("s3://"):
         raise ConfigError(f"source {source!r} is a local path: a cluster run reads s3://bucket[/prefix]")
@@ -167,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             upload=args.upload,
             pipeline_name=args.pipeline_name,
             service_account=args.service_account,
+            via_make=os.environ.get(VIA_MAKE_ENV) == "1",
         )
         opts = options_from_args(args)
         with tempfile.TemporaryDirectory() as tmp:
