@@ -12,6 +12,8 @@ EXTRAS ?= dev
 PROFILE ?= quick
 DATA_SOURCE ?= s3://aft-vbi-pds
 RUN_DIR ?= runs/local
+# subprocess: tasks in this venv; docker: every task in the components image (make images first)
+RUNNER ?= subprocess
 PIPELINE_YAML ?= build/inventory_pipeline.yaml
 KFP_HOST ?=
 SUBMIT_ARGS ?=
@@ -41,8 +43,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) ## create or refresh .venv with every extra (dev)
 
-run: $(STAMP) ## the whole pipeline locally with kfp.local (PROFILE=quick|full|scratch, DATA_SOURCE=s3://…|DIR)
-	$(PY) -m pipeline.run_local --profile $(PROFILE) --source $(DATA_SOURCE) --out $(RUN_DIR)
+run: $(STAMP) ## the whole pipeline locally with kfp.local (PROFILE=quick|full|scratch, DATA_SOURCE=s3://…|DIR, RUNNER=subprocess|docker)
+	@case "$(RUNNER)" in subprocess|docker) ;; \
+	  *) echo "RUNNER=$(RUNNER): use RUNNER=subprocess (tasks in this venv) or RUNNER=docker (in the components image)"; exit 2;; esac
+	$(PY) -m pipeline.run_local --profile $(PROFILE) --source $(DATA_SOURCE) --out $(RUN_DIR) \
+		--runner $(RUNNER) --image $(COMPONENTS_IMAGE)
 
 test: $(STAMP) ## the test suite (starts its own S3, PostgreSQL, KServe and Docker servers)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -60,7 +65,7 @@ compile: $(STAMP) ## write the pipeline YAML for the KFP UI
 
 submit: $(STAMP) ## upload and start a run on a cluster: make submit KFP_HOST=http://…
 	@test -n "$(KFP_HOST)" || { echo "set KFP_HOST, e.g. make submit KFP_HOST=http://localhost:8080"; exit 2; }
-	$(PY) -m pipeline.submit --host $(KFP_HOST) --profile $(PROFILE) --image $(COMPONENTS_IMAGE) $(SUBMIT_ARGS)
+	SUBMIT_VIA_MAKE=1 $(PY) -m pipeline.submit --host $(KFP_HOST) --profile $(PROFILE) --image $(COMPONENTS_IMAGE) $(SUBMIT_ARGS)
 
 bench-ingest: $(STAMP) ## objects/s from a local S3 server -> bench/results/ingest.json
 	$(PY) bench/ingest.py

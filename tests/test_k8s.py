@@ -406,12 +406,12 @@ def test_deploy_rejects_bad_settings_early(bare_path: Path, model_dir: Path, tmp
     proc = run_script("deploy.sh", script_env(bare_path, MODEL_DIR=str(tmp_path / "nope")))
     assert proc.returncode == 2 and "no exported model" in proc.stderr and "make run" in proc.stderr
     proc = run_script("deploy.sh", script_env(bare_path, PROFILE="sagemaker", MODEL_DIR=str(model_dir)))
-    assert proc.returncode == 2 and "SAGEMAKER_ROLE is not set" in proc.stderr
+    assert proc.returncode == 2 and "  - SAGEMAKER_ROLE: " in proc.stderr
     proc = run_script(
         "deploy.sh",
         script_env(bare_path, PROFILE="sagemaker", MODEL_DIR=str(model_dir), SAGEMAKER_ROLE="arn:x"),
     )
-    assert proc.returncode == 2 and "IMAGE_URI is not set" in proc.stderr
+    assert proc.returncode == 2 and "  - IMAGE_URI: " in proc.stderr and "SAGEMAKER_ROLE" not in proc.stderr
 
 
 SM_ROLE = "arn:aws:iam::123456789012:role/SageMakerExecution"
@@ -560,3 +560,348 @@ def test_shell_scripts_parse_and_pass_shellcheck() -> None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck); bash -n passed")
     proc = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_deploy_sagemaker_lists_every_missing_variable_at_once(bare_path: Path, tmp_path: Path) -> None:
+    for tool in ("docker", "kubectl", "kind", "curl"):
+        stub(bare_path, tool)
+    settings = ("MODEL_DIR", "SAGEMAKER_ROLE", "IMAGE_URI", "AWS_REGION", "SAGEMAKER_MAX_RPS")
+    env = script_env(bare_path, PROFILE="sagemaker", MODEL_DIR=str(tmp_path / "no-model"))
+
+    def listed(env: dict[str, str]) -> list[str]:
+        proc = run_script("deploy.sh", env)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("error:") == 1 and "should not run" not in proc.stderr, proc.stderr
+        assert "make deploy PROFILE=sagemaker VAR=value" in proc.stderr
+        return [line[4:].split(":", 1)[0] for line in proc.stderr.splitlines() if line.startswith("  - ")]
+
+    assert listed(env) == list(settings)
+    given = {"SAGEMAKER_ROLE": SM_ROLE, "IMAGE_URI": SM_IMAGE, "AWS_REGION": "eu-west-1"}
+    for name, value in given.items():  # each one given drops exactly that one
+        assert listed({**env, name: value}) == [s for s in settings if s != name]
+    # what serving.sagemaker also accepts counts as given
+    assert "AWS_REGION" not in listed({**env, "AWS_DEFAULT_REGION": "eu-west-1"})
+    assert "SAGEMAKER_MAX_RPS" not in listed({**env, "SAGEMAKER_TARGET_INVOCATIONS": "600"})
+    assert listed({**env, "SAGEMAKER_ARGS": "--no-autoscaling --region=eu-west-1 --role r"}) == [
+        "MODEL_DIR",
+        "IMAGE_URI",
+    ]
+
+
+def test_deploy_sagemaker_takes_the_settings_from_sagemaker_args(bare_path: Path, sm_model_dir: Path) -> None:
+    # SAGEMAKER_ROLE / IMAGE_URI / AWS_REGION unset (set -u must not trip), all given as flags instead
+    args = f"--dry-run --role {SM_ROLE} --image-uri {SM_IMAGE} --region eu-west-1 --target-invocations 600"
+    env = sagemaker_env(bare_path, MODEL_DIR=str(sm_model_dir), SAGEMAKER_ARGS=args)
+    calls = dry_run_calls(run_script("deploy.sh", env))
+    assert calls["create_model"]["ExecutionRoleArn"] == SM_ROLE
+    assert calls["create_model"]["PrimaryContainer"]["Image"] == SM_IMAGE
+
+
+def test_make_deploy_sagemaker_lists_every_missing_variable(tmp_path: Path) -> None:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make not installed")
+    drop = ("AWS_REGION", "AWS_DEFAULT_REGION", "IMAGE_URI", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", *drop))}
+    # -o: the venv stamp counts as up to date (no reinstall); the error comes before any AWS call
+    cmd = [make, "-o", ".venv/.installed-dev", f"PY={sys.executable}", "deploy", "PROFILE=sagemaker"]
+    proc = subprocess.run(
+        [*cmd, f"MODEL_DIR={tmp_path / 'no-model'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    for name in ("MODEL_DIR", "SAGEMAKER_ROLE", "IMAGE_URI", "AWS_REGION", "SAGEMAKER_MAX_RPS"):
+        assert f"  - {name}: " in proc.stderr, proc.stderr
+    assert proc.stderr.count("error:") == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# overlays/kubeflow: the Optuna study database in the namespace the pipeline's tasks run in
+# --------------------------------------------------------------------------------------------------
+
+#: Standalone Kubeflow Pipelines (k8s/README.md) runs the pipeline's pods in this namespace.
+KFP_NAMESPACE = "kubeflow"
+OPTUNA_TARGET = K8S / "overlays" / "kubeflow"
+OPTUNA_COMPONENT = K8S / "components" / "optuna-postgres"
+
+
+@pytest.fixture(scope="module")
+def optuna_docs() -> list[dict[str, Any]]:
+    return render(OPTUNA_TARGET)
+
+
+def the_one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, (kind, name, [d["metadata"]["name"] for d in found])
+    return found[0]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+class FakeSecrets:
+    """The API server's Secrets of one namespace, as the generator script sees them."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, dict[str, str]] = {}
+        self.writes: list[tuple[str, str]] = []
+
+    def get(self, name: str) -> dict[str, str] | None:
+        return dict(self.store[name]) if name in self.store else None
+
+    def create(self, name: str, data: dict[str, str]) -> bool:
+        if name in self.store:
+            return False
+        self.store[name] = dict(data)
+        self.writes.append(("create", name))
+        return True
+
+    def patch(self, name: str, data: dict[str, str]) -> None:
+        self.store[name].update(data)
+        self.writes.append(("patch", name))
+
+
+def secrets_script(docs: list[dict[str, Any]]) -> tuple[Any, dict[str, str]]:
+    """The generator exactly as the Job runs it (from the rendered ConfigMap) and the Job's env."""
+    import types
+
+    job = the_one(docs, "Job")
+    spec = job["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    (mount,) = c["volumeMounts"]
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    cm = the_one(docs, "ConfigMap", volume["configMap"]["name"])
+    script = c["command"][-1]
+    assert script.startswith(mount["mountPath"] + "/"), (script, mount)
+    source = cm["data"][script.rsplit("/", 1)[1]]
+    module = types.ModuleType("optuna_db_secrets")
+    exec(compile(source, script, "exec"), module.__dict__)
+    env: dict[str, str] = {}
+    for name, value in env_of(c).items():
+        if isinstance(value, dict):  # the downward API: the Job's own namespace
+            assert value == {"fieldRef": {"fieldPath": "metadata.namespace"}}, (name, value)
+            env[name] = job["metadata"]["namespace"]
+        else:
+            env[name] = value
+    return module, env
+
+
+def test_optuna_db_renders_valid_objects_in_the_kfp_namespace(optuna_docs: list[dict[str, Any]]) -> None:
+    kinds = sorted(d["kind"] for d in optuna_docs)
+    assert kinds == sorted(
+        ["ConfigMap", "Deployment", "Job", "PersistentVolumeClaim", "Role", "RoleBinding", "Service",
+         "ServiceAccount"]
+    )  # fmt: skip
+    for doc in optuna_docs:
+        assert doc["metadata"]["namespace"] == KFP_NAMESPACE, doc["kind"]
+        assert core_errors(doc) == []
+    binding = the_one(optuna_docs, "RoleBinding")
+    assert binding["subjects"][0]["namespace"] == KFP_NAMESPACE
+    bad = copy.deepcopy(the_one(optuna_docs, "Job"))
+    bad["spec"]["backofLimit"] = 3
+    assert core_errors(bad), "kubernetes-validate --strict accepted an unknown field"
+
+
+def test_optuna_db_component_is_a_reusable_component() -> None:
+    kust = yaml.safe_load((OPTUNA_COMPONENT / "kustomization.yaml").read_text())
+    assert kust["kind"] == "Component" and "namespace" not in kust
+    overlay = yaml.safe_load((OPTUNA_TARGET / "kustomization.yaml").read_text())
+    assert overlay["namespace"] == KFP_NAMESPACE
+    assert overlay["components"] == ["../../components/optuna-postgres"]
+
+
+def test_optuna_db_commits_no_credentials(optuna_docs: list[dict[str, Any]]) -> None:
+    import re
+
+    assert not [d for d in optuna_docs if d["kind"] == "Secret"], "a Secret with fixed values is rendered"
+    text = yaml.safe_dump_all(optuna_docs)
+    # no database URL with a literal password (the script's f-string has {…} there)
+    assert not re.search(r"postgres(ql)?(\+\w+)?://[^:/\s]+:[^@{\s]+@", text)
+    deploy = the_one(optuna_docs, "Deployment")
+    env = env_of(deploy["spec"]["template"]["spec"]["containers"][0])
+    assert isinstance(env["POSTGRES_PASSWORD"], dict) and "secretKeyRef" in env["POSTGRES_PASSWORD"]
+    for path in OPTUNA_COMPONENT.rglob("*"):
+        for doc in yaml.safe_load_all(path.read_text()) if path.suffix == ".yaml" else []:
+            assert not (doc or {}).get("secretGenerator"), f"{path}: credentials from a committed file"
+
+
+def test_optuna_db_images_are_pinned(optuna_docs: list[dict[str, Any]]) -> None:
+    import re
+
+    images = {c["image"] for d in optuna_docs for c in containers(d)}
+    assert len(images) == 2
+    for image in images:
+        assert re.fullmatch(r"[a-z0-9./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), image
+        assert ":latest" not in image
+    (pg,) = [i for i in images if i.startswith("postgres:")]
+    assert re.match(r"postgres:\d+\.\d+-bookworm@", pg), pg
+
+
+def test_optuna_db_secret_url_points_at_the_service(optuna_docs: list[dict[str, Any]]) -> None:
+    from sqlalchemy.engine import make_url
+
+    from components.tune import validate_storage_url
+    from pipeline.pipeline import BuildOptions
+
+    module, env = secrets_script(optuna_docs)
+    api = FakeSecrets()
+    module.ensure(api, env)
+    opts = BuildOptions()
+    assert env["NAMESPACE"] == KFP_NAMESPACE
+    assert env["OPTUNA_SECRET"] == opts.optuna_secret and set(api.store[opts.optuna_secret]) == {
+        opts.optuna_secret_key
+    }
+    url = api.store[opts.optuna_secret][opts.optuna_secret_key]
+    assert validate_storage_url(url) == url
+    parsed = make_url(url)
+    svc = the_one(optuna_docs, "Service")
+    (port,) = svc["spec"]["ports"]
+    assert parsed.drivername == "postgresql+psycopg2"  # psycopg2-binary is the installed driver
+    assert parsed.host == f"{svc['metadata']['name']}.{KFP_NAMESPACE}.svc.cluster.local"
+    assert parsed.port == port["port"]
+    # the server is initialised with the same credentials: its POSTGRES_* come from the generated Secret
+    creds = api.store[env["PG_SECRET"]]
+    assert (parsed.username, parsed.password, parsed.database) == (
+        creds["username"],
+        creds["password"],
+        creds["database"],
+    )
+    assert len(creds["password"]) >= 32
+    deploy = the_one(optuna_docs, "Deployment")
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    refs = {k: v["secretKeyRef"] for k, v in env_of(c).items() if isinstance(v, dict)}
+    assert refs == {
+        "POSTGRES_USER": {"name": env["PG_SECRET"], "key": "username"},
+        "POSTGRES_PASSWORD": {"name": env["PG_SECRET"], "key": "password"},
+        "POSTGRES_DB": {"name": env["PG_SECRET"], "key": "database"},
+    }
+    assert port["targetPort"] in {p["name"] for p in c["ports"]} and c["ports"][0]["containerPort"] == 5432
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_optuna_db_secrets_are_generated_once_and_kept(optuna_docs: list[dict[str, Any]]) -> None:
+    module, env = secrets_script(optuna_docs)
+    api = FakeSecrets()
+    module.ensure(api, env)
+    assert api.writes == [("create", "optuna-postgres"), ("create", "optuna-db")]
+    first = copy.deepcopy(api.store)
+    module.ensure(api, env)  # a second apply: the volume holds the first password, keep it
+    assert api.store == first and len(api.writes) == 2
+    api.store["optuna-db"]["url"] = "postgresql://stale"  # a URL that drifted is rewritten
+    module.ensure(api, env)
+    assert api.store == first and api.writes[-1] == ("patch", "optuna-db")
+    other = FakeSecrets()
+    module.ensure(other, env)  # another cluster: another random password
+    assert other.store["optuna-postgres"]["password"] != first["optuna-postgres"]["password"]
+
+
+def test_optuna_db_secrets_script_speaks_the_secrets_api(optuna_docs: list[dict[str, Any]]) -> None:
+    """The script's REST client against a fake API server (create, 409, get, 404, merge patch)."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    store: dict[str, dict[str, Any]] = {}
+    seen: list[tuple[str, str, str, str]] = []
+    prefix = f"/api/v1/namespaces/{KFP_NAMESPACE}/secrets"
+
+    class Api(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def reply(self, code: int, body: Any) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def body(self) -> Any:
+            return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
+        def handle_one(self) -> None:
+            seen.append(
+                (self.command, self.path, self.headers["Authorization"], self.headers["Content-Type"])
+            )
+            name = self.path.removeprefix(prefix).strip("/")
+            if self.command == "POST" and not name:
+                obj = self.body()
+                if obj["metadata"]["name"] in store:
+                    return self.reply(409, {"reason": "AlreadyExists"})
+                store[obj["metadata"]["name"]] = obj
+                return self.reply(201, obj)
+            if name not in store:
+                return self.reply(404, {"reason": "NotFound"})
+            if self.command == "PATCH":
+                store[name]["data"].update(self.body()["data"])
+            return self.reply(200, store[name])
+
+        do_GET = do_POST = do_PATCH = handle_one  # noqa: N815
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        module, env = secrets_script(optuna_docs)
+        api = module.KubeSecrets(f"http://127.0.0.1:{server.server_address[1]}{prefix}", "tok")
+        module.ensure(api, env)
+        assert api.create("optuna-db", {"url": "x"}) is False  # 409: already there
+        store["optuna-db"]["data"]["url"] = base64.b64encode(b"postgresql://stale").decode()
+        module.ensure(api, env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert store["optuna-postgres"]["metadata"]["labels"]["app.kubernetes.io/component"] == "optuna-db"
+    url = base64.b64decode(store["optuna-db"]["data"]["url"]).decode()
+    password = base64.b64decode(store["optuna-postgres"]["data"]["password"]).decode()
+    assert url.startswith("postgresql+psycopg2://optuna:") and f":{password}@" in url
+    assert all(auth == "Bearer tok" for _, _, auth, _ in seen)
+    assert ("PATCH", f"{prefix}/optuna-db", "Bearer tok", "application/merge-patch+json") in seen
+    # the Role allows exactly these calls
+    rules = the_one(optuna_docs, "Role")["rules"]
+    assert {"create"} == {v for r in rules if "resourceNames" not in r for v in r["verbs"]}
+    named = [r for r in rules if "resourceNames" in r]
+    assert named == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["optuna-postgres", "optuna-db"],
+         "verbs": ["get", "patch"]}
+    ]  # fmt: skip
+
+
+def test_optuna_postgres_pod_is_persistent_probed_and_unprivileged(optuna_docs: list[dict[str, Any]]) -> None:
+    deploy = the_one(optuna_docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    spec = deploy["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    pgdata = env_of(c)["PGDATA"]
+    pvc = the_one(optuna_docs, "PersistentVolumeClaim")
+    (data,) = [v for v in spec["volumes"] if v.get("persistentVolumeClaim")]
+    assert data["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    # PGDATA is a subdirectory of the volume (initdb wants an empty directory; lost+found is not)
+    assert str(Path(pgdata).parent) == mounts[data["name"]] and pgdata != mounts[data["name"]]
+    empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    assert {n for n, p in mounts.items() if p in ("/var/run/postgresql", "/tmp")} <= empty_dirs
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "pg_isready" in " ".join(c[probe]["exec"]["command"]), probe
+    res = c["resources"]
+    assert res["requests"] and res["requests"] == res["limits"]
+    psc = spec["securityContext"]
+    assert (psc["runAsNonRoot"], psc["runAsUser"], psc["runAsGroup"], psc["fsGroup"]) == (True, 999, 999, 999)
+    assert spec["automountServiceAccountToken"] is False
+    job = the_one(optuna_docs, "Job")["spec"]["template"]["spec"]
+    for pod in (spec, job):
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for cont in pod["containers"]:
+            sc = cont["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["readOnlyRootFilesystem"] is True
+            assert cont["resources"]["requests"] == cont["resources"]["limits"]
