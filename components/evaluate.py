@@ -17,14 +17,16 @@ import logging
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from components.common import ConfigError, atomic_write_json, atomic_write_text, format_table, setup_logging
-from components.manifest import load_labelled
+from components.manifest import load_labelled, read_manifest
 from components.modelspec import INT8_CHOICES, choose_onnx_file, load_model_spec
 from components.preprocess import preprocess_batch
 
@@ -203,6 +205,52 @@ def difference_text(value: float, interval: Sequence[float], digits: int = 4) ->
     return f"{value:+.{digits}f} ({interval[0]:+.{digits}f} to {interval[1]:+.{digits}f})"
 
 
+def majority_baseline(train_counts: Sequence[int], test_counts: Sequence[int]) -> dict[str, Any]:
+    """The majority-class baseline: the accuracy on ``test_counts`` of always answering the count that
+    is most frequent in ``train_counts`` (the smallest such count on a tie, so it is deterministic).
+
+    Why: it is what a model that learnt nothing about the images scores on this test split, so a gate
+    relative to it means the same on any subset, where an absolute accuracy does not. A majority count
+    absent from the test split gives 0.
+    """
+    train = Counter(int(c) for c in train_counts)
+    test = [int(c) for c in test_counts]
+    if not train or not test:
+        raise ValueError(f"need non-empty train and test counts, got {sum(train.values())} and {len(test)}")
+    majority = min(train, key=lambda c: (-train[c], c))
+    return {
+        "count": majority,
+        "accuracy": sum(c == majority for c in test) / len(test),
+        "n_train": sum(train.values()),
+        "n_test": len(test),
+    }
+
+
+@dataclass(frozen=True)
+class AccuracyGate:
+    """The publish gate: test accuracy must reach the majority-class baseline plus ``margin``."""
+
+    accuracy: float
+    baseline: float
+    margin: float
+
+    @property
+    def required(self) -> float:
+        return self.baseline + self.margin
+
+    @property
+    def passed(self) -> bool:
+        # a difference below 1e-9 is float rounding, not an image: 0.2 + 0.05 must admit 0.25
+        return self.accuracy >= self.required - 1e-9
+
+    def reason(self) -> str:
+        """``"test accuracy 0.213 < majority baseline 0.224 + margin 0.05 = 0.274"``."""
+        return (
+            f"test accuracy {self.accuracy:.3f} {'>=' if self.passed else '<'} majority baseline "
+            f"{self.baseline:.3f} + margin {self.margin:g} = {self.required:.3f}"
+        )
+
+
 def interval_text(m: dict[str, Any], key: str, digits: int = 3) -> str:
     """``"0.431 (0.398-0.464)"``: a figure with its interval when ``m`` has one."""
     text = f"{m[key]:.{digits}f}"
@@ -250,8 +298,13 @@ def evaluate(
     num_threads: int | None = None,
     progress: bool = True,
     int8: str = "auto",
+    train_manifest: Path | None = None,
 ) -> dict[str, Any]:
-    """Score the exported model on ``manifest``; writes metrics.json, confusion_matrix.png, predictions."""
+    """Score the exported model on ``manifest``; writes metrics.json, confusion_matrix.png, predictions.
+
+    With ``train_manifest`` (the split the model was trained on) ``majority_baseline`` records the
+    accuracy of always answering its most frequent count on these images (:func:`majority_baseline`).
+    """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     spec = load_model_spec(model_dir)
@@ -268,6 +321,12 @@ def evaluate(
     )
     true = [r.count for r in rows]
     metrics = count_metrics(true, pred["count"], spec.classes, pred["expected"], intervals=True)
+    if train_manifest is not None:
+        train_rows = read_manifest(train_manifest)
+        if not train_rows:
+            raise ConfigError(f"--train-manifest {train_manifest} has no rows: the baseline needs its counts")
+        baseline = majority_baseline([r.count for r in train_rows], true)
+        metrics["majority_baseline"] = baseline | {"train_manifest": str(train_manifest)}
     metrics.update(
         {
             "model": spec.name,
@@ -317,6 +376,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, type=Path, help="labelled manifest CSV, e.g. test.csv")
     p.add_argument("--out", required=True, type=Path, help="output directory for metrics.json and plots")
     p.add_argument("--data-root", type=Path, default=None, help="directory the manifest paths are under")
+    p.add_argument(
+        "--train-manifest",
+        type=Path,
+        default=None,
+        help="the model's training manifest, e.g. train.csv: also report the majority-class baseline "
+        "(always answering its most frequent count) on --manifest",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument(
@@ -342,18 +408,18 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             num_threads=args.num_threads,
             int8=args.int8,
+            train_manifest=args.train_manifest,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     level = f"{m['intervals']['level']:.0%} interval"
-    print(
-        format_table(
-            [["n", m["n"], ""]]
-            + [[k, m[k], range_text(m["intervals"][k])] for k in ("accuracy", "rmse", "mae", "within_one")],
-            ["metric", "value", level],
-        )
-    )
+    rows = [["n", m["n"], ""]]
+    rows += [[k, m[k], range_text(m["intervals"][k])] for k in ("accuracy", "rmse", "mae", "within_one")]
+    if "majority_baseline" in m:
+        base = m["majority_baseline"]
+        rows.append(["majority baseline", base["accuracy"], f"(always {base['count']})"])
+    print(format_table(rows, ["metric", "value", level]))
     print(
         format_table(
             [[c, m["support"][c], m["per_class_accuracy"][c]] for c in m["per_class_accuracy"]],

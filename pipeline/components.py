@@ -669,7 +669,7 @@ def train_model(
         cfg = apply_params(json.loads(best_params or "{}"), cfg)
         result = run_training(cfg)
         if int8:
-            from serving.quantize import quantize_model
+            from components.quantize import quantize_model
 
             gate = quantize_model(
                 out, Path(train.path), Path(val.path), data_root=Path(dataset.path), seed=seed
@@ -706,29 +706,53 @@ def train_model(
 def evaluate_model(
     model: Input[Model],
     dataset: Input[Dataset],
+    train: Input[Dataset],
     test: Input[Dataset],
+    accuracy_margin: float,
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
-) -> float:
-    """Score the exported ONNX model on the test split; returns the test accuracy (the publish gate)."""
+) -> NamedTuple("EvaluateOutputs", [("Output", bool), ("accuracy", float)]):
+    """Score the exported ONNX model on the test split; returns whether it passes the publish gate
+    (``Output``: at least the majority-class baseline, from the ``train`` split's counts scored on the test
+    images, plus ``accuracy_margin``) and the test ``accuracy``.
+
+    The verdict is named ``Output`` because kfp.local (2.17) resolves only outputs of that name in a
+    ``dsl.If`` condition; ``accuracy`` is passed on to publish as an ordinary input.
+    """
     import tempfile
+    from collections import namedtuple
     from pathlib import Path
 
+    from components.evaluate import AccuracyGate, range_text
     from components.evaluate import evaluate as run_evaluation
-    from components.evaluate import range_text
     from pipeline.components import html_report, step_errors
 
     with step_errors("evaluate", metrics.path), tempfile.TemporaryDirectory() as tmp:
         m = run_evaluation(
-            Path(model.path), Path(test.path), Path(tmp), data_root=Path(dataset.path), progress=False
+            Path(model.path),
+            Path(test.path),
+            Path(tmp),
+            data_root=Path(dataset.path),
+            progress=False,
+            train_manifest=Path(train.path),
         )
+        baseline = m["majority_baseline"]
+        gate = AccuracyGate(float(m["accuracy"]), float(baseline["accuracy"]), float(accuracy_margin))
         page = html_report(
             "Test set",
             tables={
                 "metrics": {k: m[k] for k in ("n", "accuracy", "rmse", "mae", "within_one") if k in m},
                 "95% bootstrap intervals": {
                     k: range_text(v) for k, v in m.get("intervals", {}).items() if k in m
+                },
+                "publish gate": {
+                    "majority count (most frequent in train)": baseline["count"],
+                    "majority baseline accuracy (always that count)": gate.baseline,
+                    "accuracy_margin": gate.margin,
+                    "required accuracy": gate.required,
+                    "test accuracy": gate.accuracy,
+                    "passed": gate.passed,
                 },
                 "per-class accuracy": m["per_class_accuracy"],
             },
@@ -741,12 +765,17 @@ def evaluate_model(
             low, high = m["intervals"][key]
             metrics.log_metric(f"test_{key}_low", float(low))
             metrics.log_metric(f"test_{key}_high", float(high))
+    metrics.log_metric("majority_count", float(baseline["count"]))
+    metrics.log_metric("majority_baseline_accuracy", gate.baseline)
+    metrics.log_metric("accuracy_margin", gate.margin)
+    metrics.log_metric("required_accuracy", gate.required)
     confusion.log_confusion_matrix(
         [str(label) for label in m["labels"]], [list(map(int, r)) for r in m["confusion_matrix"]]
     )
     with open(report.path, "w", encoding="utf-8") as fh:
         fh.write(page)
-    return float(m["accuracy"])
+    outputs = namedtuple("EvaluateOutputs", ["Output", "accuracy"])
+    return outputs(gate.passed, gate.accuracy)
 
 
 def challenge_model(
@@ -801,7 +830,11 @@ def challenge_model(
         metrics.log_metric("accuracy_gain_low", float(gain["interval"][0]))
         metrics.log_metric("accuracy_gain_high", float(gain["interval"][1]))
     report.metadata.update(
-        {"promote": record["promote"], "champion_version": (record["champion"] or {}).get("version", "")}
+        {
+            "promote": record["promote"],
+            "champion_version": (record["champion"] or {}).get("version", ""),
+            "reason": record["reason"],
+        }
     )
     with open(report.path, "w", encoding="utf-8") as fh:
         fh.write(html_report("Published model vs this one", tables=tables))

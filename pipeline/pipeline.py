@@ -9,7 +9,7 @@
                          │                                                          ▼
                          └────────────────────────────────────────► select_best ─► train_model
                                                                                      │
-                                  dsl.If(test accuracy >= accuracy_threshold) ◄─ evaluate_model
+                 dsl.If(test accuracy >= majority baseline + accuracy_margin) ◄─ evaluate_model
                                                  └─► challenge_model ─► dsl.If(promote) ─► publish_model
 
 ``pretrain`` trains a backbone on the training split plus ``ingest_extra``'s images (the counts the
@@ -19,6 +19,11 @@ start from it, so the tuned parameters are tuned for the fit's starting point. W
 ``pretrain_epochs`` 0 ``pretrain`` writes only a note and everything starts from ``weights``.
 ``pretrain_objective`` contrastive trains that backbone self-supervised (SimCLR) on the same images
 instead, without their labels (then ``pretrain_per_class`` may be 0: the training split alone).
+
+``evaluate_model`` scores the model on the test split and the majority-class baseline (always answering
+the training split's most frequent count) on the same images; it returns the accuracy and whether it
+reaches that baseline plus ``accuracy_margin``, which the first ``dsl.If`` tests (a KFP condition can only
+compare an output with a constant or a parameter).
 
 ``challenge_model`` scores the new model and the store's latest published version of ``model_name`` on
 the same test images (:mod:`components.champion`): the new one is published only when its paired
@@ -41,6 +46,7 @@ from kfp import dsl, kubernetes
 
 from components import __version__
 from pipeline.components import DEFAULT_COMPONENTS_IMAGE, make_components
+from pipeline.profiles import PARAMETER_HELP, pipeline_docstring
 
 PIPELINE_NAME = "inventory-monitor"
 PIPELINE_DESCRIPTION = (
@@ -118,12 +124,29 @@ def _trainer_resources(task: Any, opts: BuildOptions) -> Any:
     return task
 
 
+def _documented(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give the pipeline function the docstring KFP turns into its input descriptions (the KFP UI's run
+    form), from :data:`pipeline.profiles.PARAMETER_HELP`; a parameter without help fails here."""
+    import inspect
+
+    names = list(inspect.signature(func).parameters)
+    if set(names) != set(PARAMETER_HELP):
+        raise RuntimeError(
+            f"pipeline parameters and PARAMETER_HELP differ: only in the signature "
+            f"{sorted(set(names) - set(PARAMETER_HELP))}, only in PARAMETER_HELP "
+            f"{sorted(set(PARAMETER_HELP) - set(names))}"
+        )
+    func.__doc__ = pipeline_docstring(PIPELINE_DESCRIPTION)
+    return func
+
+
 def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
     """The ``@dsl.pipeline`` function for ``opts``; its parameters are documented in pipeline.profiles."""
     opts = opts or BuildOptions()
     c = make_components(opts.image)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
+    @_documented
     def inventory_pipeline(
         source: str = "s3://aft-vbi-pds",
         endpoint_url: str = "",
@@ -150,7 +173,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         optuna_storage: str = "",
         device: str = "cpu",
         num_threads: int = 1,
-        accuracy_threshold: float = 0.0,
+        accuracy_margin: float = 0.0,
         champion_gate: str = "point",
         champion_min_gain: float = 0.0,
         model_store: str = "",
@@ -255,12 +278,19 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         train.set_display_name("train with the best parameters").set_caching_options(False)
         _trainer_resources(_k8s(train, opts), opts)
 
-        evaluate = c.evaluate(model=train.outputs["model"], dataset=data, test=test_csv)
+        evaluate = c.evaluate(
+            model=train.outputs["model"],
+            dataset=data,
+            train=train_csv,
+            test=test_csv,
+            accuracy_margin=accuracy_margin,
+        )
         evaluate.set_display_name("evaluate on test (ONNX)")
         evaluate.set_cpu_limit("2").set_memory_limit("4G").set_caching_options(True)
         _k8s(evaluate, opts)
 
-        with dsl.If(evaluate.outputs["Output"] >= accuracy_threshold, name="accuracy-gate"):
+        # evaluate's Output: test accuracy >= majority baseline + accuracy_margin
+        with dsl.If(evaluate.outputs["Output"] == True, name="accuracy-gate"):  # noqa: E712 - KFP condition
             challenge = c.challenge(
                 model=train.outputs["model"],
                 dataset=data,
@@ -277,7 +307,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             with dsl.If(challenge.outputs["Output"] == True, name="champion-gate"):  # noqa: E712 - KFP condition
                 publish = c.publish(
                     model=train.outputs["model"],
-                    test_accuracy=evaluate.outputs["Output"],
+                    test_accuracy=evaluate.outputs["accuracy"],
                     model_store=model_store,
                     endpoint_url=endpoint_url,
                     model_name=model_name,

@@ -2,12 +2,14 @@
 
 It executes the same compiled pipeline as a cluster (ParallelFor, Collected, dsl.If included) with
 ``kfp.local.SubprocessRunner(use_venv=False)``: every task is a subprocess of the current venv, nothing
-is pip-installed. Artifacts go to ``RUN_DIR/kfp/<run>/<task>/``, the Optuna study to the SQLite file
+is pip-installed; or, with ``--runner docker`` (``make run RUNNER=docker``), with
+``kfp.local.DockerRunner``: every task runs in the components image (:mod:`pipeline.runners`).
+Artifacts go to ``RUN_DIR/kfp/<run>/<task>/``, the Optuna study to the SQLite file
 ``RUN_DIR/optuna.db``, published models to ``RUN_DIR/models`` (unless ``--store``), and the final model
 is copied to ``RUN_DIR/model`` so ``python -m serving --model_dir RUN_DIR/model`` serves it.
 
 What differs from a cluster run: kfp.local ignores the Kubernetes settings (Secrets, GPU requests,
-tolerations, resources, image pull policy) and the image (tasks run in this venv); ingest is not retried
+tolerations, resources, image pull policy) and, with the subprocess runner, the image; ingest is not retried
 (locally a failure is rarely transient, and its message should come at once); task caching is off;
 Optuna uses a SQLite file instead of PostgreSQL; kfp.local runs at most two tuning workers at a time.
 """
@@ -25,10 +27,15 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.common import ConfigError, atomic_write_dir, format_table, setup_logging
+from pipeline.components import DEFAULT_COMPONENTS_IMAGE
 from pipeline.profiles import PARAMETER_HELP, pipeline_parameters, profile_names
+from pipeline.runners import RUNNERS
+
+if TYPE_CHECKING:
+    from components.evaluate import AccuracyGate
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +130,28 @@ def prepare_parameters(
     return params
 
 
-def run_pipeline(params: Mapping[str, Any], run_dir: Path) -> RunSummary:
-    """Execute the pipeline with kfp.local; raises RuntimeError (with the step's message) on failure."""
+def run_pipeline(
+    params: Mapping[str, Any],
+    run_dir: Path,
+    runner: str = "subprocess",
+    image: str = DEFAULT_COMPONENTS_IMAGE,
+) -> RunSummary:
+    """Execute the pipeline with kfp.local, its tasks in this venv or (``runner`` docker) in ``image``;
+    raises RuntimeError (with the step's message) on failure, ConfigError without an engine or image."""
     from kfp import local
 
     from pipeline.pipeline import BuildOptions, build_pipeline
+    from pipeline.runners import docker_runner
 
     pipeline_root = (run_dir / "kfp").resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    if runner == "docker":
+        task_runner = docker_runner(image, run_dir, dict(params))
+    else:
+        task_runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=task_runner, pipeline_root=str(pipeline_root))
     pipeline_func = build_pipeline(
-        BuildOptions(optuna_secret=None, s3_secret=None, image_pull_policy="", ingest_retries=0)
+        BuildOptions(image=image, optuna_secret=None, s3_secret=None, image_pull_policy="", ingest_retries=0)
     )
     started = time.time()
     failure: Exception | None = None
@@ -157,6 +175,33 @@ def run_pipeline(params: Mapping[str, Any], run_dir: Path) -> RunSummary:
         detail = "; ".join(f"{e.get('step')}: {e.get('message')}" for e in summary.errors)
         raise RuntimeError(f"step failed: {detail}" if detail else str(failure)) from failure
     return summary
+
+
+def accuracy_gate(summary: RunSummary) -> AccuracyGate | None:
+    """The publish gate of the run, from the figures in the evaluate step's Metrics (None if it left none)."""
+    from components.evaluate import AccuracyGate
+
+    figures = (summary.artifact("evaluate-model", "metrics") or {}).get("metadata") or {}
+    keys = ("test_accuracy", "majority_baseline_accuracy", "accuracy_margin")
+    if not all(k in figures for k in keys):
+        return None
+    return AccuracyGate(*(float(figures[k]) for k in keys))
+
+
+def _challenge_note(summary: RunSummary) -> dict[str, Any]:
+    return (summary.artifact("challenge-model", "report") or {}).get("metadata") or {}
+
+
+def publish_decision(summary: RunSummary, gate: AccuracyGate) -> str:
+    """Why the model was or was not published: the accuracy gate's figures, then the champion gate's
+    reason, e.g. ``"not published: test accuracy 0.213 < majority baseline 0.224 + margin 0.05 = 0.274"``."""
+    champion = _challenge_note(summary).get("reason", "")
+    if summary.published:
+        version = summary.param("publish-model", "version")
+        return f"published as version {version}: {gate.reason()}; champion gate: {champion}"
+    if summary.param("evaluate-model") is False:
+        return f"not published: {gate.reason()}"
+    return f"not published: {gate.reason()}, but champion gate: {champion or 'no decision'}"
 
 
 def summary_tables(summary: RunSummary, params: Mapping[str, Any], model_dir: Path | None) -> str:
@@ -191,17 +236,19 @@ def summary_tables(summary: RunSummary, params: Mapping[str, Any], model_dir: Pa
             uri = art["uri"]
             where.append((label, str(Path(uri).parent) if name == "train" else uri))
     where.append(("Optuna study", params.get("optuna_storage", "")))
+    gate = accuracy_gate(summary)
     if summary.published:
         where.append(("published model", summary.param("publish-model", "storage_uri")))
         isvc = summary.artifact("publish-model", "inference_service")
         if isvc:
             where.append(("InferenceService manifest", isvc["uri"]))
     elif summary.param("challenge-model") is False:
-        report = summary.artifact("challenge-model", "report") or {}
-        version = (report.get("metadata") or {}).get("champion_version", "")
+        version = _challenge_note(summary).get("champion_version", "")
         where.append(("published model", f"not published (no better than the published version {version})"))
     else:
-        where.append(("published model", f"not published (test accuracy < {params['accuracy_threshold']})"))
+        where.append(("published model", "not published (below the accuracy gate)"))
+    if gate is not None:
+        where.append(("publish decision", publish_decision(summary, gate)))
     if model_dir is not None:
         where.append(("servable model", f"{model_dir}  (python -m serving --model_dir {model_dir})"))
     parts = [
@@ -221,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="quick", choices=profile_names(), help="parameter preset")
     p.add_argument("--source", default=None, help=PARAMETER_HELP["source"] + " (default: the profile's)")
     p.add_argument("--out", type=Path, default=Path("runs/local"), help="run directory")
+    p.add_argument(
+        "--runner",
+        default="subprocess",
+        choices=RUNNERS,
+        help="where the tasks run: subprocess (this venv) or docker (the components image, as on a "
+        "cluster; needs a Docker engine and the image: make images)",
+    )
+    p.add_argument(
+        "--image", default=DEFAULT_COMPONENTS_IMAGE, help="components image of the tasks (--runner docker)"
+    )
     p.add_argument("--endpoint-url", default=None, help=PARAMETER_HELP["endpoint_url"])
     p.add_argument("--per-class", type=int, default=None, help=PARAMETER_HELP["per_class"])
     p.add_argument("--image-size", type=int, default=None, help=PARAMETER_HELP["image_size"])
@@ -228,9 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=None, help=PARAMETER_HELP["tune_trials"])
     p.add_argument("--tune-epochs", type=int, default=None, help=PARAMETER_HELP["tune_epochs"])
     p.add_argument("--workers", type=int, default=None, help=PARAMETER_HELP["n_tune_workers"])
-    p.add_argument(
-        "--accuracy-threshold", type=float, default=None, help=PARAMETER_HELP["accuracy_threshold"]
-    )
+    p.add_argument("--accuracy-margin", type=float, default=None, help=PARAMETER_HELP["accuracy_margin"])
     p.add_argument("--store", default=None, help=PARAMETER_HELP["model_store"] + " (default RUN_DIR/models)")
     p.add_argument("--model-version", default=None, help=PARAMETER_HELP["model_version"])
     p.add_argument(
@@ -259,7 +314,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 "tune_trials": args.trials,
                 "tune_epochs": args.tune_epochs,
                 "n_tune_workers": args.workers,
-                "accuracy_threshold": args.accuracy_threshold,
+                "accuracy_margin": args.accuracy_margin,
                 "model_store": args.store,
                 "model_version": args.model_version,
             }.items()
@@ -281,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        summary = run_pipeline(params, run_dir)
+        summary = run_pipeline(params, run_dir, args.runner, args.image)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

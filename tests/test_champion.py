@@ -205,26 +205,34 @@ def test_pipeline_step_returns_the_gate_and_logs_both_models(models, manifest: P
         return promote, metrics, report
 
     promote, metrics, report = step("point")
-    assert promote is False and report.metadata == {"promote": False, "champion_version": "v1"}
+    assert promote is False and report.metadata["champion_version"] == "v1"
+    assert report.metadata["promote"] is False and report.metadata["reason"].endswith("keep the champion")
     assert metrics.metadata["champion_accuracy"] == pytest.approx(4 / 6)
     assert metrics.metadata["challenger_accuracy"] == pytest.approx(2 / 6)
     low, gain, high = (metrics.metadata[f"accuracy_gain{s}"] for s in ("_low", "", "_high"))
     assert gain == pytest.approx(-2 / 6) and low <= gain <= high
     assert "keep the champion" in Path(report.path).read_text()
-    # the run summary says why nothing was published
+    # the run summary says why nothing was published: the accuracy gate passed, the champion gate did not
+    figures = {"test_accuracy": 2 / 6, "majority_baseline_accuracy": 1 / 6, "accuracy_margin": 0.05}
     summary = run_local.RunSummary(
         run_dir=tmp_path,
         tasks={
+            "evaluate-model": {
+                "parameterValues": {"Output": True, "accuracy": 2 / 6},
+                "artifacts": {"metrics": {"artifacts": [{"uri": "m", "metadata": figures}]}},
+            },
             "challenge-model": {
                 "parameterValues": {"Output": promote},
                 "artifacts": {"report": {"artifacts": [{"uri": report.uri, "metadata": report.metadata}]}},
-            }
+            },
         },
     )
-    params = {"accuracy_threshold": 0.0, "optuna_storage": ""}
-    assert "not published (no better than the published version v1)" in run_local.summary_tables(
-        summary, params, None
-    )
+    text = run_local.summary_tables(summary, {"optuna_storage": ""}, None)
+    assert "not published (no better than the published version v1)" in text
+    assert (
+        "not published: test accuracy 0.333 >= majority baseline 0.167 + margin 0.05 = 0.217, "
+        f"but champion gate: {report.metadata['reason']}"
+    ) in text
 
     # a tolerated loss, or no comparison at all, lets it through
     assert step("interval", min_gain=-1.0)[0] is True

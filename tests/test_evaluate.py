@@ -12,6 +12,7 @@ import pytest
 
 from components.common import ConfigError
 from components.evaluate import (
+    AccuracyGate,
     bootstrap_intervals,
     count_metrics,
     difference_text,
@@ -19,6 +20,7 @@ from components.evaluate import (
     interval_text,
     load_predictions,
     main,
+    majority_baseline,
     mcnemar_exact_p,
     paired_difference,
 )
@@ -152,6 +154,36 @@ def _pairs(cm: np.ndarray, labels: list[int]) -> tuple[list[int], list[int]]:
     return true, pred
 
 
+def test_majority_baseline_answers_the_training_splits_most_frequent_count() -> None:
+    # train: 3 is the most frequent count; on the test counts it is right 2 times out of 5
+    base = majority_baseline([1, 2, 2, 3, 3, 3, 5], [3, 1, 3, 2, 4])
+    assert base == {"count": 3, "accuracy": 2 / 5, "n_train": 7, "n_test": 5}
+    # a tie goes to the smallest count, whatever the order of the rows
+    assert majority_baseline([4, 2, 4, 2, 5], [2, 4, 4]) == majority_baseline([2, 5, 4, 2, 4], [2, 4, 4])
+    assert majority_baseline([4, 2, 4, 2, 5], [2, 4, 4])["count"] == 2
+    assert majority_baseline([4, 2, 4, 2, 5], [2, 4, 4])["accuracy"] == pytest.approx(1 / 3)
+    # the test split's own majority does not matter, only the training split's
+    assert majority_baseline([5, 5, 1], [1, 1, 2, 3])["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="non-empty"):
+        majority_baseline([], [1])
+    with pytest.raises(ValueError, match="non-empty"):
+        majority_baseline([1], [])
+
+
+def test_accuracy_gate_requires_the_baseline_plus_the_margin() -> None:
+    failed = AccuracyGate(accuracy=0.213, baseline=0.224, margin=0.05)
+    assert failed.required == pytest.approx(0.274) and not failed.passed
+    assert failed.reason() == "test accuracy 0.213 < majority baseline 0.224 + margin 0.05 = 0.274"
+    passed = AccuracyGate(accuracy=0.43, baseline=0.264, margin=0.05)
+    assert passed.passed and passed.reason().startswith("test accuracy 0.430 >= majority baseline 0.264")
+    # exactly on the line passes, despite 0.2 + 0.05 in floating point
+    assert AccuracyGate(accuracy=5 / 20, baseline=4 / 20, margin=0.05).passed
+    assert not AccuracyGate(accuracy=0.2, baseline=0.2, margin=0.001).passed
+    # a negative margin tolerates a shortfall; -1 lets every model through
+    assert AccuracyGate(accuracy=0.0, baseline=0.3, margin=-1.0).passed
+    assert not AccuracyGate(accuracy=0.24, baseline=0.3, margin=-0.05).passed
+
+
 def test_evaluate_scores_the_onnx_model_through_the_serving_path(
     tiny_trained_model_dir: Path, tiny_split: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -227,6 +259,20 @@ def test_cli(
     acc = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert "95% interval" in printed
     assert "{:.4f}-{:.4f}".format(*acc["intervals"]["accuracy"]) in printed
+    assert "majority_baseline" not in acc and "majority baseline" not in printed
+    # with the training manifest: the baseline of always answering its most frequent count (4 here)
+    test_rows = read_manifest(tiny_split["test"])
+    train_rows = read_manifest(tiny_split["train"])
+    counts = [4, 4, 4, 2, 2, 1]
+    relabelled = [r.__class__(**{**r.__dict__, "count": c}) for r, c in zip(train_rows, counts, strict=False)]
+    train = write_manifest(tmp_path / "train.csv", relabelled)
+    out = tmp_path / "with_baseline"
+    argv = ["--model", str(tiny_trained_model_dir), "--out", str(out), "--train-manifest", str(train)]
+    assert main([*argv, *args]) == 0
+    base = json.loads((out / "metrics.json").read_text())["majority_baseline"]
+    expected = sum(r.count == 4 for r in test_rows) / len(test_rows)
+    assert base["count"] == 4 and base["accuracy"] == pytest.approx(expected) and expected > 0
+    assert "(always 4)" in capsys.readouterr().out
     assert main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "e2"), *args]) == 2
     assert "does not exist" in capsys.readouterr().err
     rows = read_manifest(tiny_split["test"])

@@ -140,11 +140,19 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
 
 def test_publish_is_gated_on_test_accuracy_then_on_the_published_model(full):
     spec, _ = full
-    cond = spec["root"]["dag"]["tasks"]["condition-2"]
+    tasks = spec["root"]["dag"]["tasks"]
+    cond = tasks["condition-2"]
+    # the accuracy gate is evaluate's own verdict (baseline + margin), not a constant threshold
     assert cond["triggerPolicy"]["condition"] == (
-        "inputs.parameter_values['pipelinechannel--evaluate-model-Output'] >= "
-        "inputs.parameter_values['pipelinechannel--accuracy_threshold']"
+        "inputs.parameter_values['pipelinechannel--evaluate-model-Output'] == true"
     )
+    evaluate = tasks["evaluate-model"]["inputs"]
+    assert evaluate["parameters"]["accuracy_margin"] == {"componentInputParameter": "accuracy_margin"}
+    for part in ("train", "test"):  # the baseline's majority count comes from the training split
+        assert evaluate["artifacts"][part]["taskOutputArtifact"] == {
+            "outputArtifactKey": part,
+            "producerTask": "split",
+        }
     # inside the accuracy gate: challenge the published model, publish only if it says so
     inner = spec["components"]["comp-condition-2"]["dag"]["tasks"]
     assert set(inner) == {"challenge-model", "condition-3"}
@@ -157,8 +165,13 @@ def test_publish_is_gated_on_test_accuracy_then_on_the_published_model(full):
     params = inner["challenge-model"]["inputs"]["parameters"]
     for name in ("champion_gate", "champion_min_gain", "model_store", "model_name"):
         assert params[name]["componentInputParameter"] == f"pipelinechannel--{name}"
-    assert spec["components"]["comp-evaluate-model"]["outputDefinitions"]["parameters"]["Output"] == {
-        "parameterType": "NUMBER_DOUBLE"
+    assert spec["components"]["comp-evaluate-model"]["outputDefinitions"]["parameters"] == {
+        "Output": {"parameterType": "BOOLEAN"},  # passed the gate
+        "accuracy": {"parameterType": "NUMBER_DOUBLE"},
+    }
+    publish = spec["components"]["comp-condition-3"]["dag"]["tasks"]["publish-model"]["inputs"]
+    assert publish["parameters"]["test_accuracy"] == {
+        "componentInputParameter": "pipelinechannel--evaluate-model-accuracy"
     }
 
 
@@ -199,7 +212,7 @@ def test_parameters_and_defaults_come_from_the_profile(tmp_path, profile):
     for name, value in PROFILES[profile].items():
         assert inputs[name]["defaultValue"] == value, name
     kinds = {name: p["parameterType"] for name, p in inputs.items()}
-    assert kinds["accuracy_threshold"] == "NUMBER_DOUBLE" and kinds["tune_trials"] == "NUMBER_INTEGER"
+    assert kinds["accuracy_margin"] == "NUMBER_DOUBLE" and kinds["tune_trials"] == "NUMBER_INTEGER"
     assert kinds["source"] == "STRING"
 
 
@@ -299,7 +312,8 @@ def test_compile_flags_override_build_options(tmp_path):
             ["--param", "n_tune_workers=8", "--param", "tune_trials=4"],
             "tune_trials (4) must be >= n_tune_workers",
         ),
-        (["--param", "accuracy_threshold=1.5"], "accuracy_threshold"),
+        (["--param", "accuracy_margin=1.5"], "accuracy_margin is accuracy points above the majority-class"),
+        (["--param", "accuracy_margin=-2"], "in [-1, 1] (0.05 = 5 points), got -2.0"),
         (["--param", "ema=1.0"], "ema must be in [0, 1)"),
         (["--param", "tta=maybe"], "tta"),
         (["--param", "decision=best"], "decision must be plain or fitted"),
@@ -443,3 +457,81 @@ def test_pretrain_task_trains_a_contrastive_backbone_on_the_training_split_alone
     assert 0 <= backbone.metadata["knn_val_accuracy"] <= 1
     weights = backbone_weights(backbone.path, "none")
     assert weights.endswith("pretrain/model.pt") and not (Path(weights).parent / "checkpoint.pt").exists()
+
+
+def test_submit_names_the_model_store_in_the_callers_words(capsys, monkeypatch):
+    # the CLI in flag words; run by `make submit` (which sets SUBMIT_VIA_MAKE=1) in make variables
+    monkeypatch.delenv(submit_cli.VIA_MAKE_ENV, raising=False)
+    assert submit_cli.main(["--host", "http://127.0.0.1:9", "--profile", "quick"]) == 2
+    err = capsys.readouterr().err
+    assert "no model_store" in err and "pass --param model_store=s3://" in err and "SUBMIT_ARGS" not in err
+    monkeypatch.setenv(submit_cli.VIA_MAKE_ENV, "1")
+    argv = ["--host", "http://127.0.0.1:9", "--profile", "full", "--param", "model_store=/tmp/models"]
+    assert submit_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model_store '/tmp/models' is not reachable" in err
+    assert (
+        'make submit KFP_HOST=http://127.0.0.1:9 PROFILE=full SUBMIT_ARGS="--param model_store=s3://' in err
+    )
+
+
+def _make(*args: str) -> Any:
+    """``make`` in the repository without reinstalling the venv (-o: the stamp counts as up to date)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make not installed")
+    repo = Path(__file__).resolve().parents[1]
+    drop = {"KFP_HOST", "SUBMIT_ARGS", "PROFILE", "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "SUBMIT_VIA_MAKE"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return subprocess.run(
+        [make, "--no-print-directory", "-o", ".venv/.installed-dev", f"PY={sys.executable}", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_make_submit_without_a_model_store_names_the_make_variable():
+    # quick (make's default PROFILE) has no model store: stopped with the make command to run, before
+    # compiling or contacting the (unreachable) host
+    proc = _make("submit", "KFP_HOST=http://127.0.0.1:9")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert (
+        "set the model store: make submit KFP_HOST=http://127.0.0.1:9 PROFILE=quick "
+        'SUBMIT_ARGS="--param model_store=s3://bucket/prefix"'
+    ) in out
+    assert "submitting to" not in out and "started run" not in out
+    # the host is still checked first, by make itself
+    proc = _make("submit")
+    assert proc.returncode == 2 and "set KFP_HOST, e.g. make submit KFP_HOST=" in proc.stdout
+    assert "pipeline.submit" not in proc.stdout + proc.stderr
+
+
+def test_every_pipeline_parameter_is_described_in_the_kfp_run_form(full, monkeypatch):
+    # the KFP UI's run form shows root.inputDefinitions' descriptions: each is PARAMETER_HELP's text
+    from pipeline import pipeline as pipeline_module
+
+    spec, _ = full
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    signature = inspect.signature(build_pipeline(BuildOptions()).pipeline_func).parameters
+    assert set(signature) == set(PARAMETER_HELP) == set(inputs)
+    for name, text in PARAMETER_HELP.items():
+        described = inputs[name].get("description", "")
+        assert described and " ".join(described.split()) == " ".join(text.split()), name
+    # the docstring carries the descriptions; the pipeline's own description stays the decorator's
+    assert spec["pipelineInfo"]["description"] == pipeline_module.PIPELINE_DESCRIPTION
+    # a parameter without help text cannot be built into a pipeline
+    monkeypatch.setattr(
+        pipeline_module, "PARAMETER_HELP", {k: v for k, v in PARAMETER_HELP.items() if k != "seed"}
+    )
+    with pytest.raises(RuntimeError, match=r"only in the signature \['seed'\]"):
+        build_pipeline(BuildOptions())

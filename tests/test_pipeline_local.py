@@ -18,6 +18,8 @@ import boto3
 import pytest
 import yaml
 
+from components.evaluate import majority_baseline
+from components.manifest import read_manifest
 from components.modelspec import load_model_spec
 from components.publish import publish
 from pipeline import run_local
@@ -30,8 +32,10 @@ PER_CLASS = 6
 OTHER_COUNTS = {0: 2, 7: 2}
 TINY = [
     "--per-class", "5", "--image-size", "32", "--epochs", "1", "--trials", "2", "--tune-epochs", "1",
-    "--workers", "2", "--accuracy-threshold", "0.0", "--param", "batch_size=8",
+    "--workers", "2", "--accuracy-margin", "-1", "--param", "batch_size=8",
 ]  # fmt: skip
+#: -1: a margin that lets any model through the accuracy gate (a 1-epoch model on 25 images may score
+#: below the majority-class baseline of its 5 test images), so the run always reaches publish
 
 
 def _upload_subset(endpoint: str, abid_dir: Path, bucket: str, prefix: str) -> list[str]:
@@ -139,10 +143,22 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     assert best["image_size"] == 32 and "lr" in best
     confusion = summary.artifact("evaluate-model", "confusion")["metadata"]["confusionMatrix"]
     assert [a["displayName"] for a in confusion["annotationSpecs"]] == ["1", "2", "3", "4", "5"]
-    test_accuracy = summary.param("evaluate-model")
-    assert 0.0 <= test_accuracy <= 1.0
+    test_accuracy = summary.param("evaluate-model", "accuracy")
+    assert 0.0 <= test_accuracy <= 1.0 and summary.param("evaluate-model") is True
     figures = summary.artifact("evaluate-model", "metrics")["metadata"]
     assert figures["test_accuracy"] == test_accuracy
+    # the gate: the majority-class baseline of this run's own split (train's most frequent count, scored
+    # on the test images) plus the margin
+    train_counts, test_counts = (
+        [r.count for r in read_manifest(summary.artifact("split", part)["uri"])] for part in ("train", "test")
+    )
+    baseline = majority_baseline(train_counts, test_counts)
+    assert figures["majority_baseline_accuracy"] == pytest.approx(baseline["accuracy"])
+    assert figures["majority_count"] == baseline["count"]
+    assert figures["accuracy_margin"] == -1.0
+    assert figures["required_accuracy"] == pytest.approx(baseline["accuracy"] - 1.0)
+    report = Path(summary.artifact("evaluate-model", "report")["uri"]).read_text()
+    assert "majority baseline accuracy" in report and "required accuracy" in report
     assert figures["test_accuracy_low"] <= test_accuracy <= figures["test_accuracy_high"]
     assert figures["test_rmse_low"] <= figures["test_rmse"] <= figures["test_rmse_high"]
     # the challenge scored the published v0 and this model on the same test images
@@ -155,6 +171,13 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     # the summary table names the metrics, the best parameters and the published location
     assert "test_accuracy" in out and "best parameter" in out
     assert "s3://models/registry/inventory-counter/e2e" in out
+    # and why it was published, in the gates' own figures
+    gate = (
+        f"published as version e2e: test accuracy {test_accuracy:.3f} >= majority baseline "
+        f"{baseline['accuracy']:.3f} + margin -1 = {baseline['accuracy'] - 1:.3f}; "
+        "champion gate: accuracy gain"
+    )
+    assert gate in out
 
     isvc = yaml.safe_load(Path(summary.artifact("publish-model", "inference_service")["uri"]).read_text())
     env = isvc["spec"]["predictor"]["containers"][0]["env"]
