@@ -24,6 +24,8 @@ IMAGE_REPO ?= inventory-monitor
 IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 CLUSTER ?= kind
 COMPONENTS_IMAGE ?= $(IMAGE_REPO)/components:$(IMAGE_TAG)
+# extra `docker build` arguments, e.g. IMAGE_BUILD_ARGS="--build-arg BASE_IMAGE=$(bash docker/base/build-base.sh)" without a registry
+IMAGE_BUILD_ARGS ?=
 MODEL_DIR ?= $(RUN_DIR)/model
 # make gpu-prep: what a GPU machine without PyPI or the raw images needs (bench/gpu_session.sh)
 GPU_PYTHON ?= 3.12
@@ -92,8 +94,8 @@ k8s-check: $(STAMP) ## offline checks of the kustomize overlays and Dockerfiles
 	$(PY) -m pytest tests/test_k8s.py tests/test_docker.py -m "not docker"
 
 images: ## build the components and serving images tagged with the git sha
-	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-0} docker build -f docker/components.Dockerfile -t $(IMAGE_REPO)/components:$(IMAGE_TAG) .
-	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-0} docker build -f docker/serving.Dockerfile -t $(IMAGE_REPO)/serving:$(IMAGE_TAG) .
+	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-0} docker build $(IMAGE_BUILD_ARGS) -f docker/components.Dockerfile -t $(IMAGE_REPO)/components:$(IMAGE_TAG) .
+	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-0} docker build $(IMAGE_BUILD_ARGS) -f docker/serving.Dockerfile -t $(IMAGE_REPO)/serving:$(IMAGE_TAG) .
 
 deploy: $(STAMP) ## deploy the model to kind/minikube (CLUSTER=kind|minikube) or PROFILE=sagemaker
 	CLUSTER=$(CLUSTER) PROFILE=$(PROFILE) IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) MODEL_DIR=$(MODEL_DIR) \

@@ -245,6 +245,11 @@ class AccuracyGate:
 
     def reason(self) -> str:
         """``"test accuracy 0.213 < majority baseline 0.224 + margin 0.05 = 0.274"``."""
+        if self.margin <= -1.0:  # every accuracy passes: say so rather than print a negative bar
+            return (
+                f"no accuracy gate (accuracy_margin {self.margin:g}): test accuracy {self.accuracy:.3f}, "
+                f"majority baseline {self.baseline:.3f}"
+            )
         return (
             f"test accuracy {self.accuracy:.3f} {'>=' if self.passed else '<'} majority baseline "
             f"{self.baseline:.3f} + margin {self.margin:g} = {self.required:.3f}"

@@ -180,7 +180,12 @@ def test_accuracy_gate_requires_the_baseline_plus_the_margin() -> None:
     assert AccuracyGate(accuracy=5 / 20, baseline=4 / 20, margin=0.05).passed
     assert not AccuracyGate(accuracy=0.2, baseline=0.2, margin=0.001).passed
     # a negative margin tolerates a shortfall; -1 lets every model through
-    assert AccuracyGate(accuracy=0.0, baseline=0.3, margin=-1.0).passed
+    open_gate = AccuracyGate(accuracy=0.0, baseline=0.3, margin=-1.0)
+    assert open_gate.passed
+    assert (
+        open_gate.reason()
+        == "no accuracy gate (accuracy_margin -1): test accuracy 0.000, majority baseline 0.300"
+    )
     assert not AccuracyGate(accuracy=0.24, baseline=0.3, margin=-0.05).passed
 
 
