@@ -57,3 +57,39 @@ def test_bench_against_server_and_naive_baseline(
 def test_baseline_needs_model_dir(abid_dir: Path, tmp_path: Path) -> None:
     argv = ["--url", "http://127.0.0.1:9/x", "--images", str(abid_dir / "bin-images"), "--baseline"]
     assert main([*argv, "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_model_only_ceiling_runs_the_served_file(served_model: RunningServer, abid_dir: Path) -> None:
+    from bench.ceiling import model_only_ceiling
+    from components.modelspec import choose_onnx_file, load_model_spec
+    from serving.bench import load_images
+
+    images = load_images(abid_dir / "bin-images", 8)
+    r = model_only_ceiling(served_model.model_dir, images, threads=1, batch_size=4, duration=0.5, warmup=0.1)
+    served = choose_onnx_file(served_model.model_dir, load_model_spec(served_model.model_dir), "auto")
+    assert r["file"] == served.name and r["threads"] == 1 and r["batch_size"] == 4
+    assert r["images"] > 0 and r["images"] % 4 == 0, r
+    assert r["per_minute"] == pytest.approx(r["images"] / r["seconds"] * 60, rel=0.01)
+    with pytest.raises(ValueError, match="at least 16 images"):
+        model_only_ceiling(served_model.model_dir, images, threads=1, batch_size=16, duration=0.1)
+
+
+def test_overload_level_accounts_for_every_request(served_model: RunningServer, abid_dir: Path) -> None:
+    import asyncio
+
+    from bench.overload import run_overload
+    from serving.bench import load_images
+
+    images = load_images(abid_dir / "bin-images", 8)
+    r = asyncio.run(
+        run_overload(
+            served_model.predict_url(), images, rate=20, duration=1.0, timeout=5.0,
+            server_pid=served_model.proc.pid,
+        )
+    )  # fmt: skip
+    assert r["requests"] == 20 and sum(r["statuses"].values()) == 20, r
+    assert r["statuses"].get("200", 0) > 0 and r["accepted_p99_ms"] is not None
+    assert r["goodput_per_minute"] == pytest.approx(r["statuses"]["200"] * 60, rel=0.01)
+    assert 0 <= r["shed_rate"] <= 1 and r["peak_rss_mb"] > 10
+    with pytest.raises(ValueError, match="requests"):
+        asyncio.run(run_overload(served_model.predict_url(), images, rate=1e6, duration=1.0))
