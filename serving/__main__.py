@@ -47,7 +47,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max_instances", type=int, default=d.max_instances, help="images per request")
     parser.add_argument("--max_request_mb", type=float, default=16.0, help="request body limit (413 above)")
-    parser.add_argument("--max_pixels", type=int, default=d.max_pixels, help="pixels per image (413 above)")
+    parser.add_argument(
+        "--max_pixels",
+        type=int,
+        default=d.max_pixels,
+        help="pixels per image, read from its header before decoding (413 above; the photos are < 1 MP)",
+    )
+    parser.add_argument(
+        "--max_request_pixels",
+        type=int,
+        default=d.max_request_pixels,
+        help="pixels per request over all its images, read from their headers before decoding (413 above)",
+    )
+    parser.add_argument(
+        "--latency_budget_ms",
+        type=float,
+        default=d.latency_budget_ms,
+        help="time an admitted request may take once its body arrived: the queue holds what half of it "
+        "allows at the measured throughput, and a request still unanswered by then gets 503 + Retry-After",
+    )
+    parser.add_argument(
+        "--max_queue_images",
+        type=int,
+        default=d.max_queue_images,
+        help="ceiling on images admitted at once; the working limit is min(this, throughput x budget) "
+        "and a request over it gets 503 + Retry-After before its body is read",
+    )
+    parser.add_argument(
+        "--max_inflight_mb",
+        type=float,
+        default=d.max_inflight_mb,
+        help="request bodies admitted at once, by Content-Length (503 + Retry-After above; "
+        ">= --max_request_mb)",
+    )
+    parser.add_argument(
+        "--read_timeout_s",
+        type=float,
+        default=d.read_timeout_s,
+        help="time a client may take to send a request's headers, and then its body "
+        "(408 and the connection closed)",
+    )
+    parser.add_argument(
+        "--max_header_kb",
+        type=int,
+        default=d.max_header_kb,
+        help="request line and headers, in KiB (431 and the connection closed above)",
+    )
+    parser.add_argument(
+        "--max_headers",
+        type=int,
+        default=d.max_headers,
+        help="header fields per request (431 and the connection closed above)",
+    )
     parser.add_argument("--decode_threads", type=int, default=0, help="JPEG decode threads (0: CPU cores)")
     parser.add_argument(
         "--inference_workers",
@@ -85,13 +136,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise ConfigError("--workers must be 1: the micro-batcher batches requests within one process")
     if args.max_request_mb <= 0:
         raise ConfigError(f"--max_request_mb must be > 0, got {args.max_request_mb}")
+    if args.max_inflight_mb < args.max_request_mb:
+        raise ConfigError(
+            f"--max_inflight_mb must be >= --max_request_mb ({args.max_request_mb:g}), "
+            f"got {args.max_inflight_mb:g}: a request of the largest size could never be admitted"
+        )
     return args
 
 
 def run_server(args: argparse.Namespace) -> None:
     """Load the model, wire routes, metrics and limits onto KServe's app, and serve until stopped."""
+    from functools import partial
+
     from kserve import model_server
 
+    from serving.admission import AdmissionMetrics, AdmissionMiddleware, build_admission
+    from serving.door import DoorLimits, DoorProtocol
     from serving.errors import install_error_handlers
     from serving.model import InventoryCounter, ServingOptions
     from serving.sagemaker_routes import register_sagemaker_routes
@@ -102,6 +162,13 @@ def run_server(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         max_instances=args.max_instances,
         max_pixels=args.max_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_queue_images=args.max_queue_images,
+        latency_budget_ms=args.latency_budget_ms,
+        max_inflight_mb=args.max_inflight_mb,
+        read_timeout_s=args.read_timeout_s,
+        max_header_kb=args.max_header_kb,
+        max_headers=args.max_headers,
         decode_threads=args.decode_threads,
         inference_workers=args.inference_workers,
         intra_op_threads=args.intra_op_threads,
@@ -115,6 +182,15 @@ def run_server(args: argparse.Namespace) -> None:
     model.on_images = metrics.observe_images
     app = model_server.app  # the FastAPI app KServe's REST server serves
     install_error_handlers(app)
+    admission_metrics = AdmissionMetrics()
+    model.admission = build_admission(model, admission_metrics)
+    # Added before RequestGuard, so it runs inside it: RequestGuard logs and counts its answers too.
+    app.add_middleware(
+        AdmissionMiddleware,
+        controller=model.admission,
+        read_timeout_s=options.read_timeout_s,
+        on_admitted=admission_metrics.observe_admitted,
+    )
     app.add_middleware(
         RequestGuard,
         max_body_bytes=int(args.max_request_mb * 1024 * 1024),
@@ -134,6 +210,11 @@ def run_server(args: argparse.Namespace) -> None:
         access_log_format=args.access_log_format,
         event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive,
+        http_protocol=partial(
+            DoorProtocol,
+            limits=DoorLimits(options.max_header_kb * 1024, options.max_headers, options.read_timeout_s),
+            on_refuse=metrics.observe_rejected,
+        ),
     )
     # Everything imported and loaded so far lives as long as the server. Moving it out of the
     # collector's view keeps full collections (~100 ms over ~150k objects on a small CPU) from

@@ -2,22 +2,24 @@
 
 Every problem with a request becomes a :class:`BadRequest` (400) or :class:`PayloadTooLarge` (413)
 with a message that says what was wrong. Both subclass KServe's ``InvalidInput`` so KServe's own code
-paths treat them as client errors, but they get their own FastAPI handler: one warning line per
-rejection instead of a traceback, so a flood of bad requests cannot flood the logs or the disk.
+paths treat them as client errors, but they get their own FastAPI handler, as do KServe's client
+errors (bad input, unknown model, model not ready): no traceback and no line of their own; the
+reason goes into the request's one access line (:class:`serving.server.RequestGuard`), so a flood
+of bad requests cannot flood the logs or the disk.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 
 from components.preprocess import ImageError, ImageTooLargeError
 
-logger = logging.getLogger("serving.errors")
+#: ASGI scope key where an error handler leaves the reason for the request's access log line.
+REJECTION_KEY = "serving.rejection"
 
 
 class BadRequest(InvalidInput):
@@ -41,6 +43,32 @@ class UnsupportedMediaType(BadRequest):
     status_code = 415
 
 
+class OverloadedError(Exception):
+    """The server cannot answer this request within its latency budget (HTTP 503 + ``Retry-After``).
+
+    Not a client error: the same request succeeds once the queue has drained. ``reason`` names the
+    limit that shed it (the ``reason`` label of ``inventory_shed_requests_total``).
+    """
+
+    status_code = 503
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+def overloaded_response(exc: OverloadedError) -> Response:
+    """503 with ``Retry-After``.
+
+    The connection stays open: a client still sending its body reads the 503 once it is done
+    (closing now could reset the connection before the client reads the answer).
+    """
+    headers = {"retry-after": str(exc.retry_after_s)}
+    body = orjson.dumps({"error": str(exc)})
+    return Response(content=body, status_code=503, media_type="application/json", headers=headers)
+
+
 def json_response(content: Any, status_code: int = 200) -> Response:
     """A JSON response serialized with orjson (numpy-free, fast)."""
     return Response(content=orjson.dumps(content), status_code=status_code, media_type="application/json")
@@ -53,18 +81,45 @@ def from_image_error(e: ImageError, index: int | None = None) -> BadRequest:
     return cls(f"{where}{e}")
 
 
+def client_error_status(exc: Exception) -> int:
+    """HTTP status of a client error: ours carry it, KServe's follow KServe's own handlers."""
+    if isinstance(exc, ModelNotFound):
+        return 404
+    if isinstance(exc, ModelNotReady):
+        return 503
+    return int(getattr(exc, "status_code", 400))
+
+
 async def handle_bad_request(request: Request, exc: Exception) -> Response:
-    """FastAPI handler for :class:`BadRequest` and subclasses: one warning line, JSON error body.
+    """FastAPI handler for client errors: JSON error body, the reason noted for the access line.
 
     The rejection metric is counted in :class:`serving.server.RequestGuard`, for every 4xx.
     """
-    status = int(getattr(exc, "status_code", 400))
-    logger.warning("rejected %s %s -> %d: %s", request.method, request.url.path, status, exc)
-    return json_response({"error": str(exc)}, status)
+    request.scope[REJECTION_KEY] = str(exc)
+    return json_response({"error": str(exc)}, client_error_status(exc))
+
+
+async def handle_overloaded(request: Request, exc: Exception) -> Response:
+    """FastAPI handler for :class:`OverloadedError` (raised once a request's images are known)."""
+    request.scope[REJECTION_KEY] = str(exc)
+    assert isinstance(exc, OverloadedError)
+    return overloaded_response(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on ``app`` (before the server starts, as Starlette requires)."""
     handler: Any = handle_bad_request
     for cls in (BadRequest, PayloadTooLarge, UnsupportedMediaType):
+        app.add_exception_handler(cls, handler)
+    overloaded: Any = handle_overloaded
+    app.add_exception_handler(OverloadedError, overloaded)
+
+
+def install_client_error_handlers(app: FastAPI) -> None:
+    """Take KServe's client errors over from its handlers, which log each one with a traceback.
+
+    Call after KServe registered its handlers (it registers per exact class, replacing earlier ones).
+    """
+    handler: Any = handle_bad_request
+    for cls in (InvalidInput, ModelNotFound, ModelNotReady):
         app.add_exception_handler(cls, handler)

@@ -37,11 +37,19 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from components.common import ConfigError
 from components.modelspec import INT8_CHOICES, ModelSpec, choose_onnx_file, load_model_spec
-from components.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_uint8, normalize
+from components.preprocess import ImageError, load_uint8, normalize, open_image
 from serving.batcher import MicroBatcher
+from serving.contract import ModelContractError, check_graph, check_outputs, tensor_infos
 from serving.errors import BadRequest, PayloadTooLarge, from_image_error
 
 logger = logging.getLogger("serving.model")
+
+#: Pixels per image the server decodes. The bin photos are under 1 MP and the model sees 224 x 224;
+#: 4 MP leaves room for a better camera and refuses, from the image header, the 40 MP images that
+#: cost seconds and gigabytes to decode (PNG and WebP have no draft mode).
+SERVING_MAX_PIXELS = 4_000_000
+#: Pixels per request, over all its images: 64 photos of 1 MP (``--max_instances`` at its default).
+SERVING_MAX_REQUEST_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,14 @@ class ServingOptions:
     max_batch_size: int = 16
     max_wait_ms: float = 2.0
     max_instances: int = 64
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = SERVING_MAX_PIXELS
+    max_request_pixels: int = SERVING_MAX_REQUEST_PIXELS
+    max_queue_images: int = 256  # ceiling on admitted images (the limit follows throughput x budget)
+    latency_budget_ms: float = 1000.0  # an admitted request not answered within this gets 503
+    max_inflight_mb: float = 64.0  # request bodies admitted at once
+    read_timeout_s: float = 10.0  # for a request's headers, then for its body (408)
+    max_header_kb: int = 16  # request line + headers (431)
+    max_headers: int = 100  # header fields per request (431)
     decode_threads: int = 0  # 0: one per CPU core
     inference_workers: int = 0  # batches run in parallel; 0: one per 4 CPU cores (see resolve_workers)
     intra_op_threads: int = 0  # 0: CPU cores / inference_workers
@@ -64,6 +79,17 @@ class ServingOptions:
             (self.max_wait_ms >= 0, f"--max_wait_ms must be >= 0, got {self.max_wait_ms}"),
             (self.max_instances >= 1, f"--max_instances must be >= 1, got {self.max_instances}"),
             (self.max_pixels >= 1, f"--max_pixels must be >= 1, got {self.max_pixels}"),
+            (
+                self.max_request_pixels >= self.max_pixels,
+                f"--max_request_pixels must be >= --max_pixels ({self.max_pixels:,}), "
+                f"got {self.max_request_pixels:,}",
+            ),
+            (self.max_queue_images >= 1, f"--max_queue_images must be >= 1, got {self.max_queue_images}"),
+            (self.latency_budget_ms > 0, f"--latency_budget_ms must be > 0, got {self.latency_budget_ms}"),
+            (self.max_inflight_mb > 0, f"--max_inflight_mb must be > 0, got {self.max_inflight_mb}"),
+            (self.read_timeout_s > 0, f"--read_timeout_s must be > 0, got {self.read_timeout_s}"),
+            (self.max_header_kb >= 1, f"--max_header_kb must be >= 1, got {self.max_header_kb}"),
+            (self.max_headers >= 1, f"--max_headers must be >= 1, got {self.max_headers}"),
             (self.decode_threads >= 0, f"--decode_threads must be >= 0, got {self.decode_threads}"),
             (self.inference_workers >= 0, f"--inference_workers must be >= 0, got {self.inference_workers}"),
             (self.intra_op_threads >= 0, f"--intra_op_threads must be >= 0, got {self.intra_op_threads}"),
@@ -138,6 +164,12 @@ class OnnxCounter:
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise ConfigError(f"cannot load {self.onnx_path} with onnxruntime: {e}") from e
         self.providers = self.session.get_providers()
+        check_graph(
+            self.spec,
+            tensor_infos(self.session.get_inputs()),
+            tensor_infos(self.session.get_outputs()),
+            self.onnx_path,
+        )
         self.input_name = self.spec.input_name
         self.output_names = list(self.spec.output_names)
         size = self.spec.preprocess.image_size
@@ -147,6 +179,22 @@ class OnnxCounter:
         """One batch through the model (thread-safe; onnxruntime releases the GIL)."""
         outs = self.session.run(self.output_names, {self.input_name: x})
         return dict(zip(self.output_names, outs, strict=True))
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run each batch size once and check the outputs against model.json.
+
+        First runs allocate and pick kernels, so this belongs before readiness, not on a user; it is
+        also the last check that the model serves: a failure is a :class:`ModelContractError`.
+        """
+        for n in sorted(set(batch_sizes)):
+            try:
+                outputs = self.run(np.zeros((n, *self.item_shape), dtype=np.float32))
+            except Exception as e:  # onnxruntime raises its own exception types
+                reason = " ".join(str(e).split())  # its messages span lines; the error is one line
+                raise ModelContractError(
+                    f"{self.onnx_path} failed its warm-up inference on a batch of {n}: {reason}"
+                ) from e
+            check_outputs(self.spec, outputs, n, self.onnx_path)
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -303,6 +351,31 @@ def decode_one(data: ImageSource, spec: ModelSpec, max_pixels: int, index: int =
     return normalize(load_uint8(data, pp.image_size, resample=pp.resample, max_pixels=max_pixels), pp)
 
 
+def probe_images(sources: Sequence[ImageSource], max_pixels: int, max_request_pixels: int) -> list[bytes]:
+    """Base64-decode each image and read its size from the header only; refuse oversize requests.
+
+    Runs on the decode pool before any image is decoded, so a request whose images add up to more
+    than ``max_request_pixels`` (or holds one over ``max_pixels``) costs headers, not decodes.
+    """
+    out: list[bytes] = []
+    total = 0
+    for i, src in enumerate(sources):
+        data = _b64(src, f"instance {i}") if isinstance(src, str) else src
+        try:
+            with open_image(data, max_pixels=max_pixels) as img:
+                width, height = img.size
+        except ImageError as e:
+            raise from_image_error(e, i) from e
+        total += width * height
+        if total > max_request_pixels:
+            raise PayloadTooLarge(
+                f"the images add up to over {max_request_pixels:,} pixels by instance {i} "
+                f"({width}x{height}), the limit of --max_request_pixels; send fewer or smaller images"
+            )
+        out.append(data)
+    return out
+
+
 def format_v1(outputs: dict[str, np.ndarray], classes: Sequence[int]) -> list[dict[str, Any]]:
     """Per-image dicts: ``count``, ``probabilities`` by class, ``confidence``, ``expected``."""
     probs = outputs["probabilities"]
@@ -352,15 +425,18 @@ class InventoryCounter(Model):
         self._decode_pool: ThreadPoolExecutor | None = None
         self.on_batch: Any = None  # (size, seconds) -> None; set by the server for metrics
         self.on_images: Any = None  # (n) -> None
+        self.admission: Any = None  # serving.admission.AdmissionController; set by the server
 
     # KServe lifecycle -------------------------------------------------------------------------
     def load(self) -> bool:
-        """Open the ONNX session, warm it up and start accepting requests."""
+        """Open the ONNX session, check it against model.json, warm it up and start accepting requests.
+
+        Raises :class:`~serving.contract.ModelContractError` (a ``ConfigError``) when model.json and
+        the graph disagree: a model that loads is a model that serves.
+        """
         counter = OnnxCounter(self.model_dir, self.options)
         size = counter.item_shape
-        # Warm-up: first runs allocate and pick kernels; do it before readiness, not on a user.
-        for n in sorted({1, self.options.max_batch_size}):
-            counter.run(np.zeros((n, *size), dtype=np.float32))
+        counter.warm_up([1, self.options.max_batch_size])
         self.counter = counter
         self.batcher = MicroBatcher(
             counter.run,
@@ -426,10 +502,16 @@ class InventoryCounter(Model):
             parsed = await loop.run_in_executor(pool, parse_request, *args)  # JSON parsing of up to 16 MB
         else:
             parsed = parse_request(*args)  # an image body, or JSON KServe parsed: no heavy work here
+        if self.admission is not None:
+            self.admission.claim(len(parsed.images))  # 503 now, before anything is decoded
+        sources: Sequence[ImageSource] = parsed.images
         spec, max_pixels = self.counter.spec, self.options.max_pixels
+        if len(sources) > 1:  # one image is checked against --max_pixels by its own decode
+            sources = await loop.run_in_executor(
+                pool, probe_images, sources, max_pixels, self.options.max_request_pixels
+            )
         jobs = [
-            loop.run_in_executor(pool, decode_one, src, spec, max_pixels, i)
-            for i, src in enumerate(parsed.images)
+            loop.run_in_executor(pool, decode_one, src, spec, max_pixels, i) for i, src in enumerate(sources)
         ]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for i, r in enumerate(results):

@@ -19,9 +19,12 @@ from kserve import ModelServer
 from kserve.errors import InvalidInput, ModelNotFound
 from kserve.logging import logger as kserve_logger
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from starlette.requests import ClientDisconnect
 
 from components.common import ConfigError
-from serving.errors import PayloadTooLarge, UnsupportedMediaType
+from serving.errors import REJECTION_KEY, PayloadTooLarge, UnsupportedMediaType, install_client_error_handlers
+from serving.logs import install_escaping
+from serving.routes import ReadOnlyModelRepository, register_served_routes
 
 access_logger = logging.getLogger("serving.access")
 
@@ -32,6 +35,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+#: Status logged for a request whose client disconnected before it could be answered (nginx's 499).
+CLIENT_CLOSED_REQUEST = 499
 _V2_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 
 
@@ -78,6 +83,10 @@ class RequestGuard:
     is counted while it streams and stopped with 413 as soon as it passes the limit. Every answer
     with a 4xx status, whoever produced it (our handlers, KServe's 400/404, FastAPI's 422), is
     reported to ``on_reject(status)`` from the one place all responses pass through.
+
+    The log line is a warning for 4xx/5xx answers and carries the reason a handler gave
+    (``error``); a client that disconnects before its body arrived is logged as status 499, without
+    a traceback.
     """
 
     def __init__(
@@ -119,23 +128,30 @@ class RequestGuard:
             rejection = self._early_rejection(scope, headers)
             if rejection is not None:
                 status, message = rejection
+                scope[REJECTION_KEY] = message
                 await _send_json(logged_send, status, {"error": message})
             else:
                 await self.app(scope, counted_receive, logged_send)
+        except ClientDisconnect:
+            # The client left before its body arrived: nobody to answer, and not a server error
+            # (unhandled, it costs two tracebacks: KServe's error handler's and uvicorn's).
+            state["status"] = state["status"] or CLIENT_CLOSED_REQUEST
+            scope[REJECTION_KEY] = "client disconnected"
         finally:
-            access_logger.info(
-                json.dumps(
-                    {
-                        "event": "request",
-                        "method": scope.get("method"),
-                        "path": scope.get("path"),
-                        "status": state["status"],
-                        "ms": round((time.perf_counter() - start) * 1000, 2),
-                        "bytes_in": state["bytes"],
-                        "request_id": headers.get("x-request-id"),
-                    }
-                )
-            )
+            status = state["status"]
+            entry = {
+                "event": "request",
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "status": status,
+                "ms": round((time.perf_counter() - start) * 1000, 2),
+                "bytes_in": state["bytes"],
+                "request_id": headers.get("x-request-id"),
+            }
+            if scope.get(REJECTION_KEY):
+                entry["error"] = scope[REJECTION_KEY]
+            # json.dumps escapes control characters: a path or request id cannot start a new line.
+            access_logger.log(logging.WARNING if status >= 400 else logging.INFO, json.dumps(entry))
 
     def _early_rejection(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
         length = headers.get("content-length")
@@ -184,13 +200,25 @@ def install_event_loop_policy(event_loop: str) -> str:
 
 
 class HostModelServer(ModelServer):
-    """KServe's ``ModelServer`` with a configurable bind address for the REST server."""
+    """KServe's ``ModelServer`` with a configurable bind address, only the routes users need
+    (:mod:`serving.routes`), client errors without tracebacks and escaped log lines."""
 
-    def __init__(self, *, http_host: str = "0.0.0.0", timing_middleware: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        http_host: str = "0.0.0.0",
+        timing_middleware: bool = False,
+        http_protocol: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.http_host = http_host
+        self.http_protocol = http_protocol  # uvicorn protocol factory (serving.door.DoorProtocol)
         self.timing_middleware = timing_middleware
         kserve_logger.addFilter(QuietClientErrors())
+        # ModelServer.start() hands this to the REST and gRPC servers (gRPC still has load/unload).
+        self.model_repository_extension = ReadOnlyModelRepository(model_registry=self.registered_models)
+        install_escaping()  # after KServe's logging config, which ModelServer.__init__ applies
 
     def start(self, models: list[Any]) -> None:
         """Serve on the event loop ``--event_loop`` asked for.
@@ -212,6 +240,9 @@ class HostModelServer(ModelServer):
         if rest is None:
             raise RuntimeError("KServe ModelServer internals changed: no _rest_server to bind")
         rest.config.host = self.http_host
+        if self.http_protocol is not None:
+            rest.config.http = self.http_protocol  # uvicorn loads it when it starts serving
+        self._serve_only_user_routes(rest)
         # RequestGuard writes one structured JSON line per request; uvicorn's own access line would
         # be a second, unstructured one for the same request (and costs event-loop time). uvicorn
         # logs access lines when its logger has handlers (KServe's logging config gives it one).
@@ -229,3 +260,16 @@ class HostModelServer(ModelServer):
             # uvloop's policy has no implicit loop; KServe configures the current one here.
             asyncio.set_event_loop(asyncio.new_event_loop())
         super().setup_event_loop()
+
+    def _serve_only_user_routes(self, rest: Any) -> None:
+        """Have KServe's REST server register :func:`serving.routes.register_served_routes` instead
+        of its own routes, and our client-error handlers after its own (they log tracebacks)."""
+        add_kserve_handlers = rest._add_exception_handlers
+        docs = bool(self.enable_docs_url)
+
+        def add_exception_handlers(app: Any) -> None:
+            add_kserve_handlers(app)
+            install_client_error_handlers(app)
+
+        rest._register_endpoints = lambda app: register_served_routes(app, rest.dataplane, docs=docs)
+        rest._add_exception_handlers = add_exception_handlers
