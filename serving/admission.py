@@ -72,6 +72,8 @@ BODY_COPIES = 3
 #: answers its last request in about half the budget: the other half absorbs the estimate's error
 #: before requests reach their deadline.
 QUEUE_SHARE = 0.5
+#: the throughput estimate never sinks below this share of the rate measured at start-up
+MIN_RATE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -81,14 +83,16 @@ class AdmissionLimits:
     max_queue_images: int  # ceiling on admitted images, whatever the throughput
     latency_budget_s: float  # time an admitted request may take once its body has arrived
     max_inflight_bytes: int  # request bodies admitted at once
-    saturation_images: int = 16  # admitted images from which the server counts as busy (a full batch)
 
 
 class ThroughputMeter:
-    """Images per second the server completes while busy, smoothed over windows of busy time.
+    """Images per second the server completes while it has work, smoothed over windows of that time.
 
-    Only busy time counts: a lightly loaded server completes what arrives, which says nothing about
-    what it could complete.
+    Idle time does not count (a server waiting for requests says nothing about its speed), and every
+    completion in busy time does: a batch releases all its images at once, so counting only those
+    released while the queue stays full would see one image per batch. Light load (a request or two at
+    a time, no batching) reads slower than the server can go; ``floor`` keeps the estimate from sinking
+    below a fraction of the measured capacity for that reason.
     """
 
     def __init__(self, initial: float, *, window_s: float = 0.25, weight: float = 0.5, floor: float = 1.0):
@@ -253,8 +257,8 @@ class AdmissionController:
 
     # Internals ---------------------------------------------------------------------------------
     def _change(self, now: float, *, images: int = 0, body_bytes: int = 0, done: int = 0) -> None:
-        # The level held since the last change decides whether that stretch was busy time.
-        if self.images >= min(self.limits.saturation_images, self.queue_limit()):
+        # A stretch with admitted work is busy time; what completes at its end counts.
+        if self.images > 0:
             self.meter.record(now - self._changed, done)
         self._changed = now
         self.images += images
@@ -595,10 +599,11 @@ def build_admission(model: InventoryCounter, metrics: AdmissionMetrics | None = 
         max_queue_images=options.max_queue_images,
         latency_budget_s=options.latency_budget_ms / 1000.0,
         max_inflight_bytes=int(options.max_inflight_mb * 1024 * 1024),
-        saturation_images=options.max_batch_size,
     )
     rate = measure_throughput(model)
-    controller = AdmissionController(limits, ThroughputMeter(rate))
+    # Without batching (light load) a server reads about a third of its batched speed here: never
+    # size the queue from less than half of what it measured at full batches.
+    controller = AdmissionController(limits, ThroughputMeter(rate, floor=rate * MIN_RATE_SHARE))
     if metrics is not None:
         metrics.watch(controller)
     item_bytes = 4 * int(np.prod(model.counter.item_shape))

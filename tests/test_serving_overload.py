@@ -55,14 +55,15 @@ def make_controller(
     budget_s: float = 1.0,
     ceiling: int = 256,
     inflight: int = 10_000,
-    saturation: int = 4,
+    floor: float = 1.0,
     clock: FakeClock | None = None,
 ) -> tuple[object, list[str]]:
     from serving.admission import AdmissionController, AdmissionLimits, ThroughputMeter
 
     shed: list[str] = []
-    limits = AdmissionLimits(ceiling, budget_s, inflight, saturation)
-    c = AdmissionController(limits, ThroughputMeter(rate), clock=clock or FakeClock(), on_shed=shed.append)
+    limits = AdmissionLimits(ceiling, budget_s, inflight)
+    meter = ThroughputMeter(rate, floor=floor)
+    c = AdmissionController(limits, meter, clock=clock or FakeClock(), on_shed=shed.append)
     return c, shed
 
 
@@ -140,7 +141,7 @@ def test_body_bytes_are_counted_as_they_arrive_and_bounded() -> None:
 
 def test_meter_learns_throughput_from_busy_time_only() -> None:
     clock = FakeClock()
-    c, _ = make_controller(rate=1000.0, budget_s=1.0, saturation=4, clock=clock)
+    c, _ = make_controller(rate=1000.0, budget_s=1.0, floor=20.0, clock=clock)
     queued = [admit(c, 1) for _ in range(10)]
     # Busy: one image completes every 10 ms while the queue stays at 10 -> 100 images/s.
     for _ in range(300):
@@ -149,14 +150,38 @@ def test_meter_learns_throughput_from_busy_time_only() -> None:
         queued.append(admit(c, 1))
     assert c.meter.rate == pytest.approx(100, rel=0.05)
     assert c.queue_limit() == 50
-    # Light load (below the saturation level) says nothing about capacity: the estimate stays.
-    while len(queued) > 1:
+    # Idle time is not busy time: long pauses between requests do not lower the estimate.
+    while queued:  # the queue drains at the same pace
+        clock.now += 0.01
         c.release(queued.pop(), served=True)
-    for _ in range(100):
-        clock.now += 0.1
-        c.release(queued.pop(), served=True)
-        queued.append(admit(c, 1))
+    for _ in range(50):
+        clock.now += 1.0  # idle
+        t = admit(c, 1)
+        clock.now += 0.01  # served in 10 ms
+        c.release(t, served=True)
     assert c.meter.rate == pytest.approx(100, rel=0.05)
+    # Slow single requests (no batching) read slower, but never below the floor.
+    for _ in range(100):
+        t = admit(c, 1)
+        clock.now += 0.2
+        c.release(t, served=True)
+    assert c.meter.rate == pytest.approx(20.0)
+
+
+def test_meter_counts_a_whole_batch_completing_at_once() -> None:
+    """Closed-loop clients: 16 requests wait for one batch, which answers all 16 after 60 ms; the
+    server does 16 / 0.06 = 267 images/s (counting only the first release of each batch would
+    read one image per batch, about 17/s, and shed nearly everything)."""
+    clock = FakeClock()
+    c, shed = make_controller(rate=150.0, budget_s=1.0, clock=clock)
+    for _ in range(40):
+        batch = [admit(c, 1) for _ in range(16)]
+        clock.now += 0.06
+        for t in batch:
+            c.release(t, served=True)
+        clock.now += 0.001  # the clients send their next request
+    assert c.meter.rate == pytest.approx(16 / 0.061, rel=0.05)
+    assert c.queue_limit() >= 120 and shed == []
 
 
 def test_request_headers_that_steer_admission() -> None:
