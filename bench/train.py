@@ -23,8 +23,8 @@
     ``--distill`` then trains one more model taught by them (``components.train --teacher``).
     ``--decision fitted`` fits each run's (and the ensemble's) count rule on val; ``--pretrain-per-run``
     gives each run a stage of its own; ``--pretrain-objective contrastive`` makes that stage
-    self-supervised (SimCLR, :mod:`components.contrastive`); ``--refit`` also trains each run again on
-    train + val up to its val-chosen epoch and tests both models.
+    self-supervised (SimCLR, :mod:`components.training.contrastive`); ``--refit`` also trains each run
+    again on train + val up to its val-chosen epoch and tests both models.
 ``python bench/train.py collect --model DIR... --result-name NAME.json``
     The figures (val, test, refit, count rule, settings, device, time) of models trained by
     ``components.train`` directly, kept as a result file.
@@ -74,7 +74,7 @@ from components.common import atomic_write_json  # noqa: E402
 from components.manifest import ManifestRow, write_manifest  # noqa: E402
 
 if TYPE_CHECKING:
-    from components.train import TrainConfig
+    from components.training.config import TrainConfig
 
 RESULTS = REPO / "bench" / "results"
 ABID = Path(os.environ.get("ABID_DIR", REPO.parent / "shared" / "abid"))
@@ -205,13 +205,13 @@ def pretrain(
     stage_dir: Path | None = None,
     batch_size: int = 0,
 ) -> dict[str, Any]:
-    """Stage 1 on every count (``components.train.pretrain_backbone``): the training split plus the
+    """Stage 1 on every count (``components.training.stages.pretrain_backbone``): the training split plus the
     0 and 6+ images of an ``--all-counts`` pack; the runs then start from its backbone.
 
     ``base`` gives the optimisation settings (the runs' own, or the tuned ones) and the seed; the
     stage is written under ``stage_dir/pretrain`` (default ``work/pretrain``).
     """
-    from components.train import pretrain_backbone
+    from components.training.stages import pretrain_backbone
 
     extra = work / "extra.csv"
     if not extra.is_file():
@@ -247,7 +247,7 @@ def pretrain(
 
 def work_config(work: Path, out_dir: Path, **fields: Any) -> TrainConfig:
     """A TrainConfig over the split ``prepare_data`` wrote under ``work`` (test reported, never selected)."""
-    from components.train import TrainConfig
+    from components.training.config import TrainConfig
 
     return TrainConfig(
         train_csv=work / "train.csv",
@@ -285,7 +285,7 @@ def tune_run(args: argparse.Namespace) -> dict[str, Any]:
     """
     import torch
 
-    from components.train import train
+    from components.training.stages import train
     from components.tune import SearchSpace, TuneConfig, best_train_config, tune
 
     rf = ResultFile(args, "tune_and_final_fit")
@@ -463,7 +463,7 @@ def cpu_bench(
     threads: list[int], image_size: int, batch_size: int, steps: int, out: Path | None = None
 ) -> dict[str, Any]:
     """The real train step on the CPU at each thread count (``torch.set_num_threads``), one file."""
-    from components.train import benchmark_throughput
+    from components.training.throughput import benchmark_throughput
 
     if not threads or min(threads) < 1:
         raise SystemExit(f"--threads must be positive integers, got {threads}")
@@ -493,7 +493,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
     """Throughput + accuracy run(s) on one device; results dict (also written as it goes)."""
     import torch
 
-    from components.train import benchmark_throughput
+    from components.training.throughput import benchmark_throughput
     from components.tune import apply_params
 
     rf = ResultFile(args, "train_gpu")
@@ -670,7 +670,7 @@ def paired_test(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_one(name: str, cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     """Train one accuracy run; its figures for the result file, or the error (the others go on)."""
     from components.evaluate import PREDICTIONS_CSV
-    from components.train import train
+    from components.training.stages import train
 
     t1 = time.perf_counter()
     try:
@@ -710,7 +710,7 @@ def ensemble(runs: list[dict[str, Any]], work: Path, args: argparse.Namespace) -
     from components.evaluate import PREDICTIONS_CSV, evaluate
     from components.model import build_model, export_onnx
     from components.modelspec import ModelSpec, load_model_spec
-    from components.train import AverageModel
+    from components.training.loop import AverageModel
 
     head = max(runs, key=val_rank)["head"]
     members = [r for r in runs if r["head"] == head]
@@ -822,7 +822,7 @@ def decision_run(args: argparse.Namespace) -> dict[str, Any]:
 
     from components.model import build_model
     from components.modelspec import load_model_spec
-    from components.train import AverageModel
+    from components.training.loop import AverageModel
 
     if args.threads:
         torch.set_num_threads(args.threads)

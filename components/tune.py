@@ -1,8 +1,9 @@
 """Hyperparameter search for the item counter with Optuna, shareable by any number of workers.
 
-Each trial is a real :func:`components.train.train` run into ``TUNE_DIR/trials/<number>/``; after every
-epoch the validation metric goes to ``trial.report`` and the pruner may stop the trial early. The sampler
-is multivariate TPE (with the constant liar, so concurrent workers do not all try the same point).
+Each trial is a real :func:`components.training.stages.train` run into ``TUNE_DIR/trials/<number>/``;
+after every epoch the validation metric goes to ``trial.report`` and the pruner may stop the trial
+early. The sampler is multivariate TPE (with the constant liar, so concurrent workers do not all try the
+same point).
 
 The study lives in a SQLAlchemy database: SQLite (``TUNE_DIR/study.db``) by default, or a shared server
 (``postgresql://…``, ``mysql://…``) so several processes or pods work on one study. ``--trials N`` is the
@@ -12,7 +13,7 @@ each. Workers record a heartbeat; a trial whose worker died is marked failed by 
 looks and re-queued with the same parameters, so a killed worker loses nothing but its running epoch.
 
 Outputs (rewritten from the whole study by every worker when it stops): ``best_params.json`` (parameters
-named as :class:`components.train.TrainConfig` fields; :func:`best_train_config` applies them),
+named as :class:`components.training.config.TrainConfig` fields; :func:`best_train_config` applies them),
 ``trials.csv``, ``optimization_history.png``, ``param_importances.png``, ``intermediate_values.png``.
 
 ``python -m components.tune --train train.csv --val val.csv --out TUNE_DIR --trials 20
@@ -56,7 +57,7 @@ from components.plots import save_figure
 if TYPE_CHECKING:
     import optuna
 
-    from components.train import TrainConfig, TrainResult
+    from components.training.config import TrainConfig, TrainResult
 
 LOG = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
 
 
 def _train_config_type() -> type[TrainConfig]:
-    from components.train import TrainConfig
+    from components.training.config import TrainConfig
 
     return TrainConfig
 
@@ -496,7 +497,9 @@ def _check_overrides(cfg: TuneConfig, train_config_cls: type) -> None:
     names = set(_field_types(train_config_cls))
     missing = [p for p in SEARCH_PARAMS if p not in names]
     if missing:
-        raise ConfigError(f"TrainConfig lacks the searched fields {missing}: components.train is out of date")
+        raise ConfigError(
+            f"TrainConfig lacks the searched fields {missing}: components.training is out of date"
+        )
     unknown = [k for k in cfg.train_overrides if k not in names]
     if unknown:
         raise ConfigError(f"unknown TrainConfig field(s) {unknown}; fields: {', '.join(sorted(names))}")
@@ -667,7 +670,7 @@ def _drop_checkpoint(trial_dir: Path) -> None:
     The exported model of a complete trial stays; only a trial that is still running needs its
     checkpoint, to resume after its worker dies.
     """
-    from components.train import CHECKPOINT_FILE
+    from components.training.config import CHECKPOINT_FILE
 
     (trial_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
@@ -744,7 +747,7 @@ class TuneError(RuntimeError):
 def tune(cfg: TuneConfig, *, train_fn: TrainFn | None = None) -> TuneResult:
     """Run this worker's share of the study, then write the reports for the whole study.
 
-    ``train_fn`` defaults to :func:`components.train.train`; any callable with its signature
+    ``train_fn`` defaults to :func:`components.training.stages.train`; any callable with its signature
     ``(TrainConfig, on_epoch=...) -> result`` works (``result.metrics["val"]`` gives the trial's
     value; without it the best reported epoch does).
     """
@@ -755,7 +758,7 @@ def tune(cfg: TuneConfig, *, train_fn: TrainFn | None = None) -> TuneResult:
 def _tune(cfg: TuneConfig, train_fn: TrainFn | None) -> TuneResult:
     validate_config(cfg)
     if train_fn is None:
-        from components.train import train as train_fn
+        from components.training.stages import train as train_fn
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = base_train_config(cfg)

@@ -173,7 +173,7 @@ def make_tune_config(
 def backbone_weights(backbone_dir: str, weights: str) -> str:
     """What trials and the fit start from: the pretrain task's backbone when it made one, else ``weights``."""
     from components.modelspec import STATE_DICT_FILE
-    from components.train import PRETRAIN_DIR
+    from components.training.config import PRETRAIN_DIR
 
     stage = Path(backbone_dir) / PRETRAIN_DIR / STATE_DICT_FILE
     return str(stage) if stage.is_file() else weights
@@ -194,10 +194,10 @@ def fit_config(
     num_threads: int,
     **fields: Any,
 ) -> Any:
-    """The :class:`components.train.TrainConfig` of a pipeline fit (pretrain stage, final fit): the
+    """The :class:`components.training.config.TrainConfig` of a pipeline fit (pretrain stage, final fit): the
     run parameters both share, plus the ``fields`` of the one."""
     from components.common import parse_int_list
-    from components.train import TrainConfig
+    from components.training.config import TrainConfig
 
     return TrainConfig(
         train_csv=Path(train_csv),
@@ -404,7 +404,8 @@ def pretrain_model(
         from components.common import parse_int_list
         from components.ingest import MANIFEST_FILE
         from components.manifest import read_manifest
-        from components.train import CHECKPOINT_FILE, pretrain_backbone
+        from components.training.config import CHECKPOINT_FILE
+        from components.training.stages import pretrain_backbone
         from pipeline.components import fit_config
 
         extra_manifest = Path(extra.path) / MANIFEST_FILE
@@ -640,7 +641,7 @@ def train_model(
     import shutil
     from pathlib import Path
 
-    from components.train import train as run_training
+    from components.training.stages import train as run_training
     from components.tune import apply_params
     from pipeline.components import backbone_weights, fit_config, html_report, step_errors
 

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-import components.contrastive as contrastive
+import components.training.contrastive as contrastive
 from components.common import ConfigError
-from components.contrastive import ContrastiveModel, contrastive_pretrain, knn_accuracy, nt_xent
 from components.data import contrastive_view
 from components.manifest import read_manifest, write_manifest
 from components.model import build_model
 from components.preprocess import PreprocessSpec, normalize_constants
-from components.train import CHECKPOINT_FILE, main, train
+from components.train import main
+from components.training.config import CHECKPOINT_FILE
+from components.training.contrastive import ContrastiveModel, contrastive_pretrain, knn_accuracy, nt_xent
+from components.training.stages import train
 from tests.fixtures.models import tiny_train_config
 from tests.test_train import _cli_args, _other_counts_manifest
 

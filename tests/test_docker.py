@@ -217,9 +217,23 @@ def installed_requirements(extras: tuple[str, ...]) -> set[str]:
     return out
 
 
+def sagemaker_training_module() -> str:
+    """The module SageMaker's training job runs in the components image (``python -m`` it), read
+    statically from ``serving/sagemaker_train.py`` (no boto3 needed)."""
+    tree = ast.parse((REPO / "serving" / "sagemaker_train.py").read_text(encoding="utf-8"))
+    (entry,) = [
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["ENTRYPOINT"]
+    ]
+    assert tuple(entry[:2]) == ("python", "-m"), entry
+    return str(entry[2])
+
+
 def test_components_image_copies_exactly_what_the_steps_import() -> None:
-    """The programs KFP runs in the components image (each component's command, as compiled) import
-    project modules the image must hold, and third-party packages its venv must have."""
+    """The programs KFP runs in the components image (each component's command, as compiled), and the
+    module SageMaker's training job runs in it, import project modules the image must hold, and
+    third-party packages its venv must have."""
     import importlib.metadata as md
     import sys
 
@@ -228,6 +242,7 @@ def test_components_image_copies_exactly_what_the_steps_import() -> None:
     components = [getattr(make_components("x"), f) for f in make_components("x").__dataclass_fields__]
     programs = [c.component_spec.implementation.container.command[-1] for c in components]
     assert all("def " in p and "import" in p for p in programs), "the program is the command's last item"
+    programs.append(f"import {sagemaker_training_module()}")  # the same image trains on SageMaker
     needed, others = import_closure(programs)
     dockerfile = REPO / "docker" / "components.Dockerfile"
     copied = copied_sources(dockerfile, "app")

@@ -370,7 +370,7 @@ def test_component_helpers(monkeypatch, tmp_path):
     from pipeline import components as comp
 
     assert comp.worker_ids(3) == [0, 1, 2]
-    from components.train import TrainConfig
+    from components.training.config import TrainConfig
     from components.tune import apply_params
 
     base = TrainConfig(train_csv=tmp_path / "t.csv", val_csv=tmp_path / "v.csv", out_dir=tmp_path / "m")

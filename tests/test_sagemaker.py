@@ -683,7 +683,7 @@ def test_training_hyperparameters_are_real_train_flags() -> None:
     import components
     from serving.sagemaker_train import HYPERPARAMETERS
 
-    source = (Path(components.__file__).parent / "train.py").read_text()
+    source = (Path(components.__file__).parent / "training" / "cli.py").read_text()
     flags = {
         node.args[0].value
         for node in ast.walk(ast.parse(source))

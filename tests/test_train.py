@@ -1,4 +1,5 @@
-"""components.train and components.data on real ABID images, tiny sizes, CPU (a few seconds each)."""
+"""components.train (the components.training package) and components.data on real ABID images, tiny
+sizes, CPU (a few seconds each)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from components.evaluate import bootstrap_intervals, interval_text
 from components.manifest import load_labelled, read_manifest, write_manifest
 from components.modelspec import load_model_spec
 from components.preprocess import PreprocessSpec, load_uint8, normalize, preprocess_batch
-from components.train import CHECKPOINT_FILE, distill_loss, loss_fn, main, train
+from components.train import main
+from components.training.config import CHECKPOINT_FILE
+from components.training.losses import distill_loss, loss_fn
+from components.training.stages import train
 from tests.fixtures.models import tiny_train_config
 
 ARTIFACTS = (
@@ -84,7 +88,7 @@ def test_onnx_matches_pytorch(tiny_trained_model_dir: Path, tiny_split: dict[str
 def test_fitted_decision_is_fitted_on_val_and_baked_into_the_served_graph(
     tiny_split: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import components.train as train_module
+    import components.training.decision as decision_module
     from components.evaluate import count_metrics, evaluate
     from components.model import build_model, decode_outputs
 
@@ -99,7 +103,7 @@ def test_fitted_decision_is_fitted_on_val_and_baked_into_the_served_graph(
         seen.update(n=len(raw), targets=sorted(target.tolist()), objective=objective)
         return torch.full((4,), 1e6)
 
-    monkeypatch.setattr(train_module, "fit_decision_offsets", fit)
+    monkeypatch.setattr(decision_module, "fit_decision_offsets", fit)
     out = tmp_path / "m"
     cli = [*_cli_args(tiny_split, out), "--test", str(tiny_split["test"]), "--decision", "fitted"]
     cli += ["--data-root", str(tiny_split["data_root"]), "--image-size", "32", "--epochs", "2"]
@@ -322,7 +326,7 @@ def test_flip_averaging_is_exported_into_the_graph(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     from components.model import ExportWrapper, build_model, export_onnx
-    from components.train import AverageModel
+    from components.training.loop import AverageModel
 
     torch.manual_seed(0)
     model = build_model(5, "ordinal").eval()
@@ -524,18 +528,18 @@ def test_pretraining_settings_are_checked(
 def test_refit_trains_on_train_and_val_up_to_the_selected_epoch_and_exports_that_model(
     tiny_split: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import components.train as train_module
+    import components.training.loop as loop_module
     from components.data import data_hash
     from components.evaluate import count_metrics, evaluate
     from components.model import build_model, decode_outputs
 
-    select = train_module._select_key
+    select = loop_module.select_key
 
     def epoch_2_is_best(metrics: dict[str, float], name: str) -> tuple[float, float]:
         # val picks epoch 2 of 3, so the refit must stop before the schedule's end
         return select(metrics, name) if name == "last" else (float(metrics["epoch"] == 2), 0.0)
 
-    monkeypatch.setattr(train_module, "_select_key", epoch_2_is_best)
+    monkeypatch.setattr(loop_module, "select_key", epoch_2_is_best)
     out = tmp_path / "m"
     cfg = tiny_train_config(tiny_split, out, epochs=3, refit=True, test_csv=tiny_split["test"])
     result = train(cfg)

@@ -29,7 +29,7 @@ from PIL import Image
 
 from components.common import ConfigError, sha256_file
 from components.manifest import ManifestRow, write_manifest
-from components.train import TrainConfig, TrainResult
+from components.training.config import TrainConfig, TrainResult
 from components.tune import (
     BEST_PARAMS_JSON,
     HISTORY_PNG,

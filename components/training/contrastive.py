@@ -23,29 +23,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.common import ConfigError, atomic_write_json, read_json
+from components.common import ConfigError, read_json
 from components.data import DeviceImages, build_cache, contrastive_view, normalize_batch
 from components.manifest import load_labelled
 from components.model import build_model
 from components.modelspec import STATE_DICT_FILE
 from components.plots import save_contrastive_curves
 from components.preprocess import PreprocessSpec
-from components.train import (
-    CHECKPOINT_FILE,
-    CURVES_PNG,
-    DONE_FILE,
-    TrainConfig,
-    TrainResult,
-    _atomic_torch_save,
-    _check_resume,
-    _limited,
-    _load_split,
-    make_optimizer,
-    make_scheduler,
+from components.training.checkpoint import (
+    atomic_torch_save,
+    check_resume,
+    mark_finished,
     resume_checkpoint,
     run_fingerprint,
     start_run,
 )
+from components.training.config import CHECKPOINT_FILE, CURVES_PNG, DONE_FILE, TrainConfig, TrainResult
+from components.training.loop import batch_plan, make_optimizer, make_scheduler, train_epochs
+from components.training.splits import limited, load_split
 
 LOG = logging.getLogger(__name__)
 PROJECTION_DIM = 128
@@ -132,7 +127,7 @@ def _finished(out_dir: Path, fingerprint: dict[str, Any], t_start: float) -> Tra
         return None
     if not isinstance(done, dict) or not done.get("finished") or "metrics" not in done:
         return None
-    _check_resume(done, fingerprint, done_path)
+    check_resume(done, fingerprint, done_path)
     LOG.info("%s already holds a finished contrastive stage; not retraining", out_dir)
     history = list(done.get("history", []))
     return TrainResult(
@@ -149,8 +144,8 @@ def contrastive_pretrain(cfg: TrainConfig) -> TrainResult:
     t_start = time.perf_counter()
     out_dir, device = start_run(cfg)
     ckpt_path = out_dir / CHECKPOINT_FILE
-    rows, paths = _limited(*load_labelled(Path(cfg.train_csv), cfg.data_root), cfg.limit)
-    val_rows, val_paths = _load_split(Path(cfg.val_csv), cfg, "val")
+    rows, paths = limited(*load_labelled(Path(cfg.train_csv), cfg.data_root), cfg.limit)
+    val_rows, val_paths = load_split(Path(cfg.val_csv), cfg, "val")
     fingerprint = run_fingerprint(cfg, rows, val_rows)
     if cfg.resume and (finished := _finished(out_dir, fingerprint, t_start)) is not None:
         return finished
@@ -180,14 +175,11 @@ def contrastive_pretrain(cfg: TrainConfig) -> TrainResult:
         )
 
     n = len(images)
-    bs = min(cfg.batch_size, n)
-    if bs < 2:
+    if min(cfg.batch_size, n) < 2:
         raise ConfigError(
             "contrastive pretraining needs at least 2 images per batch (other images are negatives)"
         )
-    steps = n // bs
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
+    bs, steps = batch_plan(n, cfg)
     cuda = device.type == "cuda"
     channels_last = cfg.channels_last and cuda
     amp = cfg.amp and cuda
@@ -221,43 +213,35 @@ def contrastive_pretrain(cfg: TrainConfig) -> TrainResult:
         cfg.epochs,
         "n/a" if knn_start is None else f"{knn_start:.4f}",
     )
+
+    def step(x_u8: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        model.train()  # the monitor left it in eval mode
+        views = torch.cat(
+            [
+                contrastive_view(x_u8, spec, gen, channels_last),
+                contrastive_view(x_u8, spec, gen, channels_last),
+            ]
+        )
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            z = model(views)
+        loss = nt_xent(z[: len(x_u8)], z[len(x_u8) :], cfg.pretrain_temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.detach()
+
     from tqdm.auto import tqdm
 
-    perm_gen = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(start_epoch):  # same shuffles as an uninterrupted run
-        torch.randperm(n, generator=perm_gen)
     bar = tqdm(range(start_epoch, cfg.epochs), desc="contrastive epochs", disable=not cfg.progress)
-    for epoch in bar:
-        perm = torch.randperm(n, generator=perm_gen)
-        model.train()
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for s in range(steps):
-            x_u8, _ = images.batch(perm[s * bs : (s + 1) * bs])
-            views = torch.cat(
-                [
-                    contrastive_view(x_u8, spec, gen, channels_last),
-                    contrastive_view(x_u8, spec, gen, channels_last),
-                ]
-            )
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                z = model(views)
-            loss = nt_xent(z[: len(x_u8)], z[len(x_u8) :], cfg.pretrain_temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+    for epoch, train_loss, images_per_s in train_epochs(
+        images, bs, steps, step, bar, start_epoch=start_epoch, seed=cfg.seed
+    ):
         metrics: dict[str, float] = {
             "epoch": epoch + 1,
-            "train_loss": float(loss_sum.item() / steps),
+            "train_loss": train_loss,
             "lr": opt.param_groups[0]["lr"],
-            "train_images_per_s": steps * bs / max(seconds, 1e-9),
+            "train_images_per_s": images_per_s,
         }
         knn = probe(model.backbone)
         if knn is not None:
@@ -276,7 +260,7 @@ def contrastive_pretrain(cfg: TrainConfig) -> TrainResult:
                 metrics["train_images_per_s"],
             )
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-            _atomic_torch_save(
+            atomic_torch_save(
                 {
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
@@ -290,7 +274,7 @@ def contrastive_pretrain(cfg: TrainConfig) -> TrainResult:
                 ckpt_path,
             )
 
-    _atomic_torch_save(
+    atomic_torch_save(
         {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}, out_dir / STATE_DICT_FILE
     )
     save_contrastive_curves(history, out_dir / CURVES_PNG)
@@ -306,10 +290,7 @@ def contrastive_pretrain(cfg: TrainConfig) -> TrainResult:
         "train_images_per_s": float(np.median(steady)) if steady else 0.0,
         "train_seconds": time.perf_counter() - t_start,
     }
-    atomic_write_json(
-        out_dir / DONE_FILE,
-        {"finished": True, **fingerprint, "metrics": result_metrics, "history": history},
-    )
+    mark_finished(out_dir, fingerprint, {"metrics": result_metrics, "history": history})
     return TrainResult(
         out_dir, result_metrics, len(history), len(history), False, history, time.perf_counter() - t_start
     )

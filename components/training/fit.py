@@ -1,0 +1,185 @@
+"""One fit: open a run (or find it already finished), train it with validation choosing the epoch,
+then record and export it.
+
+Every supervised stage of a run is one fit (the pretraining stage on counts, the fit itself, the
+refit); :mod:`components.training.stages` says which, with which settings, in which order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.data import DeviceImages, build_cache
+from components.evaluate import count_metrics
+from components.training.checkpoint import (
+    finished_run,
+    mark_finished,
+    resume_checkpoint,
+    run_fingerprint,
+    start_run,
+)
+from components.training.config import CHECKPOINT_FILE, OnEpoch, TrainConfig, TrainResult
+from components.training.decision import fit_decision
+from components.training.export import export
+from components.training.loop import Selection, Trainer, batch_plan, fit_epochs
+from components.training.splits import load_split
+
+
+@dataclass
+class Run:
+    """An opened run: settings, directory, device, rows, fingerprint, and where it goes on from."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    device: torch.device
+    t_start: float
+    train_rows: list[Any]
+    train_paths: list[Path]
+    val_rows: list[Any]
+    val_paths: list[Path]
+    fingerprint: dict[str, Any]
+    #: ``--resume``: the checkpoint to continue from
+    ckpt: dict[str, Any] | None = None
+    #: ``--resume`` of a finished run of the same settings and data: its stored result
+    finished: TrainResult | None = None
+
+
+def open_run(cfg: TrainConfig) -> Run:
+    """Validate, read the splits, and find what ``--resume`` continues (refused, by name, if the settings
+    or data changed). Nothing is trained or decoded yet."""
+    t_start = time.perf_counter()
+    out_dir, device = start_run(cfg)
+    train_rows, train_paths = load_split(Path(cfg.train_csv), cfg, "train")
+    val_rows, val_paths = load_split(Path(cfg.val_csv), cfg, "val")
+    fingerprint = run_fingerprint(cfg, train_rows, val_rows)
+    run = Run(cfg, out_dir, device, t_start, train_rows, train_paths, val_rows, val_paths, fingerprint)
+    if cfg.resume:
+        run.finished = finished_run(cfg, out_dir, fingerprint, t_start)
+        if run.finished is not None:
+            return run
+    run.ckpt = resume_checkpoint(cfg, out_dir, fingerprint)
+    return run
+
+
+@dataclass
+class Fitted:
+    """A trained fit before export: its model holds the val-chosen weights."""
+
+    trainer: Trainer
+    model: nn.Module
+    selection: Selection
+    n_train: int
+    n_val: int
+    val_metrics: dict[str, Any]
+    decision: dict[str, Any]
+
+
+def fit(run: Run, weights: str, on_epoch: OnEpoch | None = None) -> Fitted:
+    """Train ``run`` from ``weights`` (``none``, ``imagenet`` or a state dict) and select on validation;
+    the validation figures are the exported graph's (``--tta``, the count rule)."""
+    cfg = run.cfg
+    train_cache = build_cache(
+        run.train_rows,
+        run.train_paths,
+        cfg.image_size,
+        cfg.cache_dir,
+        workers=cfg.decode_workers,
+        progress=cfg.progress,
+    )
+    val_cache = build_cache(
+        run.val_rows,
+        run.val_paths,
+        cfg.image_size,
+        cfg.cache_dir,
+        workers=cfg.decode_workers,
+        progress=cfg.progress,
+    )
+    train_images = DeviceImages(train_cache, run.device)
+    val_images = DeviceImages(val_cache, run.device)
+    _, steps = batch_plan(len(train_images), cfg)
+    trainer = Trainer(replace(cfg, weights=weights), run.device, steps * cfg.epochs)
+    selection = fit_epochs(
+        trainer,
+        train_images,
+        val_images,
+        val_cache.counts,
+        ckpt=run.ckpt,
+        fingerprint=run.fingerprint,
+        ckpt_path=run.out_dir / CHECKPOINT_FILE,
+        on_epoch=on_epoch,
+    )
+    # Best weights -> final validation figures.
+    model = trainer.eval_model()
+    model.load_state_dict(selection.best_state)
+    pred = trainer.predict(val_images, tta=cfg.tta)  # the exported graph's figures
+    decision = fit_decision(cfg, trainer, pred, val_cache.counts, run.device)
+    c0 = cfg.classes[0]
+    val_metrics = count_metrics(
+        val_cache.counts, pred["index"] + c0, cfg.classes, pred["expected"] + c0, intervals=True
+    )
+    val_metrics["loss"] = pred["loss"]
+    return Fitted(trainer, model, selection, len(train_images), len(val_images), val_metrics, decision)
+
+
+def finish(
+    run: Run,
+    fitted: Fitted,
+    *,
+    pretrained: dict[str, Any] | None = None,
+    refit: dict[str, Any] | None = None,
+    exported_rows: list[Any] | None = None,
+) -> TrainResult:
+    """Record the fit (metrics, with its stages' records), export ``fitted.model`` (trained on
+    ``exported_rows``, default the training rows) and mark the run finished."""
+    cfg, device = run.cfg, run.device
+    sel = fitted.selection
+    history = sel.history
+    steady = [h["train_images_per_s"] for h in history[1:]] or [h["train_images_per_s"] for h in history]
+    metrics: dict[str, Any] = {
+        "val": fitted.val_metrics,
+        "best_epoch": sel.best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": sel.stopped_early,
+        "selection_metric": cfg.selection_metric,
+        "n_train": fitted.n_train,
+        "n_val": fitted.n_val,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "train_images_per_s": float(np.median(steady)),
+        "train_seconds": time.perf_counter() - run.t_start,
+        "decision": fitted.decision,
+    }
+    if pretrained is not None:
+        metrics["pretrain"] = pretrained
+    if refit is not None:
+        metrics["refit"] = refit
+    if cfg.export:
+        rows = run.train_rows if exported_rows is None else exported_rows
+        export(cfg, fitted.model, rows, metrics, history, run.out_dir, fitted.decision.get("offsets"))
+    mark_finished(
+        run.out_dir,
+        run.fingerprint,
+        {
+            "exported": cfg.export,
+            "epochs_run": len(history),
+            "best_epoch": sel.best_epoch,
+            "stopped_early": sel.stopped_early,
+            "metrics": metrics,
+            "history": history,
+        },
+    )
+    return TrainResult(
+        run.out_dir,
+        metrics,
+        sel.best_epoch,
+        len(history),
+        sel.stopped_early,
+        history,
+        time.perf_counter() - run.t_start,
+    )
