@@ -295,11 +295,14 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
             "client gave up": overload["timeout_rate"],
         }
         ax3.bar(list(shares), list(shares.values()), color=["tab:green", "tab:orange", "tab:red"])
-        ax3.set(ylabel="share of requests", ylim=(0, 1),
-                title=f"Overload: {overload['offered_per_minute']:.0f}/min offered, "
-                f"{overload['client_timeout_s']:g} s timeout\n"
-                f"goodput {overload['goodput_per_minute']:.0f}/min, accepted p99 "
-                f"{overload['accepted_p99_ms']} ms, peak RSS {overload['peak_rss_mb']} MB")  # fmt: skip
+        ax3.set(ylabel="share of requests", ylim=(0, 1))
+        ax3.set_title(
+            f"Overload: {overload['offered_per_minute']:.0f}/min offered, "
+            f"{overload['client_timeout_s']:g} s timeout\n"
+            f"goodput {overload['goodput_per_minute']:.0f}/min, accepted p99 "
+            f"{overload['accepted_p99_ms']} ms, peak RSS {overload['peak_rss_mb']} MB",
+            fontsize=9,
+        )
     else:
         ax3.axis("off")
     for ax in (ax1, ax2):

@@ -213,7 +213,8 @@ def test_target_comes_from_measured_capacity() -> None:
     assert smd.target_from_max_rps(12.8) == 384
     # the reference project's instance served 770/minute: half of that, not 50, is the target
     assert smd.target_from_max_rps(770 / 60) == 385
-    # bench/results/serve.json: 3,168/min (~52.8 req/s) is the highest level with p99 <= 300 ms
+    # bench/results/serve.json: 10,304/min (~171 req/s) is the highest level with p99 <= 300 ms
+    assert smd.target_from_max_rps(171) == 5130
     assert smd.target_from_max_rps(52) == 1560
     with pytest.raises(smd.ConfigError, match="positive"):
         smd.target_from_max_rps(0)
