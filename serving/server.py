@@ -102,8 +102,27 @@ class RequestGuard:
             return
         start = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        state = {"status": 0, "bytes": 0}
+        state = {"status": 0, "bytes": 0, "logged": False}
         limit = self.max_body_bytes
+
+        def log_entry() -> None:
+            if state["logged"]:
+                return
+            state["logged"] = True
+            status = state["status"]
+            entry = {
+                "event": "request",
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "status": status,
+                "ms": round((time.perf_counter() - start) * 1000, 2),
+                "bytes_in": state["bytes"],
+                "request_id": headers.get("x-request-id"),
+            }
+            if scope.get(REJECTION_KEY):
+                entry["error"] = scope[REJECTION_KEY]
+            # json.dumps escapes control characters: a path or request id cannot start a new line.
+            access_logger.log(logging.WARNING if status >= 400 else logging.INFO, json.dumps(entry))
 
         async def logged_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -114,6 +133,8 @@ class RequestGuard:
                         self.on_reject(status)
                     except Exception:  # metrics must never break a response
                         access_logger.exception("rejection observer failed")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                log_entry()  # before the last byte leaves: whoever has the answer can find its line
             await send(message)
 
         async def counted_receive() -> Message:
@@ -138,20 +159,7 @@ class RequestGuard:
             state["status"] = state["status"] or CLIENT_CLOSED_REQUEST
             scope[REJECTION_KEY] = "client disconnected"
         finally:
-            status = state["status"]
-            entry = {
-                "event": "request",
-                "method": scope.get("method"),
-                "path": scope.get("path"),
-                "status": status,
-                "ms": round((time.perf_counter() - start) * 1000, 2),
-                "bytes_in": state["bytes"],
-                "request_id": headers.get("x-request-id"),
-            }
-            if scope.get(REJECTION_KEY):
-                entry["error"] = scope[REJECTION_KEY]
-            # json.dumps escapes control characters: a path or request id cannot start a new line.
-            access_logger.log(logging.WARNING if status >= 400 else logging.INFO, json.dumps(entry))
+            log_entry()  # no answer (client gone, error): the line is written here
 
     def _early_rejection(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
         length = headers.get("content-length")
