@@ -10,10 +10,14 @@ EXTRAS ?= dev
 
 # make run
 PROFILE ?= quick
+# the pipeline profiles (pipeline/profiles.py; tests/test_pipeline_compile.py keeps the two in step)
+PIPELINE_PROFILES := quick full scratch
 DATA_SOURCE ?= s3://aft-vbi-pds
 RUN_DIR ?= runs/local
 # subprocess: tasks in this venv; docker: every task in the components image (make images first)
 RUNNER ?= subprocess
+# more flags of python -m pipeline.run_local, e.g. RUN_ARGS="--epochs 3 --param head=classification"
+RUN_ARGS ?=
 PIPELINE_YAML ?= build/inventory_pipeline.yaml
 KFP_HOST ?=
 SUBMIT_ARGS ?=
@@ -23,6 +27,7 @@ PYTEST_ARGS ?=
 IMAGE_REPO ?= inventory-monitor
 IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 CLUSTER ?= kind
+CLUSTERS := kind minikube
 COMPONENTS_IMAGE ?= $(IMAGE_REPO)/components:$(IMAGE_TAG)
 # extra `docker build` arguments, e.g. IMAGE_BUILD_ARGS="--build-arg BASE_IMAGE=$(bash docker/base/build-base.sh)" without a registry
 IMAGE_BUILD_ARGS ?=
@@ -30,6 +35,22 @@ MODEL_DIR ?= $(RUN_DIR)/model
 # make gpu-prep: what a GPU machine without PyPI or the raw images needs (bench/gpu_session.sh)
 GPU_PYTHON ?= 3.12
 GPU_WHEELS := optuna alembic SQLAlchemy colorlog Mako
+
+# A misspelt value stops make before anything runs (a misspelt variable name cannot be caught).
+or_list = $(subst $() ,$(comma) ,$(strip $(filter-out $(lastword $(1)),$(1)))) or $(lastword $(1))
+comma := ,
+ifneq ($(filter run compile submit,$(MAKECMDGOALS)),)
+  ifneq ($(words $(filter $(PIPELINE_PROFILES),$(PROFILE))) $(words $(PROFILE)),1 1)
+    $(error PROFILE=$(PROFILE): use PROFILE=$(call or_list,$(PIPELINE_PROFILES)))
+  endif
+endif
+ifneq ($(filter deploy undeploy,$(MAKECMDGOALS)),)
+  ifneq ($(PROFILE),sagemaker)
+    ifneq ($(words $(filter $(CLUSTERS),$(CLUSTER))) $(words $(CLUSTER)),1 1)
+      $(error CLUSTER=$(CLUSTER): use CLUSTER=$(call or_list,$(CLUSTERS)) (or PROFILE=sagemaker))
+    endif
+  endif
+endif
 
 .PHONY: help setup run test lint fmt compile submit bench-ingest bench-train bench-serve gpu-prep \
 	images deploy undeploy k8s-check clean
@@ -45,11 +66,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) ## create or refresh .venv with every extra (dev)
 
-run: $(STAMP) ## the whole pipeline locally with kfp.local (PROFILE=quick|full|scratch, DATA_SOURCE=s3://…|DIR, RUNNER=subprocess|docker)
+run: $(STAMP) ## the whole pipeline locally with kfp.local (PROFILE=quick|full|scratch, DATA_SOURCE=s3://…|DIR, RUNNER=subprocess|docker, RUN_ARGS="--epochs 3")
 	@case "$(RUNNER)" in subprocess|docker) ;; \
 	  *) echo "RUNNER=$(RUNNER): use RUNNER=subprocess (tasks in this venv) or RUNNER=docker (in the components image)"; exit 2;; esac
 	$(PY) -m pipeline.run_local --profile $(PROFILE) --source $(DATA_SOURCE) --out $(RUN_DIR) \
-		--runner $(RUNNER) --image $(COMPONENTS_IMAGE)
+		--runner $(RUNNER) --image $(COMPONENTS_IMAGE) $(RUN_ARGS)
 
 test: $(STAMP) ## the test suite (starts its own S3, PostgreSQL, KServe and Docker servers)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -48,6 +48,9 @@ from components.manifest import ManifestRow, write_manifest
 log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "s3://aft-vbi-pds"
+#: The public ABID bucket: over 500,000 metadata objects and no file_list.json, so a source under this
+#: name (AWS or a mirror of it) without its own list selects the shipped standard subset, not a scan.
+PUBLIC_BUCKET = "aft-vbi-pds"
 DEFAULT_CLASSES: tuple[int, ...] = (1, 2, 3, 4, 5)
 IMAGES_DIR = "bin-images"
 METADATA_DIR = "metadata"
@@ -344,6 +347,10 @@ class Candidate:
     metadata: bytes | None = None
 
 
+#: A per-class quota with no cap: the scan takes every valid image of that class.
+UNCAPPED = sys.maxsize
+
+
 def stem_of(key: str) -> str:
     """``"data/metadata/00001.json"`` -> ``"00001"`` (S3 stems kept exactly: ``00001`` != ``1``)."""
     name = key.rstrip("/").rsplit("/", 1)[-1]
@@ -353,6 +360,20 @@ def stem_of(key: str) -> str:
 def standard_file_list() -> Path:
     """The widely used 10,441-image, 5-class ABID subset (ids only), shipped with the package."""
     return Path(__file__).resolve().parent / "resources" / "abid_file_list.json"
+
+
+def default_file_list(src: Source) -> Path | str | None:
+    """The selection when neither ``--file-list`` nor ``--per-class`` is given.
+
+    ``<source>/file_list.json`` when there is one; the shipped standard subset for the public bucket
+    (listing its half a million metadata objects would cost more than the download); else None: every
+    labelled image of the source, as a directory of one's own photos expects.
+    """
+    if src.exists(FILE_LIST):
+        return src.url(FILE_LIST) if isinstance(src, S3Source) else Path(src.url(FILE_LIST))
+    if isinstance(src, S3Source) and src.bucket == PUBLIC_BUCKET:
+        return standard_file_list()
+    return None
 
 
 def load_file_list(
@@ -683,9 +704,10 @@ def ingest(
 ) -> IngestResult:
     """Select, download, verify and record images; see the module docstring for the layout.
 
-    Selection: ``file_list`` (local path or s3:// URL; default ``<source>/file_list.json`` when neither
-    it nor ``per_class`` is given) or the first ``per_class`` *valid* images per class in metadata key
-    order. ``limit`` caps the total, taken round-robin across classes so a small run stays balanced.
+    Selection: ``file_list`` (local path or s3:// URL), the first ``per_class`` *valid* images per class
+    in metadata key order, or, when neither is given, :func:`default_file_list` (every valid image of
+    ``classes`` when the source has no list). ``limit`` caps the total, taken round-robin across classes
+    so a small run stays balanced.
     """
     t0 = time.monotonic()
     classes = tuple(dict.fromkeys(int(c) for c in classes))
@@ -701,12 +723,13 @@ def ingest(
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     out_dir = validate_out_dir(Path(out_dir), source)
     src = open_source(source, endpoint_url=endpoint_url, no_sign_request=no_sign_request, workers=workers)
+    select_all = False
     if file_list is None and per_class is None:
-        if src.exists(FILE_LIST):
-            file_list = src.url(FILE_LIST) if isinstance(src, S3Source) else Path(src.url(FILE_LIST))
-        else:
-            # The public bucket has no file_list.json: use the standard 10,441-image subset we ship.
-            file_list = standard_file_list()
+        file_list = default_file_list(src)
+        if file_list is None:
+            select_all = True
+            log.info("%s has no %s: selecting every labelled image of --classes", source, FILE_LIST)
+        elif file_list == standard_file_list():
             log.info("%s has no %s: selecting the standard subset %s", source, FILE_LIST, file_list)
 
     with _exclusive(out_dir):
@@ -742,9 +765,18 @@ def ingest(
                     )
                     n_selected = len(cands)
                 else:
-                    assert per_class is not None
-                    quotas = per_class_quotas(classes, per_class, limit)
-                    selection = {"mode": "per_class", "per_class": per_class, "quotas": quotas}
+                    if select_all:
+                        # a limit keeps the total balanced across classes, as --per-class does
+                        quotas = (
+                            dict.fromkeys(classes, UNCAPPED)
+                            if limit is None
+                            else per_class_quotas(classes, limit, limit)
+                        )
+                        selection = {"mode": "all"}
+                    else:
+                        assert per_class is not None
+                        quotas = per_class_quotas(classes, per_class, limit)
+                        selection = {"mode": "per_class", "per_class": per_class, "quotas": quotas}
                     outcomes, n_selected = _scan_per_class(
                         pool, src, quotas, out_dir, cls_set, journal, workers, progress
                     )
@@ -756,7 +788,7 @@ def ingest(
     )
 
 
-def _bar(progress: bool, total: int) -> Any:
+def _bar(progress: bool, total: int | None) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", desc="ingest", disable=not progress, dynamic_ncols=True)
@@ -814,7 +846,7 @@ def _scan_per_class(
     workers: int,
     progress: bool,
 ) -> tuple[list[Outcome], int]:
-    """First ``quota`` valid images per class in metadata key order, scanning page by page.
+    """First ``quota`` valid images per class in metadata key order (all of them for UNCAPPED), page by page.
 
     Each page's metadata is read concurrently, then the images of classes still short are fetched
     concurrently. A failed image is reported and replaced by the class's next id in key order (from
@@ -824,7 +856,8 @@ def _scan_per_class(
     kept: list[Outcome] = []
     failed: list[Outcome] = []
     n_selected = 0
-    bar = _bar(progress, sum(quotas.values()))
+    capped = UNCAPPED not in quotas.values()
+    bar = _bar(progress, sum(quotas.values()) if capped else None)
     page_size = max(64, workers * 8)
     keys = (k for k in src.iter_keys(f"{METADATA_DIR}/") if k.endswith(".json"))
     try:
@@ -873,7 +906,7 @@ def _scan_per_class(
             kept.extend(page_kept[i] for i, _, _ in labelled if i in page_kept)
     finally:
         bar.close()
-    short_classes = {c: (got[c], q) for c, q in quotas.items() if got[c] < q}
+    short_classes = {c: (got[c], q) for c, q in quotas.items() if got[c] < q != UNCAPPED}
     if short_classes:
         log.warning(
             "the source ran out of valid images: %s",
@@ -986,7 +1019,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument(
         "--file-list",
         default=None,
-        help="file_list.json (local path or s3:// URL); default <source>/file_list.json",
+        help="file_list.json (local path or s3:// URL); default <source>/file_list.json, else the shipped "
+        f"standard subset for s3://{PUBLIC_BUCKET}, else every labelled image of --classes",
     )
     sel.add_argument(
         "--per-class",

@@ -24,8 +24,8 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "directory in the same layout",
         "endpoint_url": "S3 API endpoint for a non-AWS store (MinIO, moto), used by ingest and publish; "
         "empty = AWS",
-        "per_class": "images per count class to ingest (0 = every image of the standard subset: "
-        "`<source>/file_list.json` or the shipped list)",
+        "per_class": "images per count class to ingest (0 = all: the ids of `<source>/file_list.json`, else "
+        "for s3://aft-vbi-pds the shipped standard subset, else every labelled image of `classes`)",
         "classes": "the counts to learn, comma-separated consecutive integers",
         "split_ratios": "train,val,test fractions (stratified by count)",
         "seed": "seed for the split, training and the tuning sampler",

@@ -6,7 +6,10 @@ is pip-installed; or, with ``--runner docker`` (``make run RUNNER=docker``), wit
 ``kfp.local.DockerRunner``: every task runs in the components image (:mod:`pipeline.runners`).
 Artifacts go to ``RUN_DIR/kfp/<run>/<task>/``, the Optuna study to the SQLite file
 ``RUN_DIR/optuna.db``, published models to ``RUN_DIR/models`` (unless ``--store``), and the final model
-is copied to ``RUN_DIR/model`` so ``python -m serving --model_dir RUN_DIR/model`` serves it.
+(with its figures) is copied to ``RUN_DIR/model`` so ``python -m serving --model_dir RUN_DIR/model``
+serves it. The tasks' logs go to ``RUN_DIR/run.log`` (the console gets a line per task), and the HTML
+reports are copied with an ``.html`` name to ``RUN_DIR/reports/`` (KFP names an artifact file after its
+output, without an extension).
 
 What differs from a cluster run: kfp.local ignores the Kubernetes settings (Secrets, GPU requests,
 tolerations, resources, image pull policy) and, with the subprocess runner, the image; ingest is not retried
@@ -18,18 +21,25 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
+import io
 import json
 import logging
+import os
+import re
+import shlex
 import shutil
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
-from components.common import ConfigError, atomic_write_dir, format_table, setup_logging
+from components.common import LOG_FORMAT, ConfigError, atomic_write_dir, format_table, setup_logging
 from pipeline.components import DEFAULT_COMPONENTS_IMAGE
 from pipeline.profiles import PARAMETER_HELP, pipeline_parameters, profile_names
 from pipeline.runners import RUNNERS
@@ -40,6 +50,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVED_FILES = ("model.json", "model.onnx", "model.int8.onnx", "MODEL_CARD.md", "metrics.json")
+#: The train step's figures, kept beside the model they describe (a published model has none).
+MODEL_FIGURES = ("training_curves.png", "confusion_matrix.png")
+RUN_LOG = "run.log"
+REPORTS_DIR = "reports"
+#: Every HTML output of the pipeline, (task, output) -> the name of its copy under RUN_DIR/reports.
+HTML_REPORTS: Mapping[tuple[str, str], str] = {
+    ("split", "histogram"): "split-histogram.html",
+    ("select-best", "report"): "tuning-report.html",
+    ("train-model", "curves"): "training-curves.html",
+    ("evaluate-model", "report"): "test-report.html",
+    ("challenge-model", "report"): "champion-report.html",
+}
+#: kfp.local's own lines about a task (its per-task log lines are printed in between).
+_TASK_EVENT = re.compile(
+    r"\b(?:INFO|ERROR)\b.*?(?:Executing task '(?P<start>[^']+)'"
+    r"|Task '(?P<end>[^']+)' finished with status (?P<status>\w+))"
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -93,15 +121,108 @@ def latest_run_dir(pipeline_root: Path, started: float) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
-def install_model(src: Path, dest: Path) -> Path:
-    """Copy the servable files of ``src`` to ``dest`` atomically (a previous model is replaced)."""
+def install_model(src: Path, dest: Path, figures: Path | None = None) -> Path:
+    """Copy the servable files of ``src`` and the figures of ``figures`` (default ``src``: the train
+    step's model directory has them, a published copy does not) to ``dest`` atomically."""
 
     def fill(stage: Path) -> None:
-        for name in SERVED_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, stage / name)
+        for folder, names in ((src, SERVED_FILES), (figures or src, MODEL_FIGURES)):
+            for name in names:
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, stage / name)
 
     return atomic_write_dir(dest, fill)
+
+
+def copy_reports(summary: RunSummary, dest: Path) -> dict[tuple[str, str], Path]:
+    """The run's HTML reports under ``dest`` with ``.html`` names, so a browser opens them by a click."""
+    found = {
+        key: Path(art["uri"])
+        for key in HTML_REPORTS
+        if (art := summary.artifact(*key)) and Path(art["uri"]).is_file()
+    }
+
+    def fill(stage: Path) -> None:
+        for key, src in found.items():
+            shutil.copyfile(src, stage / HTML_REPORTS[key])
+
+    atomic_write_dir(dest, fill)
+    return {key: dest / HTML_REPORTS[key] for key in found}
+
+
+class TaskLog(io.TextIOBase):
+    """What kfp.local writes during a run: every line to the log file, one line per task start and end
+    to the console, so a run reads in a screen while the tasks' own logs stay complete in the file."""
+
+    def __init__(self, log_file: TextIO, console: TextIO, clock: Callable[[], float] = time.monotonic):
+        self._file = log_file
+        self._console = console
+        self._clock = clock
+        self._t0 = clock()
+        self._started: dict[str, list[float]] = defaultdict(list)
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            plain = _ANSI.sub("", text)
+            self._file.write(plain)
+            *lines, self._partial = (self._partial + plain).split("\n")
+            for line in lines:
+                self._progress(line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._file.flush()
+            self._console.flush()
+
+    def _progress(self, line: str) -> None:
+        event = _TASK_EVENT.search(line)
+        if event is None:
+            return
+        now = self._clock()
+        stamp = f"{int(now - self._t0) // 60:3d}:{int(now - self._t0) % 60:02d}"
+        if event["start"]:
+            self._started[event["start"]].append(now)
+            self._console.write(f"{stamp}  {event['start']}\n")
+        else:
+            task, status = event["end"], event["status"]
+            began = self._started[task].pop(0) if self._started[task] else now
+            outcome = "done" if status == "SUCCESS" else status
+            self._console.write(f"{stamp}  {task}: {outcome} in {now - began:.0f} s\n")
+        self._console.flush()
+
+
+@contextlib.contextmanager
+def task_logs_to(path: Path, console: TextIO | None = None) -> Iterator[TaskLog]:
+    """Send what kfp.local prints (builtins.print, the root logger, stderr) to ``path`` for the block.
+
+    kfp.local writes a task's streamed output (a subprocess's or a container's) with ``print`` and its
+    own lines with root-logger handlers it creates on ``sys.stdout``, and restores the root handlers it
+    found after each task; so the stream and the root handlers are swapped for the whole run.
+    """
+    console = console or sys.stdout
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    original_print = builtins.print
+    with path.open("w", encoding="utf-8") as fh:
+        stream = TaskLog(fh, console)
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.handlers = [handler]
+        try:
+            with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+                yield stream
+        finally:
+            # kfp.local indents task logs by swapping builtins.print per task; tasks that run in
+            # parallel threads restore each other's swap, and the indent outlives the run
+            builtins.print = original_print
+            root.handlers = handlers
+            root.setLevel(level)
 
 
 def _absolute_source(source: str) -> str:
@@ -155,20 +276,17 @@ def run_pipeline(
     )
     started = time.time()
     failure: Exception | None = None
-    with warnings.catch_warnings():
+    log_path = run_dir / RUN_LOG
+    print(f"running the pipeline with kfp.local; the tasks' logs go to {log_path}", flush=True)
+    with warnings.catch_warnings(), task_logs_to(log_path):
         # the components image name does not contain "python": expected, the subprocess runner ignores it
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         # resources, display names etc. are cluster settings; kfp.local says so once per task
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        # kfp.local indents task logs by swapping builtins.print per task; tasks that run in parallel
-        # threads restore each other's swap, and the indent outlives the run: put print back ourselves
-        original_print = builtins.print
         try:
             pipeline_func(**params)
         except RuntimeError as e:
             failure = e
-        finally:
-            builtins.print = original_print
     run = latest_run_dir(pipeline_root, started)
     summary = collect_run(run) if run else RunSummary(run_dir=pipeline_root)
     if failure is not None:
@@ -204,8 +322,14 @@ def publish_decision(summary: RunSummary, gate: AccuracyGate) -> str:
     return f"not published: {gate.reason()}, but champion gate: {champion or 'no decision'}"
 
 
-def summary_tables(summary: RunSummary, params: Mapping[str, Any], model_dir: Path | None) -> str:
-    """Metrics, best parameters and where every artifact is, as plain-text tables."""
+def summary_tables(
+    summary: RunSummary,
+    params: Mapping[str, Any],
+    model_dir: Path | None,
+    reports: Mapping[tuple[str, str], Path] | None = None,
+) -> str:
+    """Metrics, best parameters and where every artifact is (an HTML report's ``.html`` copy in
+    ``reports`` rather than its extensionless artifact file), as plain-text tables."""
     metrics: list[tuple[str, Any]] = []
     for task, name in (
         ("train-model", "metrics"),
@@ -232,7 +356,9 @@ def summary_tables(summary: RunSummary, params: Mapping[str, Any], model_dir: Pa
         ("published model vs this one (HTML)", "challenge-model", "report"),
     ):
         art = summary.artifact(task, name)
-        if art:
+        if (task, name) in (reports or {}):
+            where.append((label, str((reports or {})[task, name])))
+        elif art:
             uri = art["uri"]
             where.append((label, str(Path(uri).parent) if name == "train" else uri))
     where.append(("Optuna study", params.get("optuna_storage", "")))
@@ -250,13 +376,66 @@ def summary_tables(summary: RunSummary, params: Mapping[str, Any], model_dir: Pa
     if gate is not None:
         where.append(("publish decision", publish_decision(summary, gate)))
     if model_dir is not None:
-        where.append(("servable model", f"{model_dir}  (python -m serving --model_dir {model_dir})"))
+        where.append(("servable model", str(model_dir)))
     parts = [
         format_table(metrics, ["metric", "value"]),
         format_table(sorted(best.items()) or [("-", "-")], ["best parameter", "value"]),
         format_table(where, ["artifact", "location"]),
     ]
     return "\n\n".join(parts)
+
+
+def model_note(profile: str, params: Mapping[str, Any], summary: RunSummary) -> str:
+    """What the trained model is, so a smoke test is not mistaken for a counter."""
+    n_images = ((summary.artifact("ingest", "dataset") or {}).get("metadata") or {}).get("n_images", "?")
+    what = f"{n_images} images at {params['image_size']} px, {params['epochs']} epochs"
+    if profile == "quick":
+        return (
+            f"the model: a smoke test ({what}) that shows the whole path works; it is not a useful "
+            "counter (PROFILE=full trains one, on a GPU)"
+        )
+    accuracy = summary.param("evaluate-model", "accuracy")
+    scored = f": test accuracy {accuracy:.3f}" if isinstance(accuracy, float) else ""
+    return f"the model: a counter of counts {params['classes']}, {params['head']} head ({what}){scored}"
+
+
+def example_image(summary: RunSummary) -> Path | None:
+    """One of the run's own test images, for the curl line."""
+    from components.manifest import read_manifest
+
+    dataset, test = summary.artifact("ingest", "dataset"), summary.artifact("split", "test")
+    if not dataset or not test:
+        return None
+    try:
+        rows = read_manifest(test["uri"])
+    except (OSError, ValueError):
+        return None
+    return Path(dataset["uri"]) / rows[0].path if rows else None
+
+
+def _shell_path(path: Path) -> str:
+    """``path`` relative to the working directory when under it (how a newcomer types it), quoted."""
+    text = str(path)
+    cwd = os.getcwd()
+    if text.startswith(cwd + os.sep):
+        text = os.path.relpath(text, cwd)
+    return shlex.quote(text)
+
+
+def next_steps(model_dir: Path, model_name: str, image: Path | None) -> str:
+    """The commands that serve the model and ask it for a count, runnable as printed."""
+    from components.publish import DEFAULT_MODEL_NAME
+
+    serve = [_shell_path(Path(sys.executable)), "-m", "serving", "--model_dir", shlex.quote(str(model_dir))]
+    if model_name != DEFAULT_MODEL_NAME:
+        serve += ["--model_name", shlex.quote(model_name)]
+    serve += ["--http_host", "127.0.0.1", "--http_port", "8080"]
+    jpeg = shlex.quote(f"@{image}") if image else "@bin.jpg"
+    curl = (
+        f"curl -s -H 'content-type: image/jpeg' --data-binary {jpeg} "
+        f"http://127.0.0.1:8080/v1/models/{model_name}:predict"
+    )
+    return f"serve it:\n  {' '.join(serve)}\nthen, from another shell, count the items of a bin:\n  {curl}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,17 +521,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
+        print(f"the tasks' logs: {run_dir / RUN_LOG}", file=sys.stderr)
         return 1
     model_dir: Path | None = None
+    trained = summary.artifact("train-model", "model")
     source_model = summary.param("publish-model", "storage_uri")
     if not source_model or str(source_model).startswith("s3://"):
-        art = summary.artifact("train-model", "model")
-        source_model = art["uri"] if art else None
+        source_model = trained["uri"] if trained else None
     if source_model:
-        model_dir = install_model(Path(source_model), run_dir / "model")
+        figures = Path(trained["uri"]) if trained else None
+        model_dir = install_model(Path(source_model), run_dir / "model", figures)
+    reports = copy_reports(summary, run_dir / REPORTS_DIR)
     print()
-    print(summary_tables(summary, params, model_dir))
+    print(summary_tables(summary, params, model_dir, reports))
     print(f"\nprofile {args.profile}: finished in {time.perf_counter() - t0:.0f} s; run directory {run_dir}")
+    if model_dir is not None:
+        print(model_note(args.profile, params, summary))
+        print(next_steps(model_dir, params["model_name"], example_image(summary)))
     return 0
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from components.common import ConfigError, sha256_file
 from components.ingest import (
+    PUBLIC_BUCKET,
     REPORT_FILE,
     STATE_FILE,
     ingest,
@@ -25,6 +26,7 @@ from components.ingest import (
     stem_of,
 )
 from components.manifest import load_labelled, read_manifest
+from pipeline.components import optional_int
 from tests.fixtures.aws import free_port
 from tests.fixtures.s3data import (
     ABSENT_ID,
@@ -33,6 +35,7 @@ from tests.fixtures.s3data import (
     UNLABELED_ID,
     AbidBucket,
     AbidSample,
+    real_objects,
     upload,
 )
 
@@ -312,19 +315,91 @@ def test_one_ingest_per_output_directory(abid_dir: Path, tmp_path: Path):
     assert os.listdir(out / "images")
 
 
-def test_source_without_file_list_uses_the_standard_subset(abid_dir: Path, tmp_path: Path):
-    # Like the public bucket: no file_list.json, so the shipped 10,441-id subset is selected.
+def test_the_public_bucket_without_file_list_uses_the_standard_subset(
+    abid_dir: Path, tmp_path: Path, aws_env: str
+):
+    # s3://aft-vbi-pds has no file_list.json (and too many objects to list): the shipped 10,441-id
+    # subset is selected, here from a local S3 server's bucket of that name.
     standard = json.loads(standard_file_list().read_text())
     assert sum(len(v) for v in standard.values()) == 10_441
     listed = {Path(k).stem for keys in standard.values() for k in keys}
     present = sorted(p.stem for p in (abid_dir / "bin-images").glob("*.jpg") if p.stem in listed)[:3]
     outside = next(p.stem for p in (abid_dir / "metadata").glob("*.json") if p.stem not in listed)
-    mirror = tmp_path / "mirror"
-    for stem in [*present, outside]:
-        for sub, ext in (("bin-images", "jpg"), ("metadata", "json")):
-            (mirror / sub).mkdir(parents=True, exist_ok=True)
-            (mirror / sub / f"{stem}.{ext}").write_bytes((abid_dir / sub / f"{stem}.{ext}").read_bytes())
-    result = ingest(str(mirror), tmp_path / "o", progress=False)
+    upload(aws_env, PUBLIC_BUCKET, "", real_objects(abid_dir, [*present, outside]))
+    result = ingest(f"s3://{PUBLIC_BUCKET}", tmp_path / "o", endpoint_url=aws_env, workers=4, progress=False)
     assert sorted(r.id for r in read_manifest(result.manifest_path)) == present
     assert len(result.skipped["missing"]) == 10_441 - 3
     assert _report(tmp_path / "o")["selection"]["file_list"] == str(standard_file_list())
+
+
+def _own_photos(abid_dir: Path, root: Path) -> dict[str, int]:
+    """A directory of one's own photos: images + metadata, no file_list.json; returns id -> count.
+
+    Two real images of each count 1..5, one each of counts 0 and 7, and one unlabelled image.
+    """
+    per_count: dict[int, list[str]] = {c: [] for c in (0, 1, 2, 3, 4, 5, 7)}
+    for meta in sorted((abid_dir / "metadata").iterdir()):
+        count = json.loads(meta.read_text())["EXPECTED_QUANTITY"]
+        wanted = 1 if count in (0, 7) else 2
+        if count in per_count and len(per_count[count]) < wanted:
+            per_count[count].append(meta.stem)
+        if all(len(v) == (1 if c in (0, 7) else 2) for c, v in per_count.items()):
+            break
+    counts = {i: c for c, ids in per_count.items() for i in ids}
+    for key, data in real_objects(abid_dir, list(counts)).items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+    (root / "bin-images" / f"{UNLABELED_ID}.jpg").write_bytes(
+        (root / "bin-images" / f"{next(iter(counts))}.jpg").read_bytes()
+    )
+    (root / "metadata" / f"{UNLABELED_ID}.json").write_text(json.dumps({"BIN_FCSKU_DATA": {}}))
+    assert not (root / "file_list.json").exists()
+    return counts
+
+
+def test_own_photos_without_file_list_select_every_labelled_image_of_the_classes(
+    abid_dir: Path, tmp_path: Path
+):
+    counts = _own_photos(abid_dir, tmp_path / "mine")
+    in_classes = sorted(i for i, c in counts.items() if 1 <= c <= 5)
+    assert len(in_classes) == 10 and len(counts) == 12
+    # what the pipeline's ingest step passes for per_class 0 (every profile but quick)
+    result = ingest(
+        str(tmp_path / "mine"), tmp_path / "o", per_class=optional_int(0), workers=4, progress=False
+    )
+    rows = read_manifest(result.manifest_path)
+    assert sorted(r.id for r in rows) == in_classes
+    assert {r.id: r.count for r in rows} == {i: counts[i] for i in in_classes}
+    assert result.counts == dict.fromkeys((1, 2, 3, 4, 5), 2)
+    # counts 0 and 7 are not selected (not skipped); the unlabelled image is reported
+    assert result.skipped == {"unlabeled": [UNLABELED_ID]}
+    report = _report(tmp_path / "o")
+    assert report["selection"]["mode"] == "all" and report["n_selected"] == 10
+    # other classes: exactly those
+    other = ingest(str(tmp_path / "mine"), tmp_path / "o07", classes=[0, 7], workers=4, progress=False)
+    assert sorted(r.id for r in read_manifest(other.manifest_path)) == sorted(
+        i for i, c in counts.items() if c in (0, 7)
+    )
+    # a limit still takes the classes round-robin
+    capped = ingest(str(tmp_path / "mine"), tmp_path / "o5", limit=5, workers=4, progress=False)
+    assert capped.counts == dict.fromkeys((1, 2, 3, 4, 5), 1)
+    # a file_list.json, once there, is what is selected
+    first = in_classes[0]
+    (tmp_path / "mine" / "file_list.json").write_text(
+        json.dumps({str(counts[first]): [f"metadata/{first}.json"]})
+    )
+    listed = ingest(str(tmp_path / "mine"), tmp_path / "listed", workers=4, progress=False)
+    assert [r.id for r in read_manifest(listed.manifest_path)] == [first]
+
+
+def test_own_photos_in_another_bucket_are_scanned_too(abid_dir: Path, tmp_path: Path, aws_env: str):
+    counts = _own_photos(abid_dir, tmp_path / "mine")
+    objects = {
+        str(p.relative_to(tmp_path / "mine")): p.read_bytes() for p in (tmp_path / "mine").rglob("*.*")
+    }
+    upload(aws_env, "my-photos", "shop", objects)
+    result = ingest("s3://my-photos/shop", tmp_path / "o", endpoint_url=aws_env, workers=4, progress=False)
+    assert sorted(r.id for r in read_manifest(result.manifest_path)) == sorted(
+        i for i, c in counts.items() if 1 <= c <= 5
+    )
+    assert _report(tmp_path / "o")["selection"]["mode"] == "all"

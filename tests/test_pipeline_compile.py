@@ -535,3 +535,79 @@ def test_every_pipeline_parameter_is_described_in_the_kfp_run_form(full, monkeyp
     )
     with pytest.raises(RuntimeError, match=r"only in the signature \['seed'\]"):
         build_pipeline(BuildOptions())
+
+
+def test_every_html_report_of_the_pipeline_is_copied_with_an_html_name(full):
+    # kfp.local names an artifact file after its output (no extension): run_local copies each HTML
+    # output of every task, in the root DAG or a nested one, to RUN_DIR/reports/<name>.html
+    from pipeline.run_local import HTML_REPORTS
+
+    spec, _ = full
+    html = set()
+    for component in [spec["root"], *spec["components"].values()]:
+        for task, task_spec in component.get("dag", {}).get("tasks", {}).items():
+            outputs = _output_types(spec, task_spec["componentRef"]["name"])
+            html |= {(task, name) for name, kind in outputs.items() if kind == "system.HTML"}
+    assert html and html == set(HTML_REPORTS)
+    assert all(name.endswith(".html") for name in HTML_REPORTS.values())
+    assert len(set(HTML_REPORTS.values())) == len(HTML_REPORTS)
+
+
+def test_make_run_passes_run_args_to_run_local():
+    import shlex
+
+    from pipeline.run_local import build_parser
+
+    run_args = "RUN_ARGS=--epochs 3 --param head=classification"
+    proc = _make("-n", "run", "PROFILE=full", "DATA_SOURCE=/data/mine", run_args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    command = proc.stdout.replace("\\\n", " ")
+    line = next(line for line in command.splitlines() if "-m pipeline.run_local" in line)
+    args = build_parser().parse_args(shlex.split(line.split("-m pipeline.run_local", 1)[1]))
+    assert (args.profile, args.source, args.epochs) == ("full", "/data/mine", 3)
+    assert args.param == ["head=classification"]
+
+
+def _make_variable(name: str) -> list[str]:
+    """A ``NAME := a b c`` list of the Makefile."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    (value,) = re.findall(rf"^{name} := (.*)$", text, flags=re.M)
+    return value.split()
+
+
+def test_an_unknown_profile_stops_make_before_anything_runs(tmp_path):
+    from pipeline.profiles import profile_names
+
+    assert sorted(_make_variable("PIPELINE_PROFILES")) == profile_names()
+    for target in ("run", "compile", "submit"):
+        proc = _make(target, "PROFILE=ful", "KFP_HOST=http://127.0.0.1:9", f"RUN_DIR={tmp_path}/run",
+                     f"PIPELINE_YAML={tmp_path}/p.yaml")  # fmt: skip
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2, out
+        assert "PROFILE=ful: use PROFILE=quick, full or scratch" in out
+        assert "pipeline." not in out  # stopped before any recipe line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "p.yaml").exists()
+    # sagemaker is a deploy profile, not a pipeline's
+    proc = _make("run", "PROFILE=sagemaker")
+    assert proc.returncode == 2 and "PROFILE=sagemaker: use PROFILE=quick, full or scratch" in proc.stderr
+    # every real profile passes the check
+    for profile in profile_names():
+        proc = _make("-n", "compile", f"PROFILE={profile}")
+        assert proc.returncode == 0 and f"--profile {profile}" in proc.stdout, proc.stderr
+
+
+def test_an_unknown_cluster_stops_make_deploy(tmp_path):
+    assert _make_variable("CLUSTERS") == ["kind", "minikube"]
+    for target in ("deploy", "undeploy"):
+        proc = _make(target, "CLUSTER=knd")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "CLUSTER=knd: use CLUSTER=kind or minikube (or PROFILE=sagemaker)" in proc.stderr
+        assert "deploy.sh" not in proc.stdout
+        # kind and minikube pass; with PROFILE=sagemaker the cluster is not used, so not checked
+        for ok in (["CLUSTER=kind"], ["CLUSTER=minikube"], ["PROFILE=sagemaker", "CLUSTER=knd"]):
+            proc = _make("-n", target, *ok)
+            assert proc.returncode == 0 and "deploy.sh" in proc.stdout, proc.stderr
+    # run does not look at CLUSTER
+    assert _make("-n", "run", "CLUSTER=knd").returncode == 0

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
+import shlex
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -221,6 +224,30 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     assert not (run_dir / "model" / "pretrain").exists()  # the stage is not part of the model
     assert not list((runs[0] / "pretrain-model").rglob("checkpoint.pt"))  # nor its optimizer state
 
+    # a screenful on the console: a line per task start and end, the tables, what to do next; the
+    # tasks' own logs are in run.log
+    lines = out.splitlines()
+    assert len(lines) <= 150, len(lines)
+    assert f"the tasks' logs go to {run_dir / 'run.log'}" in out and "Streamed logs" not in out
+    assert sum(1 for line in lines if re.search(r"\btune-worker: done in \d+ s$", line)) == 2
+    log_text = (run_dir / "run.log").read_text()
+    assert "Executing task 'train-model'" in log_text and "Streamed logs" in log_text
+    assert "[KFP Executor" in log_text and "\x1b[" not in log_text
+    # the HTML reports under a name a browser opens, listed in the summary
+    reports = sorted(p.name for p in (run_dir / "reports").glob("*.html"))
+    assert reports == sorted(run_local.HTML_REPORTS.values())
+    assert all((run_dir / "reports" / name).read_text().startswith("<html>") for name in reports)
+    assert str(run_dir / "reports" / "test-report.html") in out
+    # the model with its figures
+    assert {"training_curves.png", "confusion_matrix.png"} <= {p.name for p in (run_dir / "model").iterdir()}
+    # the closing lines: what the model is and the commands to serve and query it
+    assert "a smoke test" in out and "not a useful counter" in out
+    assert f"-m serving --model_dir {run_dir / 'model'} --http_host 127.0.0.1 --http_port 8080" in out
+    curl = lines[-1].split()
+    assert curl[:6] == ["curl", "-s", "-H", "'content-type:", "image/jpeg'", "--data-binary"]
+    assert Path(curl[6].removeprefix("@")).is_file()
+    assert curl[7] == "http://127.0.0.1:8080/v1/models/inventory-counter:predict"
+
 
 @pytest.mark.timeout(300)
 def test_a_failing_step_fails_the_run_with_its_message_and_publishes_nothing(
@@ -233,6 +260,9 @@ def test_a_failing_step_fails_the_run_with_its_message_and_publishes_nothing(
     assert run_local.main(argv) == 1
     err = capsys.readouterr().err
     assert "error: step failed: ingest: no metadata/ objects under s3://abid/empty-prefix" in err
+    # and where the tasks' logs are, which hold the step's traceback
+    assert f"the tasks' logs: {run_dir / 'run.log'}" in err
+    assert "no metadata/ objects" in (run_dir / "run.log").read_text()
     s3 = boto3.client("s3", endpoint_url=endpoint)
     assert "Contents" not in s3.list_objects_v2(Bucket="models")
     assert not (run_dir / "model").exists()
@@ -245,3 +275,121 @@ def test_bad_local_source_is_rejected_before_running(tmp_path: Path, capsys: pyt
     assert run_local.main(["--source", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
     assert "neither s3://" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_kfp_local_output_goes_to_the_run_log_and_a_line_per_task_to_the_console(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # kfp.local's own helpers, as its task dispatcher calls them: a subprocess task's streamed
+    # output (SubprocessRunner) and a container's log stream (DockerRunner)
+    import logging
+    import sys
+    from types import SimpleNamespace
+
+    from kfp.local import docker_task_handler, logging_utils, subprocess_task_handler
+    from kfp.local.status import Status
+
+    def task(name: str, run: Any, status: Status) -> None:
+        with logging_utils.local_logger_context():
+            logging.info(f"Executing task {logging_utils.format_task_name(name)}")
+            logging.info("Streamed logs:\n")
+            with logging_utils.indented_print():
+                run()
+            done = f"Task {logging_utils.format_task_name(name)} finished with status "
+            (logging.info if status is Status.SUCCESS else logging.error)(
+                done + logging_utils.format_status(status)
+            )
+
+    script = "import sys; print('split says hi'); print('split warns', file=sys.stderr)"
+    container = SimpleNamespace(logs=lambda stream: [b"container says hi\n"], wait=lambda: {"StatusCode": 1})
+    image = SimpleNamespace(tags=["components:latest"], attrs={"RepoDigests": []})
+    client = SimpleNamespace(
+        images=SimpleNamespace(list=lambda: [image]), containers=SimpleNamespace(run=lambda **_: container)
+    )
+    handlers, print_before = logging.getLogger().handlers[:], builtins.print
+    log = tmp_path / "run.log"
+    with run_local.task_logs_to(log):
+        task("split", lambda: subprocess_task_handler.run_local_subprocess([sys.executable, "-c", script]),
+             Status.SUCCESS)  # fmt: skip
+        task("train-model", lambda: docker_task_handler.run_docker_container(client, "components", [], {}),
+             Status.FAILURE)  # fmt: skip
+        print("a stray print", file=sys.stderr)
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 4 and captured.err == "", captured
+    assert lines[0].endswith(" split") and lines[2].endswith(" train-model")
+    assert re.search(r" split: done in \d+ s$", lines[1]) and re.search(
+        r" train-model: FAILURE in \d+ s$", lines[3]
+    )
+    text = log.read_text()
+    expected = [
+        "Executing task 'split'", "    split says hi", "split warns", "container says hi",
+        "Found image 'components:latest'", "finished with status FAILURE", "a stray print",
+    ]  # fmt: skip
+    assert [e for e in expected if e not in text] == []
+    assert "\x1b[" not in text
+    # kfp.local's swaps of print and of the root handlers end with the run
+    assert builtins.print is print_before and logging.getLogger().handlers == handlers
+
+
+def test_the_model_directory_keeps_the_train_steps_figures_and_reports_get_html_names(tmp_path: Path):
+    trained, published = tmp_path / "train-model" / "model", tmp_path / "published"
+    for folder in (trained, published):
+        folder.mkdir(parents=True)
+        (folder / "model.json").write_text("{}")
+    for name in ("training_curves.png", "confusion_matrix.png", "model.pt"):
+        (trained / name).write_bytes(b"x")
+    # a published copy has no figures: they come from the train step's directory
+    model = run_local.install_model(published, tmp_path / "run" / "model", trained)
+    assert sorted(p.name for p in model.iterdir()) == [
+        "confusion_matrix.png",
+        "model.json",
+        "training_curves.png",
+    ]
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "histogram").write_text("<html>split</html>")
+    summary = run_local.RunSummary(
+        run_dir=tmp_path,
+        tasks={
+            "split": {
+                "artifacts": {"histogram": {"artifacts": [{"uri": str(tmp_path / "split" / "histogram")}]}}
+            },
+            "train-model": {"artifacts": {"curves": {"artifacts": [{"uri": str(tmp_path / "missing")}]}}},
+        },
+    )
+    (tmp_path / "run" / "reports").mkdir()
+    (tmp_path / "run" / "reports" / "stale.html").write_text("a previous run's")
+    reports = run_local.copy_reports(summary, tmp_path / "run" / "reports")
+    assert reports == {("split", "histogram"): tmp_path / "run" / "reports" / "split-histogram.html"}
+    assert [p.name for p in (tmp_path / "run" / "reports").iterdir()] == ["split-histogram.html"]
+    assert reports["split", "histogram"].read_text() == "<html>split</html>"
+    table = run_local.summary_tables(summary, {"optuna_storage": ""}, model, reports)
+    assert str(reports["split", "histogram"]) in table and str(model) in table
+
+
+def test_the_printed_next_steps_are_the_servers_own_flags(tmp_path: Path):
+    from serving.__main__ import parse_args
+
+    text = run_local.next_steps(tmp_path / "run dir" / "model", "shelf-counter", tmp_path / "a.jpg")
+    serve, curl = (line.strip() for line in text.splitlines()[1::2])
+    argv = shlex.split(serve)
+    assert argv[1:3] == ["-m", "serving"]
+    args = parse_args(argv[3:])
+    assert (args.model_dir, args.model_name) == (str(tmp_path / "run dir" / "model"), "shelf-counter")
+    assert (args.http_host, args.http_port) == ("127.0.0.1", 8080)
+    assert shlex.split(curl) == [
+        "curl", "-s", "-H", "content-type: image/jpeg", "--data-binary", f"@{tmp_path / 'a.jpg'}",
+        "http://127.0.0.1:8080/v1/models/shelf-counter:predict",
+    ]  # fmt: skip
+    # quick is a smoke test; another profile says what it trained and how it scored
+    summary = run_local.RunSummary(
+        run_dir=tmp_path,
+        tasks={
+            "ingest": {"artifacts": {"dataset": {"artifacts": [{"uri": "d", "metadata": {"n_images": 75}}]}}},
+            "evaluate-model": {"parameterValues": {"accuracy": 0.4}},
+        },
+    )
+    params = {"image_size": 40, "epochs": 2, "head": "ordinal", "classes": "1,2,3,4,5"}
+    assert "a smoke test (75 images at 40 px, 2 epochs)" in run_local.model_note("quick", params, summary)
+    note = run_local.model_note("full", params, summary)
+    assert "smoke" not in note and "test accuracy 0.400" in note
