@@ -66,7 +66,7 @@ def get_ceiling(endpoint: str, bucket: str, keys: list[str], workers: int) -> fl
     """GETs/s of bare concurrent boto3 reads (no decode, no writes): what the server can deliver."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from components.ingest import make_s3_client
+    from components.s3 import make_s3_client
 
     client, _ = make_s3_client(endpoint_url=endpoint, workers=workers)
     t0 = time.perf_counter()

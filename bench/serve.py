@@ -6,7 +6,7 @@ adds the int8 model (calibrated and gated on labelled ABID images), and measures
 
 * the model-only ceiling (:mod:`bench.ceiling`): onnxruntime alone on the file the server serves, with
   the server's threads, at batch 16;
-* the server at 1, 4, 8 and 16 closed-loop clients (:mod:`serving.bench`), and the naive baseline;
+* the server at 1, 4, 8 and 16 closed-loop clients (:mod:`bench.loadtest`), and the naive baseline;
 * overload (:mod:`bench.overload`): impatient clients (1 s timeout) arriving at about 4x the
   capacity measured at 8 clients: goodput, shed rate, p99 of the accepted requests, peak RSS;
 * a 1-CPU pod (the kind overlay's size): the server and the ceiling pinned to one core, the clients
@@ -34,8 +34,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.loadtest import free_port, run_benchmark, stop_process, wait_http  # noqa: E402
 from components.common import ConfigError, parse_int_list, setup_logging  # noqa: E402
-from serving.bench import free_port, run_benchmark, stop_process, wait_http  # noqa: E402
 
 DEFAULT_ABID = REPO_ROOT.parent / "shared" / "abid"
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -129,7 +129,7 @@ def one_cpu_pod(
     from dataclasses import asdict
 
     from bench.ceiling import model_only_ceiling
-    from serving.bench import run_level
+    from bench.loadtest import run_level
 
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     levels = parse_int_list(args.concurrency, name="--concurrency")
     from bench.ceiling import model_only_ceiling
+    from bench.loadtest import load_images
     from bench.overload import run_overload
-    from serving.bench import load_images
     from serving.model import cpu_count
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:

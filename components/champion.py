@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from components.common import ConfigError, atomic_write_json, format_table, setup_logging
+from components.common import ConfigError, atomic_write_json, format_table, run_cli
 from components.evaluate import (
     PREDICTIONS_CSV,
     difference_text,
@@ -216,30 +215,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    try:
-        rule = GateRule(metric=args.metric, min_gain=args.min_gain, gate=args.gate)
-        record = challenge(
-            args.model,
-            args.store,
-            args.manifest,
-            args.out,
-            data_root=args.data_root,
-            model_name=args.model_name,
-            endpoint_url=args.endpoint_url,
-            rule=rule,
-            progress=not args.no_progress,
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+def _run(args: argparse.Namespace) -> int:
+    rule = GateRule(metric=args.metric, min_gain=args.min_gain, gate=args.gate)
+    record = challenge(
+        args.model,
+        args.store,
+        args.manifest,
+        args.out,
+        data_root=args.data_root,
+        model_name=args.model_name,
+        endpoint_url=args.endpoint_url,
+        rule=rule,
+        progress=not args.no_progress,
+    )
     rows = summary_rows(record)
     if rows:
         print(format_table(rows, headers=("figure", "champion", "challenger")))
     print(("promote: " if record["promote"] else "keep: ") + record["reason"])
     return EXIT_PROMOTE if record["promote"] else EXIT_KEEP
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +24,25 @@ class ConfigError(ValueError):
 def setup_logging(level: str | int = "INFO") -> None:
     """Configure root logging once for a CLI entry point (never at import time)."""
     logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    work: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+    *,
+    log_level: str = "INFO",
+) -> int:
+    """A CLI entry point: parse ``argv``, set up logging (the parser's ``--log-level`` if it has one,
+    else ``log_level``) and return ``work(args)``; a :class:`ConfigError` prints ``error: ...`` on
+    stderr and exits 2."""
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "log_level", log_level))
+    try:
+        return work(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:

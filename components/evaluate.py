@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from components.common import ConfigError, atomic_write_json, atomic_write_text, format_table, setup_logging
+from components.common import (
+    ConfigError,
+    atomic_write_json,
+    atomic_write_text,
+    format_table,
+    run_cli,
+)
 from components.manifest import load_labelled, read_manifest
 from components.modelspec import INT8_CHOICES, choose_onnx_file, load_model_spec
 from components.preprocess import preprocess_batch
@@ -400,24 +406,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: prints a summary table, exits 2 on configuration errors."""
-    args = _parser().parse_args(argv)
-    setup_logging(args.log_level)
-    try:
-        m = evaluate(
-            args.model,
-            args.manifest,
-            args.out,
-            data_root=args.data_root,
-            batch_size=args.batch_size,
-            num_threads=args.num_threads,
-            int8=args.int8,
-            train_manifest=args.train_manifest,
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    m = evaluate(
+        args.model,
+        args.manifest,
+        args.out,
+        data_root=args.data_root,
+        batch_size=args.batch_size,
+        num_threads=args.num_threads,
+        int8=args.int8,
+        train_manifest=args.train_manifest,
+    )
     level = f"{m['intervals']['level']:.0%} interval"
     rows = [["n", m["n"], ""]]
     rows += [[k, m[k], range_text(m["intervals"][k])] for k in ("accuracy", "rmse", "mae", "within_one")]
@@ -432,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: prints a summary table, exits 2 on configuration errors."""
+    return run_cli(_parser(), _run, argv)
 
 
 if __name__ == "__main__":

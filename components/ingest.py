@@ -40,10 +40,11 @@ from components.common import (
     atomic_write_json,
     format_table,
     parse_int_list,
-    setup_logging,
+    run_cli,
     sha256_bytes,
 )
 from components.manifest import ManifestRow, write_manifest
+from components.s3 import error_code, make_s3_client, parse_s3_url, source_error
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class S3Source:
             resp = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
             return resp["Body"].read()
         except ClientError as e:
-            if _error_code(e) in {"NoSuchKey", "404", "NotFound"}:
+            if error_code(e) in {"NoSuchKey", "404", "NotFound"}:
                 raise ObjectMissingError(key) from e
             raise
 
@@ -161,7 +162,7 @@ class S3Source:
         except ClientError as e:
             # S3 answers 403 rather than 404 for a missing key when listing is not allowed; read
             # access itself was checked by open_source, so both mean "not there".
-            if _error_code(e) in {"NoSuchKey", "404", "NotFound", "403", "AccessDenied", "Forbidden"}:
+            if error_code(e) in {"NoSuchKey", "404", "NotFound", "403", "AccessDenied", "Forbidden"}:
                 return False
             raise
 
@@ -171,115 +172,6 @@ class S3Source:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
             for obj in page.get("Contents", ()):
                 yield obj["Key"][len(self.prefix) :]
-
-
-def _error_code(e: Exception) -> str:
-    resp = getattr(e, "response", None) or {}
-    return str(resp.get("Error", {}).get("Code", ""))
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket[/prefix]`` -> (bucket, prefix with a trailing slash or "")."""
-    if not url.startswith("s3://"):
-        raise ConfigError(f"not an s3:// URL: {url!r}")
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    if not bucket or not all(c.isalnum() or c in "-._" for c in bucket):
-        raise ConfigError(f"invalid bucket name in {url!r}: expected s3://bucket[/prefix]")
-    prefix = prefix.strip("/")
-    return bucket, f"{prefix}/" if prefix else ""
-
-
-def make_s3_client(
-    *,
-    endpoint_url: str | None = None,
-    no_sign_request: bool = False,
-    workers: int = 16,
-    max_attempts: int = 10,
-    connect_timeout: float = 10.0,
-    session: Any = None,
-    unsigned: bool | None = None,
-) -> tuple[Any, bool]:
-    """One shared client (thread-safe) with retries/backoff; unsigned when no credentials exist.
-
-    Returns ``(client, unsigned)``. Unsigned requests let the public ``aft-vbi-pds`` bucket work on
-    machines without AWS credentials, as ``aws s3 --no-sign-request`` does. Pass ``session`` and
-    ``unsigned`` from a first call to skip a second credential lookup (slow where it probes EC2).
-    """
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    session = session or boto3.Session()
-    if unsigned is None:
-        unsigned = no_sign_request or session.get_credentials() is None
-    config = Config(
-        signature_version=UNSIGNED if unsigned else None,
-        retries={"max_attempts": max_attempts, "mode": "standard"},
-        max_pool_connections=max(10, workers + 4),
-        connect_timeout=connect_timeout,
-        read_timeout=60,
-    )
-    client = session.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        region_name=session.region_name or "us-east-1",
-        config=config,
-    )
-    return client, unsigned
-
-
-_DENIED_CODES = frozenset(
-    {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
-)
-
-
-def _config_error_for(e: Exception, bucket: str, endpoint_url: str | None, unsigned: bool) -> ConfigError:
-    """Turn a botocore failure on the first request into a message that says what to do."""
-    from botocore.exceptions import (
-        ClientError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-    )
-
-    where = endpoint_url or "AWS S3"
-    if isinstance(e, EndpointConnectionError | ConnectTimeoutError):
-        if endpoint_url:
-            return ConfigError(f"cannot reach the S3 endpoint {where}: is it running? (check --endpoint-url)")
-        return ConfigError(
-            f"cannot reach AWS S3 for s3://{bucket}: check the network (proxy, firewall), or use a local "
-            "mirror in the bucket layout (--source DIR; make run DATA_SOURCE=DIR)"
-        )
-    if isinstance(e, NoCredentialsError):
-        return ConfigError(
-            f"no AWS credentials for s3://{bucket}: configure them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-            "or AWS_PROFILE), or pass --no-sign-request for a public bucket"
-        )
-    code = _error_code(e)
-    status = (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if code in {"NoSuchBucket", "404", "NotFound"} or status == 404:
-        return ConfigError(f"bucket {bucket!r} not found at {where} (check --source / --endpoint-url)")
-    if code in {
-        "AccessDenied",
-        "403",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "AllAccessDisabled",
-    } or (status == 403):
-        if unsigned:
-            hint = (
-                "requests were unsigned because no AWS credentials were found: configure credentials "
-                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) for a private bucket"
-            )
-        else:
-            hint = (
-                "check the AWS credentials in use (AWS_ACCESS_KEY_ID/AWS_PROFILE), "
-                "or pass --no-sign-request for a public bucket"
-            )
-        return ConfigError(f"access to s3://{bucket} denied ({code or status}): {hint}")
-    if isinstance(e, ClientError):
-        return ConfigError(f"S3 error on s3://{bucket} at {where}: {code or status}: {e}")
-    return ConfigError(f"S3 request to s3://{bucket} at {where} failed: {e}")
 
 
 def open_source(
@@ -311,7 +203,7 @@ def open_source(
             if first:  # listing may be public while objects are not: read one to find out now
                 probe.get_object(Bucket=bucket, Key=first[0])["Body"].read()
         except (BotoCoreError, ClientError) as e:
-            raise _config_error_for(e, bucket, endpoint_url, unsigned) from e
+            raise source_error(e, bucket, endpoint_url, unsigned) from e
         if not first:
             raise ConfigError(
                 f"no {METADATA_DIR}/ objects under s3://{bucket}/{prefix}: check the prefix in --source "
@@ -399,7 +291,7 @@ def load_file_list(
     except FileNotFoundError as e:
         raise ConfigError(f"--file-list {text} does not exist") from e
     except Exception as e:  # botocore errors: name the object
-        raise ConfigError(f"cannot read --file-list {text}: {_error_code(e) or e}") from e
+        raise ConfigError(f"cannot read --file-list {text}: {error_code(e) or e}") from e
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -1043,26 +935,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
-    try:
-        classes = parse_int_list(args.classes, name="--classes")
-        result = ingest(
-            args.source,
-            args.out,
-            endpoint_url=args.endpoint_url,
-            file_list=args.file_list,
-            per_class=args.per_class,
-            classes=classes,
-            workers=args.workers,
-            limit=args.limit,
-            no_sign_request=args.no_sign_request,
-            progress=not args.no_progress,
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    classes = parse_int_list(args.classes, name="--classes")
+    result = ingest(
+        args.source,
+        args.out,
+        endpoint_url=args.endpoint_url,
+        file_list=args.file_list,
+        per_class=args.per_class,
+        classes=classes,
+        workers=args.workers,
+        limit=args.limit,
+        no_sign_request=args.no_sign_request,
+        progress=not args.no_progress,
+    )
     rows: list[list[Any]] = [[c, n] for c, n in result.counts.items()]
     rows.append(["total", result.n_images])
     print(format_table(rows, ["count", "images"]))
@@ -1084,6 +970,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
+
+
 __all__ = [
     "DEFAULT_SOURCE",
     "SKIP_REASONS",
@@ -1095,9 +985,7 @@ __all__ = [
     "ingest",
     "load_file_list",
     "main",
-    "make_s3_client",
     "open_source",
-    "parse_s3_url",
     "stem_of",
     "verify_jpeg",
 ]

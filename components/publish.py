@@ -24,7 +24,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,9 +40,10 @@ from components.common import (
     atomic_write_text,
     format_table,
     read_json,
-    setup_logging,
+    run_cli,
 )
 from components.modelspec import MODEL_JSON, load_model_spec
+from components.s3 import download_prefix, make_s3_client, read_json_object, signed_client, store_error
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ DEFAULT_SERVING_IMAGE = f"inventory-monitor/serving:{__version__}"
 #: The predictor's service account in k8s/base: its Secret holds the storage initializer's S3 keys.
 DEFAULT_SERVICE_ACCOUNT = "inventory-counter"
 MANIFEST_FILE = "inferenceservice.yaml"
+#: The InferenceService every version is rendered from: a copy of ``k8s/base/inferenceservice.yaml``
+#: shipped as package data (the components image has no ``k8s/``); tests/test_publish.py keeps them identical.
+INFERENCE_SERVICE_TEMPLATE = Path(__file__).resolve().parent / "resources" / MANIFEST_FILE
 VERSIONS_FILE = "versions.json"
 #: Lock file beside the versions of a local store (see :func:`_store_lock`).
 LOCK_FILE = ".publish.lock"
@@ -164,134 +167,45 @@ def render_inference_service(
     namespace: str | None = None,
     service_account: str | None = None,
 ) -> str:
-    """The InferenceService for a published version, in the shape of ``k8s/base/inferenceservice.yaml``.
+    """The InferenceService for a published version: ``k8s/base/inferenceservice.yaml`` (shipped as
+    :data:`INFERENCE_SERVICE_TEMPLATE`) with this version's name, namespace, image and model location.
 
     A custom predictor container: KServe reads the model location from its ``STORAGE_URI`` env var, the
     storage initializer downloads it into ``/mnt/models`` (with the S3 credentials of the predictor's
     service account) and the server loads it from there.
     """
-    ns = f"\n  namespace: {namespace}" if namespace else ""
-    sa = f"\n    serviceAccountName: {service_account}" if service_account else ""
-    return f"""\
-# {name} version {version}, rendered by components.publish; apply with kubectl apply -f.
-apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}{ns}
-  labels:
-    app.kubernetes.io/name: {name}
-    app.kubernetes.io/component: model-server
-    app.kubernetes.io/part-of: inventory-monitor
-    app.kubernetes.io/version: "{version}"
-  annotations:
-    serving.kserve.io/deploymentMode: Standard
-    serving.kserve.io/autoscalerClass: hpa
-spec:
-  predictor:{sa}
-    minReplicas: 1
-    maxReplicas: 3
-    autoScaling:
-      metrics:
-        - type: Resource
-          resource:
-            name: cpu
-            target:
-              type: Utilization
-              averageUtilization: 50
-    securityContext:
-      runAsNonRoot: true
-      runAsUser: 10001
-      runAsGroup: 10001
-      fsGroup: 10001
-      seccompProfile:
-        type: RuntimeDefault
-    containers:
-      - name: kserve-container
-        image: {image}
-        args:
-          - --model_dir=/mnt/models
-          - --model_name={name}
-          - --http_port=8080
-        env:
-          - name: STORAGE_URI
-            value: "{storage_uri}"
-        ports:
-          - name: http1
-            containerPort: 8080
-            protocol: TCP
-        resources:
-          requests:
-            cpu: "2"
-            memory: 2Gi
-          limits:
-            cpu: "2"
-            memory: 2Gi
-        readinessProbe:
-          httpGet:
-            path: /v2/health/ready
-            port: 8080
-          periodSeconds: 5
-          timeoutSeconds: 2
-          failureThreshold: 3
-        livenessProbe:
-          httpGet:
-            path: /v2/health/live
-            port: 8080
-          initialDelaySeconds: 10
-          periodSeconds: 10
-          timeoutSeconds: 2
-          failureThreshold: 3
-        startupProbe:
-          httpGet:
-            path: /v2/health/live
-            port: 8080
-          periodSeconds: 2
-          failureThreshold: 60
-        securityContext:
-          runAsNonRoot: true
-          runAsUser: 10001
-          allowPrivilegeEscalation: false
-          readOnlyRootFilesystem: true
-          capabilities:
-            drop: ["ALL"]
-        volumeMounts:
-          - name: tmp
-            mountPath: /tmp
-    volumes:
-      - name: tmp
-        emptyDir:
-          sizeLimit: 64Mi
-"""
+    import yaml
 
-
-def _s3_client(endpoint_url: str | None, store: str) -> Any:
-    """The ingest module's client (retries, pool); publishing writes, so it must be signed."""
-    from components.ingest import make_s3_client
-
-    client, unsigned = make_s3_client(endpoint_url=endpoint_url, workers=4)
-    if unsigned:
-        raise ConfigError(
-            f"no AWS credentials to write {store}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
-            "AWS_PROFILE (on a cluster: the aws-credentials Secret)"
-        )
-    return client
-
-
-def _s3_error(e: Exception, store: str) -> ConfigError:
-    from botocore.exceptions import ClientError, NoCredentialsError
-
-    if isinstance(e, NoCredentialsError):
-        return ConfigError(
-            f"no AWS credentials for {store}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
-        )
-    if isinstance(e, ClientError):
-        code = e.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchBucket", "404"):
-            return ConfigError(f"bucket of {store} does not exist: create it or fix --store")
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return ConfigError(f"access to {store} denied ({code}): check the credentials and bucket policy")
-        return ConfigError(f"S3 error on {store}: {code or e}")
-    return ConfigError(f"cannot reach {store}: {e}")
+    doc = yaml.safe_load(INFERENCE_SERVICE_TEMPLATE.read_text(encoding="utf-8"))
+    template_meta = doc["metadata"]
+    labels = {
+        **template_meta["labels"],
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/part-of": "inventory-monitor",
+        "app.kubernetes.io/version": version,
+    }
+    doc["metadata"] = {
+        "name": name,
+        **({"namespace": namespace} if namespace else {}),
+        "labels": labels,
+        "annotations": template_meta["annotations"],
+    }
+    predictor = doc["spec"]["predictor"]
+    if service_account:
+        predictor["serviceAccountName"] = service_account
+    else:
+        predictor.pop("serviceAccountName", None)
+    container = predictor["containers"][0]
+    container["image"] = image
+    container["args"] = [
+        f"--model_name={name}" if a.startswith("--model_name=") else a for a in container["args"]
+    ]
+    storage = container["env"][0]
+    if storage["name"] != "STORAGE_URI":
+        raise ValueError(f"{INFERENCE_SERVICE_TEMPLATE}: STORAGE_URI must be the container's first env var")
+    storage["value"] = storage_uri
+    header = f"# {name} version {version}, rendered by components.publish; apply with kubectl apply -f.\n"
+    return header + yaml.safe_dump(doc, sort_keys=False, width=1000)
 
 
 def _spec_with_version(model_dir: Path, version: str, name: str) -> str:
@@ -364,7 +278,7 @@ def _publish_s3(
 ) -> tuple[str, Any]:
     base = "/".join(p for p in (store.prefix, name, version) if p)
     try:
-        s3 = _s3_client(endpoint_url, store_text)
+        s3 = signed_client(endpoint_url, store_text)
         existing = s3.list_objects_v2(Bucket=store.bucket, Prefix=base + "/")
         old_keys = [o["Key"] for o in existing.get("Contents", [])]
         if old_keys and not force:
@@ -391,7 +305,7 @@ def _publish_s3(
     except ConfigError:
         raise
     except Exception as e:
-        raise _s3_error(e, store_text) from e
+        raise store_error(e, store_text) from e
     return f"s3://{store.bucket}/{base}", s3
 
 
@@ -418,26 +332,6 @@ def _store_lock(parent: Path) -> Iterator[None]:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _read_s3_index(s3: Any, bucket: str, key: str) -> tuple[dict[str, Any] | None, str | None]:
-    """``(index, ETag)``; ``(None, None)`` when there is none yet, ``(None, ETag)`` when it is broken."""
-    import json
-
-    from botocore.exceptions import ClientError
-
-    try:
-        obj = s3.get_object(Bucket=bucket, Key=key)
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None, None
-        raise
-    etag = obj.get("ETag")
-    try:
-        return json.loads(obj["Body"].read()), etag
-    except json.JSONDecodeError:
-        log.warning("s3://%s/%s is not valid JSON; starting a new index", bucket, key)
-        return None, etag
-
-
 def _update_s3_index(s3: Any, bucket: str, key: str, name: str, entry: dict[str, Any]) -> None:
     """Read-merge-write versions.json as an S3 conditional write, again whenever another publish won.
 
@@ -450,7 +344,7 @@ def _update_s3_index(s3: Any, bucket: str, key: str, name: str, entry: dict[str,
     from botocore.exceptions import ClientError
 
     for attempt in range(INDEX_ATTEMPTS):
-        index, etag = _read_s3_index(s3, bucket, key)
+        index, etag = read_json_object(s3, bucket, key)
         merged = _merge_index(index, name, entry)
         body = (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode("utf-8")
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
@@ -485,15 +379,13 @@ def latest_published(store: str, model_name: str, endpoint_url: str | None = Non
         index = read_json(path)
         where = str(path)
     else:
-        from components.ingest import make_s3_client
-
         key = "/".join(p for p in (parsed.prefix, model_name, VERSIONS_FILE) if p)
         where = f"s3://{parsed.bucket}/{key}"
         try:
             s3, _ = make_s3_client(endpoint_url=endpoint_url, workers=4)
-            index, etag = _read_s3_index(s3, parsed.bucket, key)
+            index, etag = read_json_object(s3, parsed.bucket, key)
         except Exception as e:
-            raise _s3_error(e, store) from e
+            raise store_error(e, store) from e
         if index is None:
             if etag is not None:
                 raise ConfigError(f"{where} is not valid JSON: mend it or publish with a fresh --model-name")
@@ -514,20 +406,13 @@ def fetch_published(uri: str, dest: Path, endpoint_url: str | None = None) -> Pa
         if not (folder / MODEL_JSON).is_file():
             raise ConfigError(f"the published model {uri} is missing its {MODEL_JSON}: publish it again")
         return folder
-    from components.ingest import make_s3_client
-
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     dest.mkdir(parents=True, exist_ok=True)
     try:
         s3, _ = make_s3_client(endpoint_url=endpoint_url, workers=4)
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
-        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-        for key in keys:
-            name = key.rsplit("/", 1)[1]
-            if name:
-                s3.download_file(bucket, key, str(dest / name))
+        download_prefix(s3, bucket, prefix, dest)
     except Exception as e:
-        raise _s3_error(e, uri) from e
+        raise store_error(e, uri) from e
     if not (dest / MODEL_JSON).is_file():
         raise ConfigError(f"the published model {uri} has no {MODEL_JSON}: publish it again")
     return dest
@@ -583,7 +468,7 @@ def publish(
         except ConfigError:
             raise
         except Exception as e:
-            raise _s3_error(e, store) from e
+            raise store_error(e, store) from e
         index_uri = f"s3://{parsed.bucket}/{key}"
         default_manifest = Path.cwd() / f"{model_name}-{version}.{MANIFEST_FILE}"
 
@@ -635,25 +520,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    try:
-        result = publish(
-            args.model,
-            args.store,
-            model_name=args.model_name,
-            version=args.version,
-            endpoint_url=args.endpoint_url,
-            force=args.force,
-            manifest_path=args.manifest,
-            image=args.image,
-            namespace=args.namespace,
-            service_account=args.service_account or None,
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    result = publish(
+        args.model,
+        args.store,
+        model_name=args.model_name,
+        version=args.version,
+        endpoint_url=args.endpoint_url,
+        force=args.force,
+        manifest_path=args.manifest,
+        image=args.image,
+        namespace=args.namespace,
+        service_account=args.service_account or None,
+    )
     rows = [
         ("model", result.model_name),
         ("version", result.version),
@@ -664,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(format_table(rows, headers=("published", "value")))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

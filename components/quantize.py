@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from components.common import ConfigError, format_table, setup_logging
+from components.common import ConfigError, format_table, run_cli
 from components.manifest import load_labelled
 from components.modelspec import ONNX_INT8_FILE, ModelSpec, load_model_spec
 from components.preprocess import preprocess_batch
@@ -137,6 +137,21 @@ def quantize_model(
     return result
 
 
+def _run(args: argparse.Namespace) -> int:
+    r = quantize_model(
+        args.model_dir,
+        args.calib,
+        args.eval,
+        data_root=args.data_root,
+        n_calib=args.n_calib,
+        max_drop=args.max_drop,
+    )
+    rows: list[list[Any]] = [["fp32 accuracy", r.fp32_accuracy], ["int8 accuracy", r.int8_accuracy]]
+    rows.append(["int8 kept", r.accepted])
+    print(format_table(rows, ["", "value"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m components.quantize", description=__doc__.split("\n")[0])
     p.add_argument("--model_dir", required=True, type=Path, help="exported model directory (model.json)")
@@ -145,24 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_root", type=Path, default=None, help="directory the manifest paths are under")
     p.add_argument("--n_calib", type=int, default=64, help="calibration images")
     p.add_argument("--max_drop", type=float, default=0.01, help="accuracy int8 may lose (0.01 = 1 point)")
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
-        r = quantize_model(
-            args.model_dir,
-            args.calib,
-            args.eval,
-            data_root=args.data_root,
-            n_calib=args.n_calib,
-            max_drop=args.max_drop,
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rows: list[list[Any]] = [["fp32 accuracy", r.fp32_accuracy], ["int8 accuracy", r.int8_accuracy]]
-    rows.append(["int8 kept", r.accepted])
-    print(format_table(rows, ["", "value"]))
-    return 0
+    return run_cli(p, _run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from components.common import (
     atomic_write_json,
     format_table,
     parse_float_list,
-    setup_logging,
+    run_cli,
     sha256_file,
 )
 from components.manifest import ManifestRow, load_labelled, resolve_data_root, write_manifest
@@ -221,17 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
-    try:
-        ratios = parse_float_list(args.ratios, name="--ratios")
-        result = split_dataset(
-            args.manifest, args.out, ratios=ratios, seed=args.seed, data_root=args.data_root
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    ratios = parse_float_list(args.ratios, name="--ratios")
+    result = split_dataset(args.manifest, args.out, ratios=ratios, seed=args.seed, data_root=args.data_root)
     classes = sorted({c for per in result.counts.values() for c in per})
     rows = [
         [c, *(result.counts[s][c] for s in SPLITS), sum(result.counts[s][c] for s in SPLITS)] for c in classes
@@ -243,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{s + ':':6} {result.paths[s]}")
     print(f"summary: {result.summary_path}\nplot:    {result.histogram_path}\ndata root: {result.data_root}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
 
 
 __all__ = [

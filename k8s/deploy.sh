@@ -19,7 +19,7 @@
 # PROFILE=sagemaker maps SAGEMAKER_ROLE, IMAGE_URI, MODEL_DIR, AWS_REGION, SAGEMAKER_BUCKET,
 # SAGEMAKER_ENDPOINT (inventory-counter), SAGEMAKER_INSTANCE_TYPE (ml.m5.large), SAGEMAKER_MIN (1),
 # SAGEMAKER_MAX (3), SAGEMAKER_MAX_RPS, SAGEMAKER_TARGET_INVOCATIONS and SMOKE_IMAGE to the flags of
-# `python -m serving.sagemaker deploy`; SAGEMAKER_ARGS adds any other flags last (they win).
+# `python -m sagemaker_tools.endpoint deploy`; SAGEMAKER_ARGS adds any other flags last (they win).
 # Nothing is written into the repository: the manifests are rendered from a private temp copy that
 # also holds the S3 credentials (random on the first deploy), and it is deleted on exit.
 set -euo pipefail
@@ -109,7 +109,7 @@ SAGEMAKER_TARGET_INVOCATIONS per instance per minute, or SAGEMAKER_ARGS=--no-aut
   fi
   if [ -n "${SMOKE_IMAGE:-}" ]; then sm_args+=(--smoke-image "$SMOKE_IMAGE"); fi
   log "deploying $MODEL_DIR to SageMaker endpoint ${SAGEMAKER_ENDPOINT:-inventory-counter} with ${IMAGE_URI:-the image in SAGEMAKER_ARGS}"
-  exec "$PY" -m serving.sagemaker deploy "${sm_args[@]}" ${extra[@]+"${extra[@]}"}
+  exec "$PY" -m sagemaker_tools.endpoint deploy "${sm_args[@]}" ${extra[@]+"${extra[@]}"}
 fi
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ if [ "${PROFILE:-}" = "sagemaker" ]; then
   if [ -n "${AWS_REGION:-}" ]; then sm_args+=(--region "$AWS_REGION"); fi
   read -r -a extra <<< "${SAGEMAKER_ARGS:-}"
   log "tearing down SageMaker endpoint ${SAGEMAKER_ENDPOINT:-inventory-counter}"
-  exec "$PY" -m serving.sagemaker teardown "${sm_args[@]}" ${extra[@]+"${extra[@]}"}
+  exec "$PY" -m sagemaker_tools.endpoint teardown "${sm_args[@]}" ${extra[@]+"${extra[@]}"}
 fi
 
 case "$CLUSTER" in

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from components import __version__
-from components.common import ConfigError, atomic_write_text, setup_logging
+from components.common import ConfigError, atomic_write_text, run_cli
 from pipeline.profiles import BUILD_OPTIONS, pipeline_parameters, profile_names
 
 IMAGE_ENV = "COMPONENTS_IMAGE"
@@ -125,23 +124,21 @@ def options_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.compile", description=__doc__.split("\n")[0])
-    add_build_flags(p)
-    p.add_argument("--out", type=Path, default=Path("build/inventory_pipeline.yaml"), help="YAML to write")
-    args = p.parse_args(argv)
-    setup_logging("WARNING")
-    try:
-        params = pipeline_parameters(args.profile, parse_param_overrides(args.param, args.profile))
-        opts = options_from_args(args)
-        out = compile_pipeline(args.out, params, opts)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    params = pipeline_parameters(args.profile, parse_param_overrides(args.param, args.profile))
+    opts = options_from_args(args)
+    out = compile_pipeline(args.out, params, opts)
     print(
         f"wrote {out} (profile {args.profile}, image {opts.image}, gpu {opts.gpu}); upload it in the KFP UI"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.compile", description=__doc__.split("\n")[0])
+    add_build_flags(p)
+    p.add_argument("--out", type=Path, default=Path("build/inventory_pipeline.yaml"), help="YAML to write")
+    return run_cli(p, _run, argv, log_level="WARNING")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def test_serving_dockerfile_has_no_torch() -> None:
 
 
 #: The project's own top-level packages: imports of these must be copied into an image.
-PROJECT_PACKAGES = ("components", "pipeline", "serving", "bench")
+PROJECT_PACKAGES = ("components", "pipeline", "sagemaker_tools", "serving", "bench")
 
 
 def copied_sources(dockerfile: Path, stage: str) -> set[Path]:
@@ -219,8 +219,8 @@ def installed_requirements(extras: tuple[str, ...]) -> set[str]:
 
 def sagemaker_training_module() -> str:
     """The module SageMaker's training job runs in the components image (``python -m`` it), read
-    statically from ``serving/sagemaker_train.py`` (no boto3 needed)."""
-    tree = ast.parse((REPO / "serving" / "sagemaker_train.py").read_text(encoding="utf-8"))
+    statically from ``sagemaker_tools/train.py`` (no boto3 needed)."""
+    tree = ast.parse((REPO / "sagemaker_tools" / "train.py").read_text(encoding="utf-8"))
     (entry,) = [
         ast.literal_eval(node.value)
         for node in tree.body
@@ -268,13 +268,16 @@ def test_components_image_copies_exactly_what_the_steps_import() -> None:
     assert not lacking, f"imported by the steps, not installed in the image: {lacking}"
 
 
-def test_serving_image_copies_what_the_server_imports() -> None:
-    """The serving image's entry point (``python -m serving``) finds every project module it imports."""
+def test_serving_image_copies_exactly_what_the_server_imports() -> None:
+    """The serving image's entry point (``python -m serving``) finds every project module it imports,
+    and the image holds nothing else (tools such as the load test live outside ``serving/``)."""
     needed, _ = import_closure([(REPO / "serving" / "__main__.py").read_text(encoding="utf-8")])
     needed.add(REPO / "serving" / "__main__.py")
     copied = copied_sources(REPO / "docker" / "serving.Dockerfile", "app")
     missing = sorted(f.relative_to(REPO).as_posix() for f in needed - copied)
+    unused = sorted(f.relative_to(REPO).as_posix() for f in copied - needed)
     assert not missing, f"the server imports modules the serving image lacks: {missing}"
+    assert not unused, f"the serving image copies modules the server never imports: {unused}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 #: the project's top-level packages (``bench`` holds scripts, named here as ``bench.<script>``)
-PACKAGES = ("components", "pipeline", "serving", "bench")
+PACKAGES = ("components", "pipeline", "sagemaker_tools", "serving", "bench")
 #: the most lines a module of ``components/training`` (and the ``components/train.py`` entry point) may
 #: have. Only the training package is held to it for now: ``components/tune.py`` and
 #: ``components/ingest.py`` are over a thousand lines each and have not been split yet.

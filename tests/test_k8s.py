@@ -420,7 +420,7 @@ SM_IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/inventory-monitor/servi
 
 @pytest.fixture
 def sm_model_dir(tmp_path: Path) -> Path:
-    """A model directory serving.sagemaker accepts (model.json + the ONNX file)."""
+    """A model directory sagemaker_tools.endpoint accepts (model.json + the ONNX file)."""
     from components.modelspec import ModelSpec
 
     d = tmp_path / "sm-model"
@@ -431,7 +431,7 @@ def sm_model_dir(tmp_path: Path) -> Path:
 
 
 def sagemaker_env(bindir: Path, **extra: str) -> dict[str, str]:
-    """The real serving.sagemaker (this interpreter) in --dry-run: it prints its calls and makes none."""
+    """The real sagemaker_tools.endpoint (this interpreter) in --dry-run: prints its calls, makes none."""
     extra = {"SAGEMAKER_ARGS": "--dry-run", **extra}
     env = script_env(bindir, PYTHON=sys.executable, PROFILE="sagemaker", **extra)
     # any real AWS call would fail to connect
@@ -507,7 +507,7 @@ def test_deploy_sagemaker_maps_the_documented_variables(
 
 def test_undeploy_sagemaker_passes_the_endpoint_and_region(bare_path: Path) -> None:
     # teardown has no dry run: an invalid name is rejected before any client exists, and the message
-    # shows which name and region reached serving.sagemaker.
+    # shows which name and region reached sagemaker_tools.endpoint.
     env = sagemaker_env(bare_path, SAGEMAKER_ENDPOINT="not_a_valid_name", SAGEMAKER_ARGS="")
     proc = run_script("undeploy.sh", {**env, "AWS_REGION": "eu-west-1"})
     assert proc.returncode == 2, proc.stderr
@@ -579,7 +579,7 @@ def test_deploy_sagemaker_lists_every_missing_variable_at_once(bare_path: Path, 
     given = {"SAGEMAKER_ROLE": SM_ROLE, "IMAGE_URI": SM_IMAGE, "AWS_REGION": "eu-west-1"}
     for name, value in given.items():  # each one given drops exactly that one
         assert listed({**env, name: value}) == [s for s in settings if s != name]
-    # what serving.sagemaker also accepts counts as given
+    # what sagemaker_tools.endpoint also accepts counts as given
     assert "AWS_REGION" not in listed({**env, "AWS_DEFAULT_REGION": "eu-west-1"})
     assert "SAGEMAKER_MAX_RPS" not in listed({**env, "SAGEMAKER_TARGET_INVOCATIONS": "600"})
     assert listed({**env, "SAGEMAKER_ARGS": "--no-autoscaling --region=eu-west-1 --role r"}) == [

@@ -137,7 +137,7 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     workers = [t for t in summary.tasks if t.startswith("for-loop-") and t.endswith("/tune-worker")]
     assert len(workers) == 2, summary.tasks.keys()
     # two workers, one study: together they ran the study-wide budget (2 trials), not 2 each
-    assert sum(summary.param(w) for w in workers) == 2
+    assert sum(summary.param(w) for w in workers) == 2, {w: summary.param(w) for w in workers}
     study = summary.artifact("select-best", "study")["metadata"]
     assert study["trials_complete"] + study["trials_pruned"] == 2
     assert summary.artifact("ingest", "dataset")["metadata"]["n_images"] == 25

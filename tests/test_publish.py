@@ -226,7 +226,7 @@ def test_s3_forced_replacement_hides_the_old_model_json_first(
     boto3.client("s3", endpoint_url=aws_env).create_bucket(Bucket="force")
     publish(random_model_dir, "s3://force", version="v1", endpoint_url=aws_env, manifest_path=tmp_path / "a")
     calls: list[tuple[str, str]] = []
-    real_client = publish_module._s3_client
+    real_client = publish_module.signed_client
 
     def recording_client(endpoint_url, store):
         client = real_client(endpoint_url, store)
@@ -237,7 +237,7 @@ def test_s3_forced_replacement_hides_the_old_model_json_first(
         client.meta.events.register("before-parameter-build.s3", record)
         return client
 
-    monkeypatch.setattr(publish_module, "_s3_client", recording_client)
+    monkeypatch.setattr(publish_module, "signed_client", recording_client)
     publish(
         random_model_dir,
         "s3://force",
@@ -320,6 +320,32 @@ def test_manifest_has_the_shape_of_the_k8s_base(random_model_dir: Path, tmp_path
     assert rendered["spec"] == base["spec"], "k8s/base/inferenceservice.yaml changed: update the template"
     assert rendered["metadata"]["annotations"] == base["metadata"]["annotations"]
     assert rendered["metadata"]["labels"]["app.kubernetes.io/version"] == "v3"
+
+
+def test_shipped_template_is_the_k8s_base() -> None:
+    """The components image renders from its copy of k8s/base/inferenceservice.yaml: both stay identical."""
+    from components.publish import INFERENCE_SERVICE_TEMPLATE
+
+    base_path = Path(__file__).resolve().parents[1] / "k8s" / "base" / "inferenceservice.yaml"
+    assert INFERENCE_SERVICE_TEMPLATE.read_bytes() == base_path.read_bytes(), (
+        f"edit k8s/base/inferenceservice.yaml, then copy it to {INFERENCE_SERVICE_TEMPLATE}"
+    )
+
+
+def test_manifest_names_the_version_its_namespace_and_account() -> None:
+    from components.publish import render_inference_service
+
+    text = render_inference_service(
+        name="counter-b", storage_uri="s3://m/counter-b/1.0", version="1.0", image="r/s:1", namespace="ns"
+    )
+    isvc = yaml.safe_load(text)
+    assert isvc["metadata"]["name"] == "counter-b" and isvc["metadata"]["namespace"] == "ns"
+    assert isvc["metadata"]["labels"]["app.kubernetes.io/version"] == "1.0"
+    assert isvc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "inventory-monitor"
+    assert "serviceAccountName" not in isvc["spec"]["predictor"]
+    container = isvc["spec"]["predictor"]["containers"][0]
+    assert "--model_name=counter-b" in container["args"] and container["image"] == "r/s:1"
+    assert container["env"][0] == {"name": "STORAGE_URI", "value": "s3://m/counter-b/1.0"}
 
 
 def test_local_store_is_readable_by_other_users(random_model_dir: Path, tmp_path: Path):

@@ -27,8 +27,11 @@ from typing import Any
 import boto3
 import pytest
 
+from components.common import ConfigError
 from components.modelspec import ModelSpec
-from serving import sagemaker as smd
+from sagemaker_tools import endpoint as smd
+from sagemaker_tools.config import make_deploy_config, target_from_max_rps
+from sagemaker_tools.package import package_model
 from tests.fixtures.aws import FAKE_CREDENTIALS, free_port, running_moto_server
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerExecution"
@@ -210,20 +213,20 @@ def tags_of(sm: Any, arn: str) -> dict[str, str]:
 
 
 def test_target_comes_from_measured_capacity() -> None:
-    assert smd.target_from_max_rps(12.8) == 384
+    assert target_from_max_rps(12.8) == 384
     # the reference project's instance served 770/minute: half of that, not 50, is the target
-    assert smd.target_from_max_rps(770 / 60) == 385
+    assert target_from_max_rps(770 / 60) == 385
     # bench/results/serve.json: 10,304/min (~171 req/s) is the highest level with p99 <= 300 ms
-    assert smd.target_from_max_rps(171) == 5130
-    assert smd.target_from_max_rps(52) == 1560
-    with pytest.raises(smd.ConfigError, match="positive"):
-        smd.target_from_max_rps(0)
+    assert target_from_max_rps(171) == 5130
+    assert target_from_max_rps(52) == 1560
+    with pytest.raises(ConfigError, match="positive"):
+        target_from_max_rps(0)
 
 
 def test_package_is_deterministic_and_holds_only_serving_files(model_dir: Path, tmp_path: Path) -> None:
-    a = smd.package_model(model_dir, tmp_path / "a.tar.gz")
+    a = package_model(model_dir, tmp_path / "a.tar.gz")
     os.utime(model_dir / "model.onnx", (1, 1))  # mtimes must not change the archive
-    b = smd.package_model(model_dir, tmp_path / "b.tar.gz")
+    b = package_model(model_dir, tmp_path / "b.tar.gz")
     assert a.sha256 == b.sha256
     assert a.path.read_bytes() == b.path.read_bytes()
     assert a.version == f"1-{a.sha256[:12]}"
@@ -569,10 +572,10 @@ def test_invalid_input_fails_before_any_call(
 
 
 def test_missing_scaling_target_and_conflicting_flags(model_dir: Path, capsys: Any) -> None:
-    with pytest.raises(smd.ConfigError, match="no scaling target"):
-        smd.make_deploy_config(model_dir=model_dir, image_uri=IMAGE, role_arn=ROLE, region="us-east-1")
-    with pytest.raises(smd.ConfigError, match="not both"):
-        smd.make_deploy_config(
+    with pytest.raises(ConfigError, match="no scaling target"):
+        make_deploy_config(model_dir=model_dir, image_uri=IMAGE, role_arn=ROLE, region="us-east-1")
+    with pytest.raises(ConfigError, match="not both"):
+        make_deploy_config(
             model_dir=model_dir,
             image_uri=IMAGE,
             role_arn=ROLE,
@@ -580,7 +583,7 @@ def test_missing_scaling_target_and_conflicting_flags(model_dir: Path, capsys: A
             target_invocations=100,
             max_rps=5.0,
         )
-    cfg = smd.make_deploy_config(
+    cfg = make_deploy_config(
         model_dir=model_dir,
         image_uri=IMAGE,
         region="us-east-1",
@@ -604,7 +607,7 @@ def test_archive_served_by_the_real_server_answers_through_invoke_endpoint(
     """The SageMaker path end to end: the archive, extracted as /opt/ml/model, runs in ``serving serve``."""
     from tests.fixtures.serving import start_server, stop_server
 
-    package = smd.package_model(random_model_dir, tmp_path / "model.tar.gz")
+    package = package_model(random_model_dir, tmp_path / "model.tar.gz")
     opt_ml_model = tmp_path / "opt-ml-model"
     with tarfile.open(package.path) as tar:
         tar.extractall(opt_ml_model, filter="data")
@@ -650,7 +653,7 @@ def train_args(*extra: str) -> list[str]:
 def test_training_job_runs_components_train_with_the_pipeline_flags(
     aws: str, clients: dict[str, Any], capsys: Any
 ) -> None:
-    from serving import sagemaker_train as smt
+    from sagemaker_tools import train as smt
 
     rc = smt.main(train_args("--hp", "epochs=20", "--hp", "lr=0.1", "--hp", "head=ordinal"))
     assert rc == 0, capsys.readouterr().err
@@ -682,7 +685,7 @@ def test_training_hyperparameters_are_real_train_flags() -> None:
     import ast
 
     import components
-    from serving.sagemaker_train import HYPERPARAMETERS
+    from sagemaker_tools.train import HYPERPARAMETERS
 
     source = (Path(components.__file__).parent / "training" / "cli.py").read_text()
     flags = {
@@ -710,7 +713,7 @@ def test_training_hyperparameters_are_real_train_flags() -> None:
 def test_training_job_invalid_input_fails_before_any_call(
     monkeypatch: pytest.MonkeyPatch, capsys: Any, extra: list[str], message: str
 ) -> None:
-    from serving import sagemaker_train as smt
+    from sagemaker_tools import train as smt
 
     for key, value in FAKE_CREDENTIALS.items():
         monkeypatch.setenv(key, value)
@@ -721,7 +724,7 @@ def test_training_job_invalid_input_fails_before_any_call(
 
 
 def test_training_job_dry_run_prints_the_request(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    from serving import sagemaker_train as smt
+    from sagemaker_tools import train as smt
 
     for key, value in FAKE_CREDENTIALS.items():
         monkeypatch.setenv(key, value)

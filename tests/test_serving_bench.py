@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.loadtest import check_url, main, summarize
 from components.common import ConfigError
-from serving.bench import check_url, main, summarize
 from tests.fixtures.serving import (
     RunningServer,
     served_model_fixture,  # noqa: F401
@@ -61,8 +61,8 @@ def test_baseline_needs_model_dir(abid_dir: Path, tmp_path: Path) -> None:
 
 def test_model_only_ceiling_runs_the_served_file(served_model: RunningServer, abid_dir: Path) -> None:
     from bench.ceiling import model_only_ceiling
+    from bench.loadtest import load_images
     from components.modelspec import choose_onnx_file, load_model_spec
-    from serving.bench import load_images
 
     images = load_images(abid_dir / "bin-images", 8)
     r = model_only_ceiling(served_model.model_dir, images, threads=1, batch_size=4, duration=0.5, warmup=0.1)
@@ -77,8 +77,8 @@ def test_model_only_ceiling_runs_the_served_file(served_model: RunningServer, ab
 def test_overload_level_accounts_for_every_request(served_model: RunningServer, abid_dir: Path) -> None:
     import asyncio
 
+    from bench.loadtest import load_images
     from bench.overload import run_overload
-    from serving.bench import load_images
 
     images = load_images(abid_dir / "bin-images", 8)
     r = asyncio.run(

@@ -15,10 +15,9 @@ The output directory holds ``model.onnx``, ``model.pt``, ``model.json``, ``metri
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from components.common import ConfigError, format_table, parse_int_list, setup_logging
+from components.common import format_table, parse_int_list, run_cli
 from components.evaluate import range_text
 from components.modelspec import HEADS, STATE_DICT_FILE
 from components.training.config import DECISIONS, PRETRAIN_OBJECTIVES, SELECTION_METRICS, TrainConfig
@@ -197,23 +196,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; exits 2 with ``error: ...`` on configuration errors."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
-    try:
-        cfg = config_from_args(args)
-        if args.pretrain_only:
-            stage = pretrain_backbone(cfg)
-            print(f"backbone written to {stage.model_dir / STATE_DICT_FILE}")
-            if stage.metrics.get("knn_val_accuracy") is not None:
-                start, end = stage.metrics["knn_val_accuracy_start"], stage.metrics["knn_val_accuracy"]
-                print(f"k-NN val accuracy on its features: {start:.4f} at the start, {end:.4f} at the end")
-            return 0
-        result = train(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.pretrain_only:
+        stage = pretrain_backbone(cfg)
+        print(f"backbone written to {stage.model_dir / STATE_DICT_FILE}")
+        if stage.metrics.get("knn_val_accuracy") is not None:
+            start, end = stage.metrics["knn_val_accuracy_start"], stage.metrics["knn_val_accuracy"]
+            print(f"k-NN val accuracy on its features: {start:.4f} at the start, {end:.4f} at the end")
+        return 0
+    result = train(cfg)
     rows = [
         [f"{split}_{k}", m[k], range_text(m["intervals"][k]) if "intervals" in m else ""]
         for split in ("val", "test")
@@ -231,3 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, ["metric", "value", "95% interval"]))
     print(f"model written to {result.model_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exits 2 with ``error: ...`` on configuration errors."""
+    return run_cli(build_parser(), _run, argv)

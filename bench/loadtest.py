@@ -1,11 +1,11 @@
 """Closed-loop HTTP load test of the model server with real JPEGs.
 
-``python -m serving.bench --url URL --images DIR --concurrency 1,4,8,16 --duration 30 [--baseline]``
+``python bench/loadtest.py --url URL --images DIR --concurrency 1,4,8,16 --duration 30 [--baseline]``
 
 For each concurrency level, that many clients each send one raw ``image/jpeg`` request, wait for
 the answer and send the next, for ``--duration`` seconds (after a short warm-up). Reported per
 level: invocations/minute, p50/p95/p99 latency and errors, as a table, JSON and a PNG. With
-``--baseline`` the naive server (:mod:`serving.naive`) is started on 127.0.0.1 and measured in the
+``--baseline`` the naive server (``bench/naive.py``) is started on 127.0.0.1 and measured in the
 same run, and the throughput ratio is printed.
 """
 
@@ -28,8 +28,20 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from components.common import ConfigError, atomic_write_json, format_table, parse_int_list, setup_logging
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python bench/loadtest.py` puts bench/ first, not the repo
+    sys.path.insert(0, str(REPO_ROOT))
 
+from components.common import (  # noqa: E402
+    ConfigError,
+    atomic_write_json,
+    format_table,
+    parse_int_list,
+    run_cli,
+)
+
+#: the naive baseline server, started as a script next to this one
+NAIVE_SCRIPT = Path(__file__).resolve().with_name("naive.py")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_DURATION_S = 600.0
 
@@ -221,10 +233,10 @@ def free_port() -> int:
 
 
 def start_naive(model_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start :mod:`serving.naive` on 127.0.0.1 and a free port; returns the process and its URL."""
+    """Start ``bench/naive.py`` on 127.0.0.1 and a free port; returns the process and its URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.naive", "--model_dir", str(model_dir), "--port", str(port)],
+        [sys.executable, str(NAIVE_SCRIPT), "--model_dir", str(model_dir), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -359,8 +371,27 @@ def run_benchmark(
     return report
 
 
+def _run(args: argparse.Namespace) -> int:
+    check_url(args.url, args.allow_remote)
+    if args.baseline and args.model_dir is None:
+        raise ConfigError("--baseline needs --model_dir (the naive server loads model.pt from it)")
+    levels = parse_int_list(args.concurrency, name="--concurrency")
+    run_benchmark(
+        args.url,
+        args.images,
+        levels,
+        args.duration,
+        out_json=args.out,
+        out_png=args.plot or args.out.with_suffix(".png"),
+        baseline_model_dir=args.model_dir if args.baseline else None,
+        n_images=args.n_images,
+        warmup=args.warmup,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/loadtest.py", description=__doc__.split("\n")[0])
     p.add_argument("--url", required=True, help="prediction URL, e.g. http://127.0.0.1:8080/invocations")
     p.add_argument("--images", required=True, type=Path, help="directory of real JPEGs (bin-images/)")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated client counts")
@@ -374,28 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results/serve.json"), help="JSON results")
     p.add_argument("--plot", type=Path, default=None, help="PNG plot (default: next to --out)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-localhost --url")
-    args = p.parse_args(argv)
-    setup_logging("WARNING")
-    try:
-        check_url(args.url, args.allow_remote)
-        if args.baseline and args.model_dir is None:
-            raise ConfigError("--baseline needs --model_dir (the naive server loads model.pt from it)")
-        levels = parse_int_list(args.concurrency, name="--concurrency")
-        run_benchmark(
-            args.url,
-            args.images,
-            levels,
-            args.duration,
-            out_json=args.out,
-            out_png=args.plot or args.out.with_suffix(".png"),
-            baseline_model_dir=args.model_dir if args.baseline else None,
-            n_images=args.n_images,
-            warmup=args.warmup,
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(p, _run, argv, log_level="WARNING")
 
 
 if __name__ == "__main__":

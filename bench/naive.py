@@ -1,11 +1,11 @@
-"""Naive baseline server, built like the reference project's handler, for ``serving.bench --baseline``.
+"""Naive baseline server, built like the reference project's handler, for ``bench/loadtest.py --baseline``.
 
 What the reference did per request: decode the full-size JPEG with Pillow, torchvision
 ``Resize`` + ``ToTensor`` + ``Normalize``, one image through an eager PyTorch ResNet18, one model
 worker. It exists only to be measured against; the real server (:mod:`serving.model`) never imports
 it or torch.
 
-``python -m serving.naive --model_dir DIR --port 8090`` (binds 127.0.0.1 unless ``--host`` says so).
+``python bench/naive.py --model_dir DIR --port 8090`` (binds 127.0.0.1 unless ``--host`` says so).
 """
 
 from __future__ import annotations
@@ -20,9 +20,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from components.common import ConfigError, setup_logging
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python bench/naive.py` puts bench/ first, not the repo
+    sys.path.insert(0, str(REPO_ROOT))
 
-logger = logging.getLogger("serving.naive")
+from components.common import ConfigError, setup_logging  # noqa: E402
+
+logger = logging.getLogger("bench.naive")
 
 
 class NaivePredictor:
@@ -112,7 +116,7 @@ def serve(model_dir: Path, host: str, port: int, num_threads: int | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.naive", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/naive.py", description=__doc__.split("\n")[0])
     p.add_argument("--model_dir", required=True, type=Path, help="exported model dir with model.pt")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8090)

@@ -1,6 +1,6 @@
 """Run ``components.train`` as a SageMaker training job, so both backends train with identical code.
 
-``python -m serving.sagemaker_train --image-uri URI --role ARN --data s3://…/ingest/ --split s3://…/split/
+``python -m sagemaker_tools.train --image-uri URI --role ARN --data s3://…/ingest/ --split s3://…/split/
 --output s3://…/training/ --hp epochs=20 --hp lr=0.1``
 
 The components image is the training image and ``python -m components.train`` its entry point
@@ -30,17 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components.common import ConfigError, setup_logging
-from serving.sagemaker import (
-    NAME_RE,
-    PROJECT_TAG,
-    Clients,
-    DeployError,
-    aws_call,
-    make_clients,
-    resolve_region,
-    validate_image_uri,
-    validate_role,
-)
+from sagemaker_tools.aws import Clients, DeployError, aws_call, make_clients, quiet_botocore, resolve_region
+from sagemaker_tools.config import NAME_RE, PROJECT_TAG, validate_image_uri, validate_role
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +246,7 @@ def launch(
 
 def build_parser() -> argparse.ArgumentParser:
     """The training-job CLI."""
-    p = argparse.ArgumentParser(prog="python -m serving.sagemaker_train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sagemaker_tools.train", description=__doc__.split("\n")[0])
     p.add_argument("--image-uri", help="components image in ECR (has `python -m components.train`)")
     p.add_argument("--role", help="SageMaker execution role ARN (default: SAGEMAKER_ROLE)")
     p.add_argument("--data", help="S3 prefix of the ingest output (images/)")
@@ -279,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: ConfigError -> exit 2 before any AWS call; AWS failures -> exit 1."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    if logging.getLogger().level > logging.DEBUG:
-        logging.getLogger("botocore").setLevel(logging.WARNING)
+    quiet_botocore()
     try:
         cfg = make_training_config(
             image_uri=args.image_uri,
