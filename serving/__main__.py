@@ -150,7 +150,8 @@ def run_server(args: argparse.Namespace) -> None:
 
     from kserve import model_server
 
-    from serving.admission import AdmissionMetrics, AdmissionMiddleware, build_admission
+    from serving.admission import AdmissionMetrics, build_admission
+    from serving.admission_http import AdmissionMiddleware
     from serving.door import DoorLimits, DoorProtocol
     from serving.errors import install_error_handlers
     from serving.model import InventoryCounter, ServingOptions

@@ -9,7 +9,7 @@ app sees the request:
 * a head (request line and headers) over ``max_header_bytes`` or with more than ``max_headers``
   fields is answered 431 and the connection closed; at most ``max_header_bytes`` of it is parsed;
 * a head not complete within ``read_timeout_s`` of its first byte is answered 408 and closed (the
-  body's own timeout is :class:`serving.admission.AdmissionMiddleware`'s);
+  body's own timeout is :class:`serving.admission_http.AdmissionMiddleware`'s);
 * a connection that never sends a byte is closed after ``--timeout_keep_alive``, as uvicorn does
   only between requests;
 * a request answered before its body arrived (503, 413, 404) has ``read_timeout_s`` for the rest of

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 from kserve import ModelServer
@@ -22,17 +22,13 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from starlette.requests import ClientDisconnect
 
 from components.common import ConfigError
+from serving.asgi import ASGIApp, Message, Receive, Scope, Send, send_json
 from serving.errors import REJECTION_KEY, PayloadTooLarge, UnsupportedMediaType, install_client_error_handlers
 from serving.logs import install_escaping
 from serving.routes import ReadOnlyModelRepository, register_served_routes
 
 access_logger = logging.getLogger("serving.access")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 #: Status logged for a request whose client disconnected before it could be answered (nginx's 499).
@@ -67,13 +63,6 @@ class ServingMetrics:
 
     def observe_rejected(self, status: int) -> None:
         self.rejected.labels(status=str(status)).inc()
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
 
 
 class RequestGuard:
@@ -150,7 +139,7 @@ class RequestGuard:
             if rejection is not None:
                 status, message = rejection
                 scope[REJECTION_KEY] = message
-                await _send_json(logged_send, status, {"error": message})
+                await send_json(logged_send, status, json.dumps({"error": message}).encode())
             else:
                 await self.app(scope, counted_receive, logged_send)
         except ClientDisconnect:

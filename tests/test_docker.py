@@ -30,6 +30,7 @@ from tests.fixtures.aws import free_ports
 from tests.fixtures.docker import DockerEngine
 from tests.fixtures.images import Container, http, start, wait_until
 from tests.fixtures.models import make_random_model_dir
+from tests.imports import imported_names
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = (REPO / "docker" / "serving.Dockerfile", REPO / "docker" / "components.Dockerfile")
@@ -141,23 +142,6 @@ def module_file(name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def imported_names(source: str, package: str) -> set[str]:
-    """Every module an ``import`` anywhere in ``source`` names (relative imports resolved against
-    ``package``), plus ``module.name`` for each ``from module import name`` (it may be a submodule)."""
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{parent}.{base}" if base else parent
-            out.add(base)
-            out |= {f"{base}.{a.name}" for a in node.names}
-    return out
 
 
 def import_closure(programs: list[str]) -> tuple[set[Path], set[str]]:

@@ -3,9 +3,10 @@ small modules. Read statically (ast), so nothing is imported and no torch is nee
 
 from __future__ import annotations
 
-import ast
 import graphlib
 from pathlib import Path
+
+from tests.imports import imported_names
 
 REPO = Path(__file__).resolve().parents[1]
 #: the project's top-level packages (``bench`` holds scripts, named here as ``bench.<script>``)
@@ -34,17 +35,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The project modules ``name`` imports anywhere in it (module level, functions, ``TYPE_CHECKING``),
     with each imported module's parent packages, whose ``__init__`` runs first."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    named: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            named |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{parent}.{base}" if base else parent
-            named.add(base)
-            named |= {f"{base}.{a.name}" for a in node.names}  # ``from pkg import submodule``
+    named = imported_names(path.read_text(encoding="utf-8"), package)
     out: set[str] = set()
     for target in named:
         parts = target.split(".")

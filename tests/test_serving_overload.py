@@ -185,7 +185,7 @@ def test_meter_counts_a_whole_batch_completing_at_once() -> None:
 
 
 def test_request_headers_that_steer_admission() -> None:
-    from serving.admission import INFERENCE_PATH, client_timeout_s
+    from serving.admission_http import INFERENCE_PATH, client_timeout_s
 
     def scope(value: bytes) -> dict:
         return {"headers": [(b"x-envoy-expected-rq-timeout-ms", value)]}
@@ -233,7 +233,7 @@ def test_admission_flags_are_checked_in_their_own_words(plain_argv: None) -> Non
 
 
 def test_middleware_cancels_work_past_its_deadline_and_answers_503(plain_argv: None) -> None:
-    from serving.admission import AdmissionMiddleware
+    from serving.admission_http import AdmissionMiddleware
 
     c, shed = make_controller(rate=100, budget_s=0.1)
     c.clock = time.monotonic
