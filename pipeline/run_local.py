@@ -152,7 +152,11 @@ def copy_reports(summary: RunSummary, dest: Path) -> dict[tuple[str, str], Path]
 
 class TaskLog(io.TextIOBase):
     """What kfp.local writes during a run: every line to the log file, one line per task start and end
-    to the console, so a run reads in a screen while the tasks' own logs stay complete in the file."""
+    to the console, so a run reads in a screen while the tasks' own logs stay complete in the file.
+
+    Lines are assembled per thread: tasks in a ParallelFor run in threads, and ``print`` writes its text
+    and its newline as two calls, so a shared buffer would splice two tasks' lines into one.
+    """
 
     def __init__(self, log_file: TextIO, console: TextIO, clock: Callable[[], float] = time.monotonic):
         self._file = log_file
@@ -160,7 +164,7 @@ class TaskLog(io.TextIOBase):
         self._clock = clock
         self._t0 = clock()
         self._started: dict[str, list[float]] = defaultdict(list)
-        self._partial = ""
+        self._partial: dict[int, str] = {}
         self._lock = threading.Lock()
 
     def writable(self) -> bool:
@@ -168,10 +172,12 @@ class TaskLog(io.TextIOBase):
 
     def write(self, text: str) -> int:
         with self._lock:
-            plain = _ANSI.sub("", text)
-            self._file.write(plain)
-            *lines, self._partial = (self._partial + plain).split("\n")
+            thread = threading.get_ident()
+            *lines, rest = (self._partial.pop(thread, "") + _ANSI.sub("", text)).split("\n")
+            if rest:
+                self._partial[thread] = rest
             for line in lines:
+                self._file.write(line + "\n")
                 self._progress(line)
         return len(text)
 
@@ -179,6 +185,14 @@ class TaskLog(io.TextIOBase):
         with self._lock:
             self._file.flush()
             self._console.flush()
+
+    def close_lines(self) -> None:
+        """Write what no newline ended (a last ``print(..., end="")``) so the file loses nothing."""
+        with self._lock:
+            for rest in self._partial.values():
+                self._file.write(rest + "\n")
+            self._partial.clear()
+            self._file.flush()
 
     def _progress(self, line: str) -> None:
         event = _TASK_EVENT.search(line)
@@ -218,6 +232,7 @@ def task_logs_to(path: Path, console: TextIO | None = None) -> Iterator[TaskLog]
             with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
                 yield stream
         finally:
+            stream.close_lines()
             # kfp.local indents task logs by swapping builtins.print per task; tasks that run in
             # parallel threads restore each other's swap, and the indent outlives the run
             builtins.print = original_print

@@ -11,9 +11,11 @@ way KServe's storage initializer does and must load and predict on a real JPEG.
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import re
 import shlex
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +332,36 @@ def test_kfp_local_output_goes_to_the_run_log_and_a_line_per_task_to_the_console
     assert "\x1b[" not in text
     # kfp.local's swaps of print and of the root handlers end with the run
     assert builtins.print is print_before and logging.getLogger().handlers == handlers
+
+
+def test_task_lines_from_parallel_tasks_are_not_spliced(tmp_path: Path):
+    """print writes its text and its newline as two calls; two ParallelFor tasks ending together
+    interleave them, and each task's end must still reach the console and the file as its own line."""
+    console = io.StringIO()
+    turns = [threading.Event() for _ in range(5)]  # turn k may write once turn k is set
+
+    def task(name: str, first: int, second: int) -> None:
+        for turn, text in ((first, f"INFO  Task '{name}' finished with status SUCCESS"), (second, "\n")):
+            turns[turn].wait(timeout=10)
+            stream.write(text)
+            turns[turn + 1].set()
+
+    with (tmp_path / "run.log").open("w") as fh:
+        stream = run_local.TaskLog(fh, console)
+        # a writes its text, b its text, a its newline, b its newline
+        threads = [threading.Thread(target=task, args=(n, i, j)) for n, i, j in (("a", 0, 2), ("b", 1, 3))]
+        for t in threads:
+            t.start()
+        turns[0].set()
+        for t in threads:
+            t.join(timeout=10)
+        stream.write("no newline at the end")
+        stream.close_lines()
+    ends = sorted(re.sub(r"^\s*\d+:\d\d  ", "", line) for line in console.getvalue().splitlines())
+    assert ends == ["a: done in 0 s", "b: done in 0 s"], console.getvalue()
+    logged = (tmp_path / "run.log").read_text().splitlines()
+    assert sorted(logged[:2]) == [f"INFO  Task '{n}' finished with status SUCCESS" for n in "ab"]
+    assert logged[2:] == ["no newline at the end"]
 
 
 def test_the_model_directory_keeps_the_train_steps_figures_and_reports_get_html_names(tmp_path: Path):
