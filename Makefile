@@ -52,7 +52,7 @@ ifneq ($(filter deploy undeploy,$(MAKECMDGOALS)),)
   endif
 endif
 
-.PHONY: help setup run test lint fmt compile submit bench-ingest bench-train bench-serve gpu-prep \
+.PHONY: help setup run test lint docs fmt compile submit bench-ingest bench-train bench-serve gpu-prep \
 	images deploy undeploy k8s-check clean
 
 help: ## list the targets
@@ -78,6 +78,9 @@ test: $(STAMP) ## the test suite (starts its own S3, PostgreSQL, KServe and Dock
 lint: $(STAMP) ## ruff check + format check
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+docs: $(STAMP) ## rewrite the generated tables in docs/ (settings, pipeline parameters)
+	$(PY) -m pipeline.docgen
 
 fmt: $(STAMP) ## ruff fix + format
 	$(PY) -m ruff check --fix .

@@ -32,13 +32,16 @@ def run_cli(
     argv: Sequence[str] | None = None,
     *,
     log_level: str = "INFO",
+    prepare: Callable[[argparse.ArgumentParser, Sequence[str] | None], None] | None = None,
 ) -> int:
     """A CLI entry point: parse ``argv``, set up logging (the parser's ``--log-level`` if it has one,
     else ``log_level``) and return ``work(args)``; a :class:`ConfigError` prints ``error: ...`` on
-    stderr and exits 2."""
-    args = parser.parse_args(argv)
-    setup_logging(getattr(args, "log_level", log_level))
+    stderr and exits 2. ``prepare`` adjusts the parser first (e.g. defaults from a ``--config`` file)."""
     try:
+        if prepare is not None:
+            prepare(parser, argv)
+        args = parser.parse_args(argv)
+        setup_logging(getattr(args, "log_level", log_level))
         return work(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,7 +33,6 @@ import os
 import socket
 import sys
 import time
-import types
 import typing
 import warnings
 import zlib
@@ -53,6 +52,7 @@ from components.common import (
     setup_logging,
 )
 from components.plots import save_figure
+from components.settings import coerce_text, field_types
 
 if TYPE_CHECKING:
     import optuna
@@ -428,53 +428,10 @@ def _train_config_type() -> type[TrainConfig]:
     return TrainConfig
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name, str) for f in dataclasses.fields(cls)}
-
-
-def coerce_value(text: str, hint: Any, *, name: str) -> Any:
-    """Parse ``text`` as a value of the type ``hint`` (int, float, bool, str, Path, optional, tuple)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if text.strip().lower() in ("none", "null", "") and len(args) < len(typing.get_args(hint)):
-            return None
-        errors = []
-        for arg in args:
-            try:
-                return coerce_value(text, arg, name=name)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{name}: cannot parse {text!r}")
-    if origin in (tuple, list):
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        item = args[0] if args else str
-        values = [coerce_value(v.strip(), item, name=name) for v in text.split(",") if v.strip()]
-        return tuple(values) if origin is tuple else values
-    try:
-        if hint is bool:
-            lowered = text.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if hint is int:
-            return int(text)
-        if hint is float:
-            return float(text)
-        if hint is Path:
-            return Path(text)
-    except ValueError as e:
-        raise ConfigError(f"--set {name}={text}: expected {getattr(hint, '__name__', hint)}") from e
-    return text
-
-
 def parse_overrides(items: Sequence[str], train_config_cls: type | None = None) -> dict[str, Any]:
     """``["device=cuda", "num_threads=2"]`` -> typed ``TrainConfig`` overrides, checking field names."""
     cls = train_config_cls or _train_config_type()
-    types_by_field = _field_types(cls)
+    types_by_field = field_types(cls)
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -489,12 +446,12 @@ def parse_overrides(items: Sequence[str], train_config_cls: type | None = None) 
             raise ConfigError(
                 f"--set {key}: use the tune flag for it (--train/--val/--out/--data-root/--epochs)"
             )
-        out[key] = coerce_value(value.strip(), types_by_field[key], name=key)
+        out[key] = coerce_text(value.strip(), types_by_field[key], where=f"--set {key}={value.strip()}")
     return out
 
 
 def _check_overrides(cfg: TuneConfig, train_config_cls: type) -> None:
-    names = set(_field_types(train_config_cls))
+    names = set(field_types(train_config_cls))
     missing = [p for p in SEARCH_PARAMS if p not in names]
     if missing:
         raise ConfigError(

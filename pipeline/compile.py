@@ -94,7 +94,7 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
 
 def parse_param_overrides(items: list[str], profile: str) -> dict[str, Any]:
     """``NAME=VALUE`` strings typed like the profile's value (int, float or str)."""
-    from pipeline.profiles import PROFILES
+    from pipeline.profiles import PROFILES, unknown_parameter
 
     base = PROFILES[profile]
     out: dict[str, Any] = {}
@@ -103,7 +103,7 @@ def parse_param_overrides(items: list[str], profile: str) -> dict[str, Any]:
         if not sep:
             raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
         if name not in base:
-            raise ConfigError(f"--param {name!r} is not a pipeline parameter; known: {sorted(base)}")
+            raise unknown_parameter(name, base, f"--param {name}")
         kind = type(base[name])
         try:
             out[name] = parse_bool(raw) if kind is bool else kind(raw) if kind is not str else raw

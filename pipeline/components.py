@@ -367,7 +367,6 @@ def pretrain_model(
     classes: str,
     pretrain_classes: str,
     pretrain_epochs: int,
-    pretrain_objective: str,
     weights: str,
     image_size: int,
     batch_size: int,
@@ -380,10 +379,8 @@ def pretrain_model(
     """Stage 1 on every count, once per run: the tuning trials and the final fit all start from it.
 
     Trained on the training split plus ``extra`` (ingest_extra's images, counts outside ``classes``),
-    counts capped at the largest of both lists (``pretrain_objective`` counts), or on the same images
-    without their labels (``contrastive``: SimCLR; ``extra`` may be empty); val and test images never
-    enter it. With ``pretrain_epochs`` 0 it writes only a note, and the trials and the fit start from
-    ``weights``.
+    counts capped at the largest of both lists; val and test images never enter it. With
+    ``pretrain_epochs`` 0 it writes only a note, and the trials and the fit start from ``weights``.
     Returns the number of images the stage trained on (0 when off).
     """
     import json
@@ -431,7 +428,6 @@ def pretrain_model(
             pretrain_data_root=Path(extra.path),
             pretrain_epochs=pretrain_epochs,
             pretrain_count_cap=max(counts),
-            pretrain_objective=pretrain_objective,
         )
         stage = pretrain_backbone(cfg)
         # the optimizer state is only for resuming this task: the consumers need the weights
@@ -439,13 +435,10 @@ def pretrain_model(
     n_images = int(stage.metrics["n_train"])
     meta = {
         "pretrained": True,
-        "objective": pretrain_objective,
         "images": n_images,
         "epochs": stage.epochs_run,
         "count_cap": max(counts),
     }
-    if stage.metrics.get("knn_val_accuracy") is not None:  # contrastive: the label-free monitor
-        meta["knn_val_accuracy"] = stage.metrics["knn_val_accuracy"]
     backbone.metadata.update(meta)
     return n_images
 
@@ -621,8 +614,6 @@ def train_model(
     epochs: int,
     ema: float,
     tta: bool,
-    decision: str,
-    refit: bool,
     seed: int,
     device: str,
     num_threads: int,
@@ -663,8 +654,6 @@ def train_model(
             head=head,
             epochs=epochs,
             tta=tta,
-            decision=decision,
-            refit=refit,
             model_name=model_name,
         )
         cfg = apply_params(json.loads(best_params or "{}"), cfg)
@@ -698,10 +687,8 @@ def train_model(
         shutil.copyfile(card, model_card.path)
     else:
         Path(model_card.path).write_text(f"# {model_name}\n\nNo model card was written.\n", encoding="utf-8")
-    # the resumable checkpoint is not part of the exported model, nor is the refit stage (its weights
-    # are the exported ones; metrics.json keeps its record)
+    # the resumable checkpoint is not part of the exported model
     (out / "checkpoint.pt").unlink(missing_ok=True)
-    shutil.rmtree(out / "refit", ignore_errors=True)
 
 
 def evaluate_model(

@@ -17,8 +17,6 @@ task leaves out: empty bins, 6+ items) for ``pretrain_epochs``; every tuning tri
 start from it, so the tuned parameters are tuned for the fit's starting point. With
 ``pretrain_per_class`` 0 ``ingest_extra`` writes an empty manifest and reads nothing; with
 ``pretrain_epochs`` 0 ``pretrain`` writes only a note and everything starts from ``weights``.
-``pretrain_objective`` contrastive trains that backbone self-supervised (SimCLR) on the same images
-instead, without their labels (then ``pretrain_per_class`` may be 0: the training split alone).
 
 ``evaluate_model`` scores the model on the test split and the majority-class baseline (always answering
 the training split's most frequent count) on the same images; it returns the accuracy and whether it
@@ -161,12 +159,9 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         epochs: int = 2,
         ema: float = 0.0,
         tta: bool = False,
-        decision: str = "plain",
-        refit: bool = False,
         pretrain_per_class: int = 0,
         pretrain_classes: str = "0,6,7,8,9,10",
         pretrain_epochs: int = 0,
-        pretrain_objective: str = "counts",
         tune_trials: int = 3,
         tune_epochs: int = 1,
         n_tune_workers: int = 2,
@@ -206,7 +201,6 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             classes=classes,
             pretrain_classes=pretrain_classes,
             pretrain_epochs=pretrain_epochs,
-            pretrain_objective=pretrain_objective,
             weights=weights,
             image_size=image_size,
             batch_size=batch_size,
@@ -267,8 +261,6 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             epochs=epochs,
             ema=ema,
             tta=tta,
-            decision=decision,
-            refit=refit,
             seed=seed,
             device=device,
             num_threads=num_threads,

@@ -9,15 +9,23 @@ against the pipeline's signature, so a typo fails before anything runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from components import __version__
 from components.common import ConfigError
-from components.modelspec import HEADS
+from components.settings import choices_of, help_of
+from components.training.config import TrainConfig
 
-#: What every pipeline parameter means (also the ``--help`` text and the README table).
+
+def _training(name: str, note: str = "") -> str:
+    """A training setting's help, as declared on :class:`TrainConfig`, with what the pipeline adds."""
+    return f"{help_of(TrainConfig, name)}{f'; {note}' if note else ''}"
+
+
+#: What every pipeline parameter means (also the ``--help`` text and the README table). The training
+#: settings' texts are :class:`TrainConfig`'s own.
 PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
     {
         "source": "where ABID is: s3://bucket[/prefix] (bin-images/, metadata/, file_list.json) or a local "
@@ -26,38 +34,30 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "empty = AWS",
         "per_class": "images per count class to ingest (0 = all: the ids of `<source>/file_list.json`, else "
         "for s3://aft-vbi-pds the shipped standard subset, else every labelled image of `classes`)",
-        "classes": "the counts to learn, comma-separated consecutive integers",
+        "classes": _training("classes"),
         "split_ratios": "train,val,test fractions (stratified by count)",
-        "seed": "seed for the split, training and the tuning sampler",
-        "head": "output head: classification, ordinal or regression",
-        "weights": "initial weights: imagenet (torchvision's, downloaded once) or none (random init)",
-        "image_size": "square input size in pixels (the whole frame is resized, never cropped)",
-        "batch_size": "training batch size",
-        "epochs": "epochs of the final fit with the best parameters",
-        "ema": "decay of an exponential moving average of the weights, used for validation and export, "
-        "in the trials and the final fit (0 = off; 0.998 suits long from-scratch schedules)",
-        "tta": "average the 4 flips of each image inside the exported graph: the served model does 4 "
-        "forward passes per image (about 4x the inference cost) for a point or two of accuracy",
-        "decision": "count rule of the final fit: plain (the head's own: argmax, thresholds at one half, "
-        "rounding) or fitted (one offset per decision fitted on val for accuracy, baked into the graph)",
-        "refit": "after val chose the final fit's epoch (and count rule), train it again on train + val up "
-        "to that epoch and publish that model (about 20 % more data; val figures stay the selected run's)",
+        "seed": _training("seed", "also the split's and the tuning sampler's"),
+        "head": _training("head"),
+        "weights": _training("weights", "here imagenet or none"),
+        "image_size": _training("image_size"),
+        "batch_size": _training("batch_size"),
+        "epochs": _training("epochs", "of the final fit with the best parameters; trials run tune_epochs"),
+        "ema": _training("ema", "in the trials and the final fit"),
+        "tta": _training("tta"),
         "pretrain_per_class": "images per count to ingest for the pretraining stage, with the counts of "
         "pretrain_classes (0 = none)",
         "pretrain_classes": "the counts outside `classes` those images have (empty bins, 6+ items); never "
         "in val or test",
-        "pretrain_epochs": "first train a backbone for this many epochs on the training split plus those "
-        "images (counts 0..max, ordinal); every tuning trial and the final fit start from it (0 = off; "
-        "needs pretrain_per_class)",
-        "pretrain_objective": "what that backbone learns: counts (0..max, ordinal) or contrastive (SimCLR "
-        "views of the same images, no labels; pretrain_per_class may then be 0: the training split alone)",
+        "pretrain_epochs": _training(
+            "pretrain_epochs", "every tuning trial and the final fit start from it; needs pretrain_per_class"
+        ),
         "tune_trials": "Optuna trials in the whole study (shared by all tuning workers)",
         "tune_epochs": "epochs per tuning trial (the pruner may stop a trial earlier)",
         "n_tune_workers": "parallel tuning workers (dsl.ParallelFor) sharing one Optuna study",
         "optuna_storage": "Optuna storage URL; empty = the OPTUNA_STORAGE env var (a Kubernetes Secret on a "
         "cluster, a SQLite file under the run directory locally)",
-        "device": "training device: auto, cpu or cuda",
-        "num_threads": "CPU threads per training process (0 = torch's default)",
+        "device": _training("device", "here auto, cpu or cuda"),
+        "num_threads": _training("num_threads", "per training process; 0 = torch's default"),
         "accuracy_margin": "publish only when test accuracy >= the majority-class baseline + this margin "
         "(accuracy points as a fraction: 0.05 = 5 points; negative = a tolerated shortfall, -1 = no gate). "
         "The baseline is the test split's accuracy of always answering the training split's most frequent "
@@ -70,7 +70,7 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "champion_min_gain": "the accuracy gain over the published model needed to publish (0.01 = one "
         "point; negative = a tolerated loss)",
         "model_store": "where publish copies the model: s3://bucket/prefix or a local directory",
-        "model_name": "model and InferenceService name",
+        "model_name": _training("model_name", "also the InferenceService's and the model store's name"),
         "int8": "also quantize to int8 (onnxruntime static, calibrated on train images); served and "
         "evaluated only if it loses at most 1 point of val accuracy",
         "model_version": "published version; empty = UTC timestamp + content hash",
@@ -85,11 +85,8 @@ _COMMON: dict[str, Any] = {
     "split_ratios": "0.7,0.15,0.15",
     "seed": 0,
     "head": "ordinal",
-    "decision": "plain",
-    "refit": False,
     "champion_gate": "point",
     "champion_min_gain": 0.0,
-    "pretrain_objective": "counts",
     "optuna_storage": "",
     "model_name": "inventory-counter",
     "int8": True,
@@ -213,6 +210,27 @@ def pipeline_docstring(summary: str) -> str:
     return "\n".join([" ".join(summary.split()), "", "Args:", *args]) + "\n"
 
 
+def unknown_parameter(name: str, known: Iterable[str], said_as: str) -> ConfigError:
+    """The error for a name that is not a pipeline parameter, in ``said_as`` words (``--param decision``),
+    naming the close ones, or where a benchmark-only training lever is set instead."""
+    import dataclasses
+    import difflib
+
+    from components.settings import flag_of
+    from components.training.config import EXPERIMENTS
+
+    levers = {f.name: f for f in dataclasses.fields(TrainConfig) if f.metadata.get("group") == EXPERIMENTS}
+    lever = levers.get(name)
+    if lever is not None:
+        return ConfigError(
+            f"{said_as} is a benchmark experiment, not a pipeline parameter: it has not measured a gain "
+            f"beyond noise (docs/benchmarks.md); try it with python -m components.train {flag_of(lever)}"
+        )
+    close = difflib.get_close_matches(name, list(known), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known: {sorted(known)}"
+    return ConfigError(f"{said_as} is not a pipeline parameter; {hint}")
+
+
 def profile_names() -> list[str]:
     """The preset names, for argparse ``choices``."""
     return sorted(PROFILES)
@@ -227,7 +245,7 @@ def pipeline_parameters(profile: str, overrides: Mapping[str, Any] | None = None
         if value is None:
             continue
         if key not in params:
-            raise ConfigError(f"unknown pipeline parameter {key!r}; known: {sorted(params)}")
+            raise unknown_parameter(key, params, f"pipeline parameter {key!r}")
         expected = type(params[key])
         if expected is float and isinstance(value, int):
             value = float(value)
@@ -273,10 +291,9 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
             f"champion_min_gain is an accuracy difference in [-1, 1] (0.01 = one point), "
             f"got {params['champion_min_gain']}"
         )
-    if params["head"] not in HEADS:
-        raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {params['head']!r}")
-    if params["decision"] not in ("plain", "fitted"):
-        raise ConfigError(f"decision must be plain or fitted, got {params['decision']!r}")
+    heads = choices_of(TrainConfig, "head") or ()
+    if params["head"] not in heads:
+        raise ConfigError(f"head must be one of {', '.join(heads)}, got {params['head']!r}")
     if params["device"] not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {params['device']!r}")
     if params["weights"] not in ("none", "imagenet"):
@@ -289,12 +306,7 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
 def _validate_pretraining(params: Mapping[str, Any]) -> None:
     from components.common import parse_int_list
 
-    if params["pretrain_objective"] not in ("counts", "contrastive"):
-        raise ConfigError(
-            f"pretrain_objective must be counts or contrastive, got {params['pretrain_objective']!r}"
-        )
-    contrastive = params["pretrain_objective"] == "contrastive"
-    if params["pretrain_epochs"] and not params["pretrain_per_class"] and not contrastive:
+    if params["pretrain_epochs"] and not params["pretrain_per_class"]:
         raise ConfigError(
             "pretrain_epochs needs images to pretrain on: set pretrain_per_class >= 1 (e.g. 400), "
             "or pretrain_epochs=0"

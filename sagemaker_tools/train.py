@@ -39,30 +39,6 @@ CHANNEL_ROOT = "/opt/ml/input/data"
 MODEL_OUT = "/opt/ml/model"
 ENTRYPOINT = ("python", "-m", "components.train")
 DEFAULT_TRAINING_INSTANCE = "ml.g4dn.xlarge"
-#: Hyperparameters accepted, by ``components.train`` flag name (without ``--``), and their type.
-HYPERPARAMETERS: dict[str, type] = {
-    "head": str,
-    "weights": str,
-    "image-size": int,
-    "epochs": int,
-    "batch-size": int,
-    "optimizer": str,
-    "lr": float,
-    "momentum": float,
-    "weight-decay": float,
-    "label-smoothing": float,
-    "aug-strength": float,
-    "warmup-frac": float,
-    "ema": float,
-    "patience": int,
-    "selection-metric": str,
-    "seed": int,
-    "max-steps-per-epoch": int,
-    "limit": int,
-    "eval-batch-size": int,
-    "model-name": str,
-    "version": str,
-}
 TRAINING_INSTANCE_TYPES: tuple[str, ...] = (
     *(f"ml.m5.{s}" for s in ("large", "xlarge", "2xlarge", "4xlarge", "12xlarge", "24xlarge")),
     *(f"ml.c5.{s}" for s in ("xlarge", "2xlarge", "4xlarge", "9xlarge", "18xlarge")),
@@ -73,22 +49,35 @@ TRAINING_INSTANCE_TYPES: tuple[str, ...] = (
 S3_URI_RE = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?$")
 
 
+def hyperparameter_types() -> dict[str, type]:
+    """Flag name (without ``--``) -> type of every setting a training job may set."""
+    from components.settings import hyperparameters
+    from components.training.config import TrainConfig
+
+    return hyperparameters(TrainConfig)
+
+
 def parse_hyperparameters(pairs: Sequence[str]) -> dict[str, str]:
-    """``--hp epochs=20`` into train flags; unknown names fail with the closest real ones."""
+    """``--hp epochs=20`` into train flags; unknown names fail with the closest real ones.
+
+    The names and types are the :class:`~components.training.config.TrainConfig` settings marked as
+    hyperparameters, spelled as ``components.train``'s flags, so the job cannot pass a flag it lacks.
+    """
+    known = hyperparameter_types()
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip().replace("_", "-")
         if not sep or not value:
             raise ConfigError(f"--hp expects NAME=VALUE like epochs=20, got {pair!r}")
-        if key not in HYPERPARAMETERS:
-            close = difflib.get_close_matches(key, HYPERPARAMETERS, n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(HYPERPARAMETERS)}"
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}"
             raise ConfigError(f"unknown hyperparameter {key!r}: {hint}")
         try:
-            HYPERPARAMETERS[key](value)
+            known[key](value)
         except ValueError as e:
-            raise ConfigError(f"--hp {key}={value}: expected {HYPERPARAMETERS[key].__name__}") from e
+            raise ConfigError(f"--hp {key}={value}: expected {known[key].__name__}") from e
         out[key] = value
     return out
 

@@ -106,8 +106,6 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
     train = spec["root"]["dag"]["tasks"]["train-model"]["inputs"]["parameters"]
     assert train["ema"]["componentInputParameter"] == "ema"
     assert train["tta"]["componentInputParameter"] == "tta"
-    assert train["decision"]["componentInputParameter"] == "decision"
-    assert train["refit"]["componentInputParameter"] == "refit"
     assert "tta" not in params and "tta" not in best
     # pretraining: one task gets the other counts' images and the stage's settings; every trial,
     # select_best and the final fit get its backbone
@@ -119,7 +117,6 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
     }
     assert pre["parameters"]["pretrain_epochs"]["componentInputParameter"] == "pretrain_epochs"
     assert pre["parameters"]["pretrain_classes"]["componentInputParameter"] == "pretrain_classes"
-    assert pre["parameters"]["pretrain_objective"]["componentInputParameter"] == "pretrain_objective"
     backbone = {"outputArtifactKey": "backbone", "producerTask": "pretrain-model"}
     assert tasks["train-model"]["inputs"]["artifacts"]["backbone"]["taskOutputArtifact"] == backbone
     assert tasks["select-best"]["inputs"]["artifacts"]["backbone"]["taskOutputArtifact"] == backbone
@@ -316,11 +313,12 @@ def test_compile_flags_override_build_options(tmp_path):
         (["--param", "accuracy_margin=-2"], "in [-1, 1] (0.05 = 5 points), got -2.0"),
         (["--param", "ema=1.0"], "ema must be in [0, 1)"),
         (["--param", "tta=maybe"], "tta"),
-        (["--param", "decision=best"], "decision must be plain or fitted"),
+        (["--param", "decision=fitted"], "--param decision is a benchmark experiment"),
+        (["--param", "tune_trial=3"], "did you mean tune_trials"),
+        (["--param", "head=softmax"], "head must be one of classification, ordinal, regression"),
         (["--param", "champion_gate=strict"], "champion_gate must be point, interval or off"),
         (["--param", "champion_min_gain=5"], "champion_min_gain is an accuracy difference"),
         (["--param", "pretrain_epochs=10"], "set pretrain_per_class >= 1"),
-        (["--param", "pretrain_objective=rotation"], "pretrain_objective must be counts or contrastive"),
         (["--param", "pretrain_per_class=5", "--param", "pretrain_classes=0,5"], "also in classes"),
         (["--tune-parallelism", "0"], "--tune-parallelism"),
     ],
@@ -403,9 +401,18 @@ def test_component_helpers(monkeypatch, tmp_path):
     assert '"step": "ingest"' in note and '"message": "boom"' in note
 
 
-def test_readme_parameter_table_is_the_generated_one():
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "pipeline.md").read_text()
-    assert parameter_table() in doc, "docs/pipeline.md is stale: paste pipeline.profiles.parameter_table()"
+def test_the_docs_tables_are_the_generated_ones():
+    """docs/pipeline.md's parameter table and docs/training.md's settings table are what the
+    declarations give now (``make docs`` rewrites them)."""
+    from pipeline import docgen
+
+    assert docgen.stale() == [], "run make docs"
+    doc = (docgen.DOCS / "pipeline.md").read_text()
+    assert parameter_table() in doc and "| `--head` |" in (docgen.DOCS / "training.md").read_text()
+    # a stale block is found, and a doc that lost its block is an error, not a silent pass
+    assert docgen.render("<!-- generated: x -->\nold\n<!-- end generated -->", "x", "new").count("new") == 1
+    with pytest.raises(ValueError, match="no '<!-- generated: x -->' block"):
+        docgen.render("no block here", "x", "new")
 
 
 def test_tune_workers_train_with_the_pipeline_weight_average(tmp_path):
@@ -431,32 +438,23 @@ def test_trials_and_the_fit_start_from_the_backbone_only_when_one_was_made(tmp_p
     assert backbone_weights(str(tmp_path / "on"), "none") == str(stage / "model.pt")
 
 
-def test_pretrain_task_trains_a_contrastive_backbone_on_the_training_split_alone(
-    tiny_split, tmp_path, monkeypatch
-):
-    from types import SimpleNamespace
+def test_the_pipeline_offers_the_training_settings_that_measured_a_gain_and_not_the_experiments():
+    """The levers in TrainConfig's experiments group (measured as noise) are neither pipeline parameters
+    nor profile values; the training settings the pipeline does take describe themselves with
+    TrainConfig's own help text."""
+    import dataclasses
 
-    from components.ingest import MANIFEST_FILE
-    from components.manifest import read_manifest, write_manifest
-    from pipeline.components import backbone_weights, pretrain_model
+    from components.settings import help_of
+    from components.training.config import EXPERIMENTS, TrainConfig
 
-    monkeypatch.setenv("INVENTORY_MONITOR_CACHE", str(tmp_path / "cache"))
-    extra = tmp_path / "extra"  # what ingest_extra leaves with pretrain_per_class 0
-    extra.mkdir()
-    write_manifest(extra / MANIFEST_FILE, [])
-
-    def artifact(path):
-        return SimpleNamespace(path=str(path), metadata={})
-
-    backbone = artifact(tmp_path / "backbone")
-    split = [artifact(tiny_split[k]) for k in ("data_root", "train", "val", "test")]
-    n = pretrain_model(*split, artifact(extra), "1,2,3,4,5", "0,6", 1, "contrastive", "none", 32, 10, 0.0, 0,
-                       "cpu", 1, backbone)  # fmt: skip
-    assert n == len(read_manifest(tiny_split["train"])) == backbone.metadata["images"]
-    assert backbone.metadata["objective"] == "contrastive"
-    assert 0 <= backbone.metadata["knn_val_accuracy"] <= 1
-    weights = backbone_weights(backbone.path, "none")
-    assert weights.endswith("pretrain/model.pt") and not (Path(weights).parent / "checkpoint.pt").exists()
+    experiments = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("group") == EXPERIMENTS}
+    assert {"decision", "refit", "teacher", "pretrain_objective"} <= experiments
+    signature = set(inspect.signature(build_pipeline().pipeline_func).parameters)
+    assert not experiments & signature and not experiments & set(PARAMETER_HELP)
+    assert all(not experiments & set(values) for values in PROFILES.values())
+    shared = signature & {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {"head", "epochs", "ema", "tta", "image_size", "weights"} <= shared
+    assert all(PARAMETER_HELP[name].startswith(help_of(TrainConfig, name)) for name in shared)
 
 
 def test_submit_names_the_model_store_in_the_callers_words(capsys, monkeypatch):

@@ -681,23 +681,33 @@ def test_training_job_runs_components_train_with_the_pipeline_flags(
 
 
 def test_training_hyperparameters_are_real_train_flags() -> None:
-    """Every flag the job passes exists in ``components.train``'s parser (read statically, no torch)."""
-    import ast
+    """A job setting every hyperparameter passes arguments ``components.train``'s own parser takes, and
+    each value lands in the TrainConfig setting of that name (both read from the one declaration)."""
+    from components.training.cli import build_parser
+    from sagemaker_tools.train import TrainingJobConfig, hyperparameter_types
 
-    import components
-    from sagemaker_tools.train import HYPERPARAMETERS
-
-    source = (Path(components.__file__).parent / "training" / "cli.py").read_text()
-    flags = {
-        node.args[0].value
-        for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.Call)
-        and getattr(node.func, "attr", "") == "add_argument"
-        and node.args
-        and isinstance(node.args[0], ast.Constant)
+    samples = {int: "3", float: "0.25", str: None}
+    choices = {
+        "head": "classification",
+        "optimizer": "adamw",
+        "selection-metric": "val_rmse",
+        "classes": "1,2,3",
     }
-    wanted = {f"--{name}" for name in [*HYPERPARAMETERS, "train", "val", "data-root", "out", "no-progress"]}
-    assert wanted <= flags, sorted(wanted - flags)
+    hps = {
+        name: choices.get(name) or samples[kind] or f"v-{name}"
+        for name, kind in hyperparameter_types().items()
+    }
+    assert {"epochs", "lr", "head", "image-size", "batch-size"} <= set(hps)
+    job = TrainingJobConfig(
+        job_name="j", image_uri="i", role_arn="r", region="us-east-1", data_uri="s3://b/d/",
+        split_uri="s3://b/s/", output_uri="s3://b/o/", hyperparameters=hps,
+    )  # fmt: skip
+    args = build_parser().parse_args(job.container_arguments())
+    for name, text in hps.items():
+        value = getattr(args, name.replace("-", "_"))
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        assert shown == text, (name, value)
+    assert str(args.train_csv).endswith("split/train.csv") and args.progress is False
 
 
 @pytest.mark.parametrize(

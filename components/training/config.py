@@ -5,12 +5,13 @@ Nothing here needs torch: the pipeline builds configs, and the CLI fails on a ba
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.common import ConfigError
+from components.common import ConfigError, parse_int_list
 from components.modelspec import (
     DEFAULT_CLASSES,
     HEADS,
@@ -18,6 +19,7 @@ from components.modelspec import (
     load_model_spec,
     validate_classes,
 )
+from components.settings import setting
 
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Written last, after the export: the run's settings, data hashes and results. Its presence means the
@@ -55,6 +57,7 @@ CONFUSION_PNG = "confusion_matrix.png"
 SELECTION_METRICS = ("val_accuracy", "val_rmse", "val_loss", "last")
 #: what the pretraining stage learns: counts 0..cap (supervised) or SimCLR views (no labels)
 PRETRAIN_OBJECTIVES = ("counts", "contrastive")
+OPTIMIZERS = ("sgd", "adamw")
 #: the count rule: the head's own (``plain``) or offsets fitted on validation (``fitted``)
 DECISIONS = ("plain", "fitted")
 OnEpoch = Callable[[int, dict[str, float]], None]
@@ -64,68 +67,196 @@ BACKBONE_FILE = "backbone.json"
 REFIT_DIR = "refit"
 
 
+def _classes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(parse_int_list(text, name="--classes"))
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+DATA, MODEL, OPTIM, SELECT, RUNTIME, OUTPUT, PRETRAIN = (
+    "data",
+    "model",
+    "optimization",
+    "regularization and selection",
+    "runtime",
+    "output",
+    "pretraining on every count",
+)
+#: levers kept for the benchmarks that measure them: none has shown a gain beyond the test split's noise
+#: (docs/benchmarks.md), so the pipeline and its profiles do not offer them
+EXPERIMENTS = "experiments (benchmarks only; measured as noise so far, see docs/benchmarks.md)"
+
+
 @dataclass
 class TrainConfig:
-    """Every training setting; saved in the checkpoint and in ``model.json`` (params)."""
+    """Every training setting, declared once (help, choices, flag, group): the CLI, ``--config`` files,
+    the pipeline's parameter descriptions and SageMaker's hyperparameters are read from these fields.
+    Saved in the checkpoint and in ``model.json`` (params)."""
 
-    train_csv: Path
-    val_csv: Path
-    out_dir: Path
-    data_root: Path | None = None
-    test_csv: Path | None = None
-    classes: tuple[int, ...] = DEFAULT_CLASSES
-    head: str = "ordinal"
-    weights: str = "none"
-    image_size: int = 224
-    epochs: int = 60
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.2
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    aug_strength: float = 1.0
-    warmup_frac: float = 0.1
-    ema: float = 0.0
-    patience: int = 0
-    selection_metric: str = "val_accuracy"
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    num_threads: int | None = None
-    max_steps_per_epoch: int | None = None
-    limit: int | None = None
-    cache_dir: Path | None = None
-    decode_workers: int | None = None
-    compile: bool = False
-    channels_last: bool = True
-    amp: bool = True
-    eval_batch_size: int = 256
-    checkpoint_every: int = 1
-    model_name: str = "inventory-counter"
-    version: str = "0"
-    progress: bool = True
-    export: bool = True
-    tta: bool = False
-    decision: str = "plain"
-    teacher: tuple[str, ...] = ()
-    distill_weight: float = 0.5
-    distill_temperature: float = 2.0
-    pretrain_extra: Path | None = None
-    pretrain_data_root: Path | None = None
-    pretrain_epochs: int = 0
-    pretrain_count_cap: int = 10
-    pretrain_objective: str = "counts"
-    pretrain_temperature: float = 0.2
-    refit: bool = False
-    stop_after: int = 0
+    train_csv: Path = setting(help="training manifest CSV", group=DATA, flag="--train")
+    val_csv: Path = setting(help="validation manifest CSV (model selection)", group=DATA, flag="--val")
+    out_dir: Path = setting(help="model directory to write", group=OUTPUT, flag="--out")
+    data_root: Path | None = setting(None, help="directory the manifest paths are under", group=DATA)
+    test_csv: Path | None = setting(
+        None, help="optional test manifest: reported, never selected on", group=DATA, flag="--test"
+    )
+    classes: tuple[int, ...] = setting(
+        DEFAULT_CLASSES,
+        help="the counts to learn, comma-separated consecutive integers",
+        group=DATA,
+        parse=_classes,
+        metavar="N,N,...",
+        hyperparameter=True,
+    )
+    head: str = setting(
+        "ordinal",
+        help="output head (ordinal: cumulative logits; classification: softmax; regression: one number)",
+        group=MODEL,
+        choices=HEADS,
+        hyperparameter=True,
+    )
+    weights: str = setting(
+        "none",
+        help="initial weights: imagenet (torchvision's, downloaded once), none (random init) or the path "
+        "of a state dict",
+        group=MODEL,
+        hyperparameter=True,
+    )
+    image_size: int = setting(
+        224,
+        help="square input size in pixels (the whole frame is resized, never cropped)",
+        group=MODEL,
+        hyperparameter=True,
+    )
+    epochs: int = setting(
+        60, help="training epochs (warmup, then a cosine schedule)", group=OPTIM, hyperparameter=True
+    )
+    batch_size: int = setting(128, help="training batch size", group=OPTIM, hyperparameter=True)
+    optimizer: str = setting(
+        "sgd", help="SGD (Nesterov) or AdamW", group=OPTIM, choices=OPTIMIZERS, hyperparameter=True
+    )
+    lr: float = setting(0.2, help="peak learning rate (warmup then cosine)", group=OPTIM, hyperparameter=True)
+    momentum: float = setting(0.9, help="SGD momentum", group=OPTIM, hyperparameter=True)
+    weight_decay: float = setting(5e-4, help="weight decay", group=OPTIM, hyperparameter=True)
+    warmup_frac: float = setting(
+        0.1, help="share of the steps spent warming up", group=OPTIM, hyperparameter=True
+    )
+    label_smoothing: float = setting(
+        0.1, help="label smoothing (classification and ordinal targets)", group=SELECT, hyperparameter=True
+    )
+    aug_strength: float = setting(
+        1.0, help="augmentation strength, 0 = no augmentation, up to 3", group=SELECT, hyperparameter=True
+    )
+    ema: float = setting(
+        0.0,
+        help="decay of an exponential moving average of the weights, used for validation and export (0 = "
+        "off; 0.998 suits long from-scratch schedules)",
+        group=SELECT,
+        hyperparameter=True,
+    )
+    patience: int = setting(0, help="early-stopping epochs (0 = off)", group=SELECT, hyperparameter=True)
+    selection_metric: str = setting(
+        "val_accuracy",
+        help="what chooses the epoch to keep (ties broken by val RMSE)",
+        group=SELECT,
+        choices=SELECTION_METRICS,
+        hyperparameter=True,
+    )
+    device: str = setting("auto", help="training device: auto, cpu, cuda or cuda:N", group=RUNTIME)
+    seed: int = setting(
+        0, help="seed of initialization, augmentation and batch order", group=RUNTIME, hyperparameter=True
+    )
+    resume: bool = setting(False, help="continue MODEL_DIR's run (same settings and data)", group=RUNTIME)
+    num_threads: int | None = setting(None, help="torch CPU threads (default: torch's)", group=RUNTIME)
+    max_steps_per_epoch: int | None = setting(
+        None, help="stop each epoch after N steps (smoke runs)", group=RUNTIME, hyperparameter=True
+    )
+    limit: int | None = setting(
+        None, help="use at most N images per manifest (smoke runs)", group=RUNTIME, hyperparameter=True
+    )
+    cache_dir: Path | None = setting(
+        None, help="uint8 image cache (default $INVENTORY_MONITOR_CACHE or ~/.cache/...)", group=RUNTIME
+    )
+    decode_workers: int | None = setting(None, help="processes decoding JPEGs into the cache", group=RUNTIME)
+    compile: bool = setting(False, help="torch.compile the model", group=RUNTIME)
+    channels_last: bool = setting(True, help="channels_last memory format on CUDA", group=RUNTIME, cli=False)
+    amp: bool = setting(True, help="bf16 autocast on CUDA", group=RUNTIME)
+    eval_batch_size: int = setting(
+        256, help="batch size of validation and test", group=RUNTIME, hyperparameter=True
+    )
+    checkpoint_every: int = setting(1, help="epochs between checkpoints", group=RUNTIME)
+    model_name: str = setting(
+        "inventory-counter", help="model name in model.json", group=OUTPUT, hyperparameter=True
+    )
+    version: str = setting("0", help="model version in model.json", group=OUTPUT, hyperparameter=True)
+    progress: bool = setting(True, help="progress bars", group=OUTPUT)
+    export: bool = setting(True, help="export ONNX + model.json at the end", group=OUTPUT, cli=False)
+    tta: bool = setting(
+        False,
+        help="average the 4 flips of each image inside the exported graph: the served model does 4 forward "
+        "passes per image (about 4x the inference cost) for a point or two of accuracy",
+        group=MODEL,
+    )
+    pretrain_extra: Path | None = setting(
+        None,
+        help="manifest of images with other counts (0, 6+) for a pretraining stage on every count",
+        group=PRETRAIN,
+        metavar="CSV",
+    )
+    pretrain_data_root: Path | None = setting(
+        None,
+        help="directory the --pretrain-extra paths are under (default: as for any manifest)",
+        group=PRETRAIN,
+    )
+    pretrain_epochs: int = setting(
+        0,
+        help="epochs of a first stage that trains the backbone on every count (the training images plus "
+        "the other counts' images; counts 0..cap, ordinal), which the fit then starts from (0 = off)",
+        group=PRETRAIN,
+    )
+    pretrain_count_cap: int = setting(10, help="counts above this are this in pretraining", group=PRETRAIN)
+    decision: str = setting(
+        "plain",
+        help="count rule: the head's own, or offsets fitted on val for accuracy (baked into the graph)",
+        group=EXPERIMENTS,
+        choices=DECISIONS,
+    )
+    refit: bool = setting(
+        False,
+        help="after val chose the epoch (and rule), train again on train + val up to that epoch and export "
+        "that model (under MODEL_DIR/refit; val figures stay the selected run's, test reports both)",
+        group=EXPERIMENTS,
+    )
+    teacher: tuple[str, ...] = setting(
+        (),
+        help="distil from these trained models (their mean output) on the same augmented images",
+        group=EXPERIMENTS,
+        nargs="+",
+        metavar="MODEL_DIR",
+    )
+    distill_weight: float = setting(0.5, help="share of the loss from the teacher", group=EXPERIMENTS)
+    distill_temperature: float = setting(2.0, help="softening of the teacher's outputs", group=EXPERIMENTS)
+    pretrain_objective: str = setting(
+        "counts",
+        help="what the pretraining stage learns: counts 0..cap (needs --pretrain-extra) or contrastive "
+        "(SimCLR views, no labels; --pretrain-extra optional)",
+        group=EXPERIMENTS,
+        choices=PRETRAIN_OBJECTIVES,
+    )
+    pretrain_temperature: float = setting(
+        0.2, help="NT-Xent temperature of the contrastive stage", group=EXPERIMENTS
+    )
+    stop_after: int = setting(
+        0, help="end after this epoch, the schedule still spanning epochs (0 = off)", group=RUNTIME, cli=False
+    )
 
     def validate(self) -> None:
         """Fail early, with a message that says how to fix the setting."""
         self.classes = validate_classes(self.classes)
         if self.head not in HEADS:
             raise ConfigError(f"--head must be one of {list(HEADS)}, got {self.head!r}")
-        if self.optimizer not in ("sgd", "adamw"):
+        if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigError(f"--selection-metric must be one of {list(SELECTION_METRICS)}")
