@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from components.answers import AnswerSpec
 from components.common import ConfigError, atomic_write_json, read_json
 from components.preprocess import PreprocessSpec
 
@@ -66,12 +67,17 @@ class ModelSpec:
     params: dict[str, Any] = field(default_factory=dict)
     #: the count rule's offsets fitted on validation, already in the ONNX graph (None = plain rule)
     decision_offsets: tuple[float, ...] | None = None
+    #: calibration, count sets and the review threshold (:mod:`components.answers`)
+    answers: AnswerSpec = field(default_factory=AnswerSpec)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         self.classes = validate_classes(self.classes)
         if self.head not in HEADS:
             raise ConfigError(f"head must be one of {list(HEADS)}, got {self.head!r}")
+        if self.head == "regression" and self.answers.distribution:
+            # its "probabilities" are a kernel around one number: no confidence can be read from them
+            self.answers = replace(self.answers, distribution=False)
         if self.decision_offsets is not None:
             self.decision_offsets = tuple(float(o) for o in self.decision_offsets)
             want = len(self.classes) - (self.head != "classification")
@@ -99,6 +105,7 @@ class ModelSpec:
             "metrics": self.metrics,
             "params": self.params,
             "decision_offsets": None if self.decision_offsets is None else list(self.decision_offsets),
+            "answers": self.answers.to_dict(),
         }
 
     @classmethod
@@ -122,6 +129,7 @@ class ModelSpec:
                 decision_offsets=(
                     None if d.get("decision_offsets") is None else tuple(d["decision_offsets"])
                 ),
+                answers=AnswerSpec.from_dict(d.get("answers")),
                 schema_version=int(d.get("schema_version", SCHEMA_VERSION)),
             )
         except KeyError as e:

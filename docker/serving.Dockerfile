@@ -35,7 +35,8 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['serving']))" > /
 
 # --- source: only the torch-free modules the server imports, byte-compiled ---------------------------
 FROM ${BASE_IMAGE} AS app
-COPY components/__init__.py components/common.py components/preprocess.py components/modelspec.py /opt/app/components/
+COPY components/__init__.py components/answers.py components/common.py components/preprocess.py components/modelspec.py \
+     /opt/app/components/
 COPY serving/ /opt/app/serving/
 RUN python3 -m compileall -q /opt/app
 

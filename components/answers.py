@@ -1,0 +1,229 @@
+"""What an answer says beyond the count: how sure it is, which counts it may be, and whether a person
+should look. Torch-free, so training fits, evaluation scores and the server answers with the same code.
+
+* ``confidence``: the calibrated probability of the returned count (distribution heads only: the
+  regression head's "probabilities" are a kernel around one number, so it has none).
+* ``count_set``: a contiguous range of counts that holds the true count with a chosen probability
+  (split-conformal: the threshold is fitted on a calibration split that model selection never saw).
+* ``needs_review``: the answer's certainty is below a threshold fitted so that the answers not sent to
+  review reach a target accuracy.
+
+Per-class scores are the probabilities (distribution heads) or, for regression, minus the distance of
+each count to the expected count. A count set at threshold ``t`` is the smallest range holding every
+count whose score is at least ``t``; the true count ``y`` is inside it exactly when
+``min(max score at or below y, max score at or above y) >= t``, which is the conformity score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from components.common import ConfigError
+
+#: the fewest answers the review threshold may keep: a handful of lucky answers prove nothing
+MIN_ACCEPTED = 20
+
+
+@dataclass(frozen=True)
+class AnswerSpec:
+    """What ``model.json`` says about the answers (``answers``); defaults = not calibrated."""
+
+    #: divides the head's logits inside the exported graph before its probabilities (1 = none)
+    temperature: float = 1.0
+    #: the probabilities are a distribution (classification, ordinal), so a confidence can be given
+    distribution: bool = True
+    #: target coverage of ``count_set`` (None: no set)
+    coverage: float | None = None
+    #: per-class score threshold of ``count_set``
+    set_threshold: float | None = None
+    #: target accuracy of the answers not sent to review (None: no review flag)
+    review_accuracy: float | None = None
+    #: certainty below which ``needs_review`` is true
+    review_threshold: float | None = None
+    #: images of the calibration split the two thresholds were fitted on
+    calibration_images: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"answers.temperature must be > 0, got {self.temperature}")
+        if self.coverage is not None and not 0 < self.coverage < 1:
+            raise ConfigError(f"answers.coverage must be in (0, 1), got {self.coverage}")
+        if (self.coverage is None) != (self.set_threshold is None):
+            raise ConfigError("answers.coverage and answers.set_threshold go together")
+        if (self.review_accuracy is None) != (self.review_threshold is None):
+            raise ConfigError("answers.review_accuracy and answers.review_threshold go together")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> AnswerSpec:
+        if not d:
+            return cls()
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def class_scores(
+    probabilities: np.ndarray, expected: np.ndarray, classes: Sequence[int], distribution: bool
+) -> np.ndarray:
+    """``[N, C]`` per-class scores: probabilities, or minus the distance to the expected count."""
+    if distribution:
+        return np.asarray(probabilities, dtype=np.float64)
+    counts = np.asarray(classes, dtype=np.float64)
+    return -np.abs(np.asarray(expected, dtype=np.float64)[:, None] - counts[None, :])
+
+
+def certainty(
+    scores: np.ndarray,
+    index: np.ndarray,
+    distribution: bool,
+    expected: np.ndarray | None = None,
+    classes: Sequence[int] | None = None,
+) -> np.ndarray:
+    """``[N]``: the probability of the returned count, or (regression) how far the expected count is
+    from the nearest rounding cut (0 at a cut, 0.5 on a count)."""
+    index = np.asarray(index, dtype=np.int64)
+    if distribution:
+        return scores[np.arange(len(index)), index]
+    if expected is None or classes is None:
+        raise ValueError("the regression certainty needs the expected counts and the classes")
+    returned = np.asarray(classes, dtype=np.float64)[index]
+    return 0.5 - np.minimum(np.abs(np.asarray(expected, dtype=np.float64) - returned), 0.5)
+
+
+def conformity(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``[N]``: the largest threshold whose count set still holds the true class index."""
+    labels = np.asarray(labels, dtype=np.int64)
+    below = np.maximum.accumulate(scores, axis=1)  # max score at or below each index
+    above = np.maximum.accumulate(scores[:, ::-1], axis=1)[:, ::-1]  # max score at or above
+    rows = np.arange(len(labels))
+    return np.minimum(below[rows, labels], above[rows, labels])
+
+
+def fit_set_threshold(scores: np.ndarray, labels: np.ndarray, coverage: float) -> float:
+    """Split-conformal threshold: sets hold the true count with probability >= ``coverage`` on data
+    exchangeable with the calibration images (``-inf``: too few images, every set is every count)."""
+    if not 0 < coverage < 1:
+        raise ConfigError(f"coverage must be in (0, 1), got {coverage}")
+    conf = np.sort(conformity(scores, labels))
+    k = math.floor((1 - coverage) * (len(conf) + 1))
+    return float(conf[k - 1]) if k >= 1 else -math.inf
+
+
+def count_sets(scores: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """Per image the ``(first, last)`` class index of its set: the range of every class scoring at least
+    ``threshold`` (the best-scored class alone when none does)."""
+    out = []
+    for row in scores:
+        members = np.flatnonzero(row >= threshold)
+        if members.size == 0:
+            best = int(row.argmax())
+            out.append((best, best))
+        else:
+            out.append((int(members[0]), int(members[-1])))
+    return out
+
+
+def fit_review_threshold(cert: np.ndarray, correct: np.ndarray, target: float) -> float:
+    """The lowest certainty threshold at which the answers kept (certainty >= it) are at least ``target``
+    accurate, keeping at least :data:`MIN_ACCEPTED` (``inf``: no such threshold, everything is reviewed)."""
+    if not 0 < target <= 1:
+        raise ConfigError(f"review accuracy must be in (0, 1], got {target}")
+    order = np.argsort(-cert, kind="stable")
+    c, ok = np.asarray(cert)[order], np.asarray(correct, dtype=np.float64)[order]
+    accuracy = np.cumsum(ok) / np.arange(1, len(ok) + 1)
+    best = math.inf
+    for m in range(min(MIN_ACCEPTED, len(c)), len(c) + 1):
+        # a threshold keeps every tie of its last answer: only places where the certainty drops count
+        if (m == len(c) or c[m] < c[m - 1]) and accuracy[m - 1] >= target:
+            best = float(c[m - 1])
+    return best
+
+
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE over ``bins`` equal-width confidence bins (the usual 15)."""
+    conf, correct = np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(conf[mask].mean() - correct[mask].mean())
+    return float(total)
+
+
+def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Per non-empty bin: mean confidence, accuracy, share of images (the reliability diagram)."""
+    conf, correct = np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    return [
+        {
+            "low": float(edges[b]),
+            "high": float(edges[b + 1]),
+            "confidence": float(conf[which == b].mean()),
+            "accuracy": float(correct[which == b].mean()),
+            "share": float((which == b).mean()),
+        }
+        for b in range(bins)
+        if (which == b).any()
+    ]
+
+
+def risk_coverage(cert: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(share answered, accuracy of those) when answering the most certain first."""
+    order = np.argsort(-np.asarray(cert), kind="stable")
+    ok = np.asarray(correct, dtype=np.float64)[order]
+    n = np.arange(1, len(ok) + 1)
+    return n / len(ok), np.cumsum(ok) / n
+
+
+def accuracy_at_coverage(cert: np.ndarray, correct: np.ndarray, share: float = 0.5) -> float:
+    """Accuracy of the ``share`` most certain answers."""
+    shares, accuracy = risk_coverage(cert, correct)
+    return float(accuracy[max(0, math.ceil(share * len(shares)) - 1)])
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % interval of a proportion (Wilson score), for coverage figures."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class Answers:
+    """Per image: the fields an answer carries besides the count and its probabilities."""
+
+    confidence: np.ndarray | None
+    count_set: list[list[int]] | None
+    needs_review: np.ndarray | None
+
+
+def answer(
+    probabilities: np.ndarray,
+    counts: np.ndarray,
+    expected: np.ndarray,
+    classes: Sequence[int],
+    spec: AnswerSpec,
+) -> Answers:
+    """The answer fields of a batch from the graph's three outputs (counts and expected counts in
+    count units, as the graph gives them)."""
+    index = np.asarray(counts, dtype=np.int64) - int(classes[0])
+    scores = class_scores(probabilities, expected, classes, spec.distribution)
+    cert = certainty(scores, index, spec.distribution, expected, classes)
+    sets = None
+    if spec.set_threshold is not None:
+        sets = [list(classes[a : b + 1]) for a, b in count_sets(scores, spec.set_threshold)]
+    review = None if spec.review_threshold is None else cert < spec.review_threshold
+    return Answers(confidence=cert if spec.distribution else None, count_set=sets, needs_review=review)
