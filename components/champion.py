@@ -11,8 +11,9 @@ latest version named in ``<store>/<model-name>/versions.json`` (a local director
 evaluates both exported ONNX models through the serving preprocessing, writes ``challenge.json`` and
 exits 0 (promote), 1 (keep the champion) or 2 (error), so a shell can chain it with
 ``components.publish``. The gate: the challenger's gain (accuracy difference, or RMSE reduction) must
-reach ``--min-gain``; ``--gate interval`` asks that of the lower end of the gain's 95 % interval
-(a clear win), ``--gate point`` of the gain itself (no loss on these images).
+reach ``--min-gain``; ``--gate interval`` (the default) asks that of the lower end of the gain's 95 %
+interval (a clear win), ``--gate point`` of the gain itself, on at least ``--min-images`` test images and
+with an RMSE no worse, so noise on a small split cannot promote a model.
 """
 
 from __future__ import annotations
@@ -44,15 +45,26 @@ GATES = ("point", "interval")
 EXIT_PROMOTE, EXIT_KEEP, EXIT_ERROR = 0, 1, 2
 
 
+#: the fewest test images on which the point gate may promote: below it one or two images decide
+MIN_POINT_IMAGES = 200
+
+
 @dataclass(frozen=True)
 class GateRule:
-    """When the challenger wins: its gain in ``metric`` (accuracy points as a fraction, or the RMSE
-    reduction in items) is at least ``min_gain``; ``gate="interval"`` asks that of the lower end of
-    the gain's interval instead of the gain itself."""
+    """When the challenger wins.
+
+    ``interval`` (the default): the lower end of the gain's 95 % paired interval reaches ``min_gain``,
+    so a difference the test split cannot tell from noise never promotes. ``point``: the gain itself
+    reaches ``min_gain``, and only on at least ``min_images`` test images and (``rmse_no_worse``) with an
+    RMSE no worse than the champion's. The gain is in ``metric``: accuracy points as a fraction, or the
+    RMSE reduction in items.
+    """
 
     metric: str = "accuracy"
     min_gain: float = 0.0
-    gate: str = "point"
+    gate: str = "interval"
+    min_images: int = MIN_POINT_IMAGES
+    rmse_no_worse: bool = True
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -63,6 +75,8 @@ class GateRule:
             raise ConfigError(
                 f"--min-gain is an accuracy difference (0.01 = one point), in [-1, 1]; got {self.min_gain}"
             )
+        if self.min_images < 0:
+            raise ConfigError(f"--min-images must be >= 0, got {self.min_images}")
 
 
 def gain(paired: dict[str, Any], metric: str) -> tuple[float, list[float]]:
@@ -75,16 +89,25 @@ def gain(paired: dict[str, Any], metric: str) -> tuple[float, list[float]]:
 
 
 def decide(paired: dict[str, Any], rule: GateRule) -> tuple[bool, str]:
-    """``(promote, reason)`` for a paired comparison of champion (A) and challenger (B)."""
+    """``(promote, reason)`` for a paired comparison of champion (A) and challenger (B); the reason names
+    the rule that decided and its figures."""
     value, interval = gain(paired, rule.metric)
     judged = value if rule.gate == "point" else interval[0]
-    promote = judged >= rule.min_gain
-    what = "gain" if rule.gate == "point" else "lower end of the gain's interval"
-    verdict = "promote the challenger" if promote else "keep the champion"
-    return promote, (
-        f"{rule.metric} gain {difference_text(value, interval)}, McNemar p {paired['mcnemar_p']:.3g}: "
-        f"{what} {'>=' if promote else '<'} {rule.min_gain:+.4f}, {verdict}"
-    )
+    what = "gain" if rule.gate == "point" else "lower end of the gain's 95% interval"
+    figures = f"{rule.metric} gain {difference_text(value, interval)}, McNemar p {paired['mcnemar_p']:.3g}"
+    if judged < rule.min_gain:
+        return False, f"{rule.gate} gate: {figures}: {what} < {rule.min_gain:+.4f}, keep the champion"
+    if rule.gate == "point" and paired["n"] < rule.min_images:
+        return False, (
+            f"point gate: {figures}, but on {paired['n']} test images, fewer than the {rule.min_images} "
+            "it needs to promote: keep the champion"
+        )
+    if rule.gate == "point" and rule.rmse_no_worse and paired["rmse_diff"] > 0:
+        return False, (
+            f"point gate: {figures}, but RMSE {paired['rmse_diff']:+.4f} worse than the champion's: "
+            "keep the champion"
+        )
+    return True, f"{rule.gate} gate: {figures}: {what} >= {rule.min_gain:+.4f}, promote the challenger"
 
 
 def _figures(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -207,16 +230,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gate",
-        default="point",
+        default="interval",
         choices=GATES,
-        help="point: the gain itself; interval: the lower end of its 95%% interval (a clear win)",
+        help="interval: the lower end of the gain's 95%% interval (a clear win); point: the gain itself, "
+        "on at least --min-images test images and with an RMSE no worse",
+    )
+    p.add_argument(
+        "--min-images",
+        type=int,
+        default=MIN_POINT_IMAGES,
+        help="the point gate promotes only on at least this many test images",
+    )
+    p.add_argument(
+        "--allow-worse-rmse",
+        dest="rmse_no_worse",
+        action="store_false",
+        help="let the point gate promote a challenger whose RMSE is worse",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
-    rule = GateRule(metric=args.metric, min_gain=args.min_gain, gate=args.gate)
+    rule = GateRule(
+        metric=args.metric,
+        min_gain=args.min_gain,
+        gate=args.gate,
+        min_images=args.min_images,
+        rmse_no_worse=args.rmse_no_worse,
+    )
     record = challenge(
         args.model,
         args.store,

@@ -25,8 +25,9 @@ compare an output with a constant or a parameter).
 
 ``challenge_model`` scores the new model and the store's latest published version of ``model_name`` on
 the same test images (:mod:`components.champion`): the new one is published only when its paired
-accuracy gain reaches ``champion_min_gain`` (``champion_gate`` point: the gain itself; interval: the
-lower end of its 95 % interval; off: no comparison). With nothing published yet it always is.
+accuracy gain reaches ``champion_min_gain`` (``champion_gate`` interval, the default: the lower end of
+its 95 % interval; point: the gain itself, on at least 200 test images and with an RMSE no worse; off: no
+comparison). With nothing published yet it always is.
 
 The graph is the same locally and on a cluster. What differs is decided at build time
 (:func:`build_pipeline`): the image, GPU requests for pretrain/tune/train, and the Kubernetes Secrets
@@ -169,7 +170,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         device: str = "cpu",
         num_threads: int = 1,
         accuracy_margin: float = 0.0,
-        champion_gate: str = "point",
+        champion_gate: str = "interval",
         champion_min_gain: float = 0.0,
         model_store: str = "",
         model_name: str = "inventory-counter",

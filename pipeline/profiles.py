@@ -65,8 +65,9 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "noise (a 95-percent interval of about +-3 points), so a model that learnt nothing fails, and far "
         "below the 0.41-0.43 of a good model",
         "champion_gate": "compare with the store's latest published model on the same test images "
-        "before publishing: point (publish when the paired accuracy gain >= champion_min_gain), interval "
-        "(when the lower end of its 95 % interval is) or off",
+        "before publishing: interval (publish when the lower end of the paired accuracy gain's 95 % interval "
+        ">= champion_min_gain: a win the test split can tell from noise), point (when the gain itself is, on "
+        "at least 200 test images and with an RMSE no worse) or off",
         "champion_min_gain": "the accuracy gain over the published model needed to publish (0.01 = one "
         "point; negative = a tolerated loss)",
         "model_store": "where publish copies the model: s3://bucket/prefix or a local directory",
@@ -85,7 +86,7 @@ _COMMON: dict[str, Any] = {
     "split_ratios": "0.7,0.15,0.15",
     "seed": 0,
     "head": "ordinal",
-    "champion_gate": "point",
+    "champion_gate": "interval",
     "champion_min_gain": 0.0,
     "optuna_storage": "",
     "model_name": "inventory-counter",

@@ -331,10 +331,10 @@ def publish_decision(summary: RunSummary, gate: AccuracyGate) -> str:
     champion = _challenge_note(summary).get("reason", "")
     if summary.published:
         version = summary.param("publish-model", "version")
-        return f"published as version {version}: {gate.reason()}; champion gate: {champion}"
+        return f"published as version {version}: {gate.reason()}; champion: {champion}"
     if summary.param("evaluate-model") is False:
         return f"not published: {gate.reason()}"
-    return f"not published: {gate.reason()}, but champion gate: {champion or 'no decision'}"
+    return f"not published: {gate.reason()}, but champion: {champion or 'no decision'}"
 
 
 def summary_tables(

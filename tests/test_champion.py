@@ -49,18 +49,34 @@ def _paired(a_right: int, b_right: int, both: int = 0, neither: int = 0) -> dict
     return paired_difference(true, a, b)
 
 
-def test_point_gate_promotes_any_gain_interval_gate_only_a_clear_one():
-    slight = _paired(a_right=10, b_right=14, both=100, neither=76)  # +2 points, well inside the noise
-    assert decide(slight, GateRule())[0] is True
-    promote, reason = decide(slight, GateRule(gate="interval"))
-    assert promote is False and "keep the champion" in reason and "lower end" in reason
+def test_the_default_gate_promotes_only_a_gain_the_split_can_tell_from_noise():
+    slight = _paired(a_right=10, b_right=14, both=176)  # +2 points on 200 images, well inside the noise
+    promote, reason = decide(slight, GateRule())
+    assert promote is False and reason.startswith("interval gate:") and "lower end" in reason
     clear = _paired(a_right=0, b_right=40, both=100, neither=60)  # +20 points, p ~ 1e-12
-    assert decide(clear, GateRule(gate="interval"))[0] is True
-    # a point gate with a margin asks for more than no loss; a negative margin tolerates a loss
-    assert decide(slight, GateRule(min_gain=0.05))[0] is False
-    worse = _paired(a_right=14, b_right=10, both=100, neither=76)
-    assert decide(worse, GateRule())[0] is False
-    assert decide(worse, GateRule(min_gain=-0.03))[0] is True
+    promote, reason = decide(clear, GateRule())
+    assert promote is True and reason.startswith("interval gate:") and "promote the challenger" in reason
+
+
+def test_the_point_gate_promotes_a_gain_only_on_enough_images_and_with_no_worse_rmse():
+    slight = _paired(a_right=10, b_right=14, both=176)
+    assert decide(slight, GateRule(gate="point"))[0] is True
+    # one image better on a 10-image split: the kind of win that decided nothing
+    tiny = _paired(a_right=1, b_right=2, both=7)
+    promote, reason = decide(tiny, GateRule(gate="point"))
+    assert promote is False and "on 10 test images, fewer than the 200" in reason
+    assert decide(tiny, GateRule(gate="point", min_images=10))[0] is True
+    # more right, but much further off where wrong: a worse RMSE keeps the champion
+    wider = _paired(a_right=10, b_right=14, both=100, neither=76)
+    assert wider["rmse_diff"] > 0 and wider["accuracy_diff"] > 0
+    promote, reason = decide(wider, GateRule(gate="point"))
+    assert promote is False and "RMSE" in reason and "worse" in reason
+    assert decide(wider, GateRule(gate="point", rmse_no_worse=False))[0] is True
+    # a margin asks for more than no loss; a negative margin tolerates a loss
+    assert decide(slight, GateRule(gate="point", min_gain=0.05))[0] is False
+    worse = _paired(a_right=14, b_right=10, both=176)
+    assert decide(worse, GateRule(gate="point"))[0] is False
+    assert decide(worse, GateRule(gate="point", min_gain=-0.03, rmse_no_worse=False))[0] is True
 
 
 def test_rmse_gain_is_the_reduction_so_that_larger_is_better():
@@ -100,7 +116,9 @@ def test_a_better_model_is_promoted_a_worse_one_kept(models, manifest: Path, tmp
     store = str(tmp_path / "store")
     publish(models["twos"], store, version="v1", manifest_path=tmp_path / "v1.yaml")
 
-    record = challenge(models["ones"], store, manifest, tmp_path / "up", progress=False)
+    # six images: only a point gate told to accept so few promotes (the default interval gate would not)
+    point = GateRule(gate="point", min_images=6)
+    record = challenge(models["ones"], store, manifest, tmp_path / "up", rule=point, progress=False)
     assert record["champion"]["version"] == "v1"
     assert record["champion"]["accuracy"] == pytest.approx(2 / 6)
     assert record["challenger"]["accuracy"] == pytest.approx(4 / 6)
@@ -115,7 +133,7 @@ def test_a_better_model_is_promoted_a_worse_one_kept(models, manifest: Path, tmp
     # the same pair the other way round: the challenger loses 2 of 6 images' worth
     publish(models["ones"], store, model_name="counter-b", version="v1", manifest_path=tmp_path / "b.yaml")
     down = challenge(
-        models["twos"], store, manifest, tmp_path / "down", model_name="counter-b", progress=False
+        models["twos"], store, manifest, tmp_path / "down", model_name="counter-b", rule=point, progress=False
     )
     assert down["promote"] is False and down["paired"]["accuracy_diff"] == pytest.approx(-2 / 6)
     # six images cannot show +2/6 to be more than the split's draw: the interval gate keeps the champion
@@ -129,14 +147,17 @@ def test_cli_exit_code_says_promote_or_keep(models, manifest: Path, tmp_path: Pa
     store = str(tmp_path / "store")
     publish(models["twos"], store, version="v1", manifest_path=tmp_path / "v1.yaml")
     common = ["--store", store, "--manifest", str(manifest), "--no-progress"]
-    assert champion.main(["--model", str(models["ones"]), "--out", str(tmp_path / "a"), *common]) == 0
+    argv = ["--model", str(models["ones"]), "--out", str(tmp_path / "a"), *common]
+    assert champion.main(argv) == 1  # the default interval gate: six images tell nothing apart
+    assert "keep: interval gate: accuracy gain +0.3333 (" in capsys.readouterr().out
+    assert champion.main([*argv, "--gate", "point", "--min-images", "6"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[-1].startswith("promote: accuracy gain +0.3333 (")
+    assert out.splitlines()[-1].startswith("promote: point gate: accuracy gain +0.3333 (")
     assert "0.3333" in out and "0.6667" in out  # the table: champion and challenger accuracy
     keep = ["--model", str(models["twos_other_data"]), "--out", str(tmp_path / "b"), "--min-gain", "0.01"]
     assert champion.main([*keep, *common]) == 1
     out = capsys.readouterr().out
-    assert "keep: accuracy gain +0.0000" in out and "different data" in out
+    assert "keep: interval gate: accuracy gain +0.0000" in out and "different data" in out
     assert json.loads((tmp_path / "b" / "challenge.json").read_text())["same_training_data"] is False
 
 
@@ -231,7 +252,7 @@ def test_pipeline_step_returns_the_gate_and_logs_both_models(models, manifest: P
     assert "not published (no better than the published version v1)" in text
     assert (
         "not published: test accuracy 0.333 >= majority baseline 0.167 + margin 0.05 = 0.217, "
-        f"but champion gate: {report.metadata['reason']}"
+        f"but champion: {report.metadata['reason']}"
     ) in text
 
     # a tolerated loss, or no comparison at all, lets it through

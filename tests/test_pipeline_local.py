@@ -178,7 +178,8 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     # and why it was published, in the gates' own figures
     gate = (
         f"published as version e2e: no accuracy gate (accuracy_margin -1): test accuracy "
-        f"{test_accuracy:.3f}, majority baseline {baseline['accuracy']:.3f}; champion gate: accuracy gain"
+        f"{test_accuracy:.3f}, majority baseline {baseline['accuracy']:.3f}; "
+        "champion: interval gate: accuracy gain"
     )
     assert gate in out
 
