@@ -229,11 +229,17 @@ def _index_entry(version: str, uri: str, digest: str, metrics: dict[str, Any]) -
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"val": {"accuracy": 0.4}}`` -> ``{"val_accuracy": 0.4}``: scalars only, for the version index."""
+    """``{"val": {"accuracy": 0.4}}`` -> ``{"val_accuracy": 0.4}``: scalars only, for the version index;
+    95 % intervals (``{"test": {"intervals": {"accuracy": [lo, hi]}}}``) as ``test_accuracy_low`` and
+    ``test_accuracy_high``."""
     flat: dict[str, Any] = {}
     for key, value in metrics.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if key == "intervals" and isinstance(value, dict):
+            for figure, bounds in value.items():
+                if isinstance(bounds, list | tuple) and len(bounds) == 2:
+                    flat[f"{prefix}{figure}_low"], flat[f"{prefix}{figure}_high"] = bounds
+        elif isinstance(value, dict):
             flat.update(flatten_metrics(value, f"{name}_"))
         elif isinstance(value, bool | int | float | str):
             flat[name] = value

@@ -697,6 +697,7 @@ def evaluate_model(
     train: Input[Dataset],
     test: Input[Dataset],
     accuracy_margin: float,
+    evaluated: Output[Model],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
@@ -704,6 +705,10 @@ def evaluate_model(
     """Score the exported ONNX model on the test split; returns whether it passes the publish gate
     (``Output``: at least the majority-class baseline, from the ``train`` split's counts scored on the test
     images, plus ``accuracy_margin``) and the test ``accuracy``.
+
+    ``evaluated`` is the model with its test figures in ``metrics.json``, ``model.json`` and the card
+    (the input artifact stays as trained): what challenge and publish take, so the published model and
+    the store's ``versions.json`` carry them.
 
     The verdict is named ``Output`` because kfp.local (2.17) resolves only outputs of that name in a
     ``dsl.If`` condition; ``accuracy`` is passed on to publish as an ordinary input.
@@ -714,6 +719,7 @@ def evaluate_model(
 
     from components.evaluate import AccuracyGate, range_text
     from components.evaluate import evaluate as run_evaluation
+    from components.test_figures import evaluated_copy
     from pipeline.components import html_report, step_errors
 
     with step_errors("evaluate", metrics.path), tempfile.TemporaryDirectory() as tmp:
@@ -725,6 +731,8 @@ def evaluate_model(
             progress=False,
             train_manifest=Path(train.path),
         )
+        evaluated_copy(Path(model.path), m, Path(evaluated.path))
+        evaluated.metadata.update({**model.metadata, "test_accuracy": float(m["accuracy"])})
         baseline = m["majority_baseline"]
         gate = AccuracyGate(float(m["accuracy"]), float(baseline["accuracy"]), float(accuracy_margin))
         page = html_report(

@@ -285,7 +285,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         # evaluate's Output: test accuracy >= majority baseline + accuracy_margin
         with dsl.If(evaluate.outputs["Output"] == True, name="accuracy-gate"):  # noqa: E712 - KFP condition
             challenge = c.challenge(
-                model=train.outputs["model"],
+                model=evaluate.outputs["evaluated"],
                 dataset=data,
                 test=test_csv,
                 model_store=model_store,
@@ -299,7 +299,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             _with_s3_credentials(_k8s(challenge, opts), opts)
             with dsl.If(challenge.outputs["Output"] == True, name="champion-gate"):  # noqa: E712 - KFP condition
                 publish = c.publish(
-                    model=train.outputs["model"],
+                    model=evaluate.outputs["evaluated"],
                     test_accuracy=evaluate.outputs["accuracy"],
                     model_store=model_store,
                     endpoint_url=endpoint_url,

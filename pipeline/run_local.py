@@ -365,6 +365,7 @@ def summary_tables(
         ("split histogram (HTML)", "split", "histogram"),
         ("tuning report (HTML)", "select-best", "report"),
         ("trained model", "train-model", "model"),
+        ("evaluated model (with its test figures)", "evaluate-model", "evaluated"),
         ("training curves (HTML)", "train-model", "curves"),
         ("model card", "train-model", "model_card"),
         ("test report (HTML)", "evaluate-model", "report"),
@@ -539,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the tasks' logs: {run_dir / RUN_LOG}", file=sys.stderr)
         return 1
     model_dir: Path | None = None
-    trained = summary.artifact("train-model", "model")
+    # the evaluated copy carries the test figures; a run that failed before evaluation has the trained one
+    trained = summary.artifact("evaluate-model", "evaluated") or summary.artifact("train-model", "model")
     source_model = summary.param("publish-model", "storage_uri")
     if not source_model or str(source_model).startswith("s3://"):
         source_model = trained["uri"] if trained else None

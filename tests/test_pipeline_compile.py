@@ -41,7 +41,7 @@ EXPECTED_EDGES = {
     "select-best": {"for-loop-1", "ingest", "pretrain-model", "split"},
     "train-model": {"ingest", "pretrain-model", "select-best", "split"},
     "evaluate-model": {"ingest", "split", "train-model"},
-    "condition-2": {"evaluate-model", "ingest", "split", "train-model"},
+    "condition-2": {"evaluate-model", "ingest", "split"},  # it takes evaluate's copy of the model
 }
 
 
@@ -157,6 +157,10 @@ def test_publish_is_gated_on_test_accuracy_then_on_the_published_model(full):
         "inputs.parameter_values['pipelinechannel--challenge-model-Output'] == true"
     )
     assert set(spec["components"]["comp-condition-3"]["dag"]["tasks"]) == {"publish-model"}
+    # both take the model with its test figures (evaluate's copy), not the train step's
+    evaluated = {"outputArtifactKey": "evaluated", "producerTask": "evaluate-model"}
+    outer = spec["root"]["dag"]["tasks"]["condition-2"]["inputs"]["artifacts"]
+    assert any(a.get("taskOutputArtifact") == evaluated for a in outer.values()), outer
     challenge = spec["components"]["comp-challenge-model"]
     assert challenge["outputDefinitions"]["parameters"]["Output"] == {"parameterType": "BOOLEAN"}
     params = inner["challenge-model"]["inputs"]["parameters"]
@@ -191,6 +195,7 @@ def test_artifact_types(full):
         "model_card": "system.Markdown",
     }
     assert _output_types(spec, "comp-evaluate-model") == {
+        "evaluated": "system.Model",
         "metrics": "system.Metrics",
         "confusion": "system.ClassificationMetrics",
         "report": "system.HTML",

@@ -200,6 +200,18 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     spec = load_model_spec(mnt)
     assert spec.version == "e2e" and spec.preprocess.image_size == 32
     assert spec.params["ema"] == 0.9 and spec.params["tta"] is True  # pipeline parameters reached the fit
+    # the test figures travel with the published model: model.json, metrics.json, the card, versions.json
+    n_test = summary.artifact("split", "test")["metadata"]["n_images"]
+    assert spec.metrics["test"]["accuracy"] == pytest.approx(test_accuracy)
+    assert spec.metrics["test"]["n"] == n_test
+    low, high = spec.metrics["test"]["intervals"]["accuracy"]
+    assert low <= test_accuracy <= high
+    assert json.loads((mnt / "metrics.json").read_text())["test"]["n"] == n_test
+    assert f"| test | {n_test} | " in (mnt / "MODEL_CARD.md").read_text()
+    index_key = "registry/inventory-counter/versions.json"
+    index = json.loads(s3.get_object(Bucket="models", Key=index_key)["Body"].read())
+    entry = next(v for v in index["versions"] if v["version"] == "e2e")["metrics"]
+    assert entry["test_accuracy"] == pytest.approx(test_accuracy) and entry["test_accuracy_low"] == low
     # the benchmark-only levers keep their defaults in the pipeline's fit
     assert spec.params["decision"] == "plain" and not spec.decision_offsets and spec.params["refit"] is False
     n_train = summary.artifact("split", "train")["metadata"]["n_images"]

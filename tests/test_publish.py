@@ -82,6 +82,31 @@ def test_version_index_records_the_models_metrics(random_model_dir: Path, tmp_pa
     }
 
 
+def test_an_evaluated_copy_carries_its_test_figures_into_the_index(random_model_dir: Path, tmp_path: Path):
+    from components.test_figures import evaluated_copy
+
+    evaluation = {
+        "accuracy": 0.4,
+        "rmse": 1.1,
+        "mae": 0.8,
+        "n": 50,
+        "per_class_accuracy": {"1": 0.5},
+        "intervals": {"level": 0.95, "accuracy": [0.3, 0.5], "rmse": [1.0, 1.2], "mae": [0.7, 0.9]},
+    }
+    before = (random_model_dir / MODEL_JSON).read_text()
+    model = evaluated_copy(random_model_dir, evaluation, tmp_path / "evaluated")
+    assert (random_model_dir / MODEL_JSON).read_text() == before  # the input stays as trained
+    spec = load_model_spec(model)
+    assert spec.metrics["test"] == {k: evaluation[k] for k in ("accuracy", "rmse", "mae", "n", "intervals")}
+    assert json.loads((model / "metrics.json").read_text())["test"]["per_class_accuracy"] == {"1": 0.5}
+    assert "| test | 50 | " in (model / "MODEL_CARD.md").read_text()
+    publish(model, str(tmp_path / "store"), version="v1")
+    index = json.loads((tmp_path / "store" / "inventory-counter" / "versions.json").read_text())
+    figures = index["versions"][0]["metrics"]
+    assert [figures[f"test_accuracy{end}"] for end in ("", "_low", "_high")] == [0.4, 0.3, 0.5]
+    assert figures["test_n"] == 50 and "test_level" not in figures
+
+
 def test_versions_are_immutable_unless_forced(random_model_dir: Path, tmp_path: Path):
     store = str(tmp_path / "store")
     first = publish(random_model_dir, store, version="v1")

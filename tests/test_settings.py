@@ -90,7 +90,8 @@ def test_the_cli_exits_2_on_a_bad_recipe_before_training(tmp_path: Path, capsys)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("batchsize: 8\n")
     assert main(["--config", str(recipe), *REQUIRED]) == 2
-    assert "unknown setting 'batchsize'; did you mean batch_size or eval_batch_size?" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown setting 'batchsize'; did you mean batch_size or eval_batch_size?" in err
     assert main(["--config", str(tmp_path / "missing.yaml"), *REQUIRED]) == 2
     assert "cannot read it" in capsys.readouterr().err
 
