@@ -9,8 +9,10 @@ Request flow (all off the event loop except checking the request's structure and
    exactly as in training.
 2. :meth:`InventoryCounter.predict` hands each image to the :class:`~serving.batcher.MicroBatcher`,
    which runs concurrent requests as one onnxruntime batch on a dedicated thread.
-3. :meth:`InventoryCounter.postprocess` formats count, per-class probabilities, confidence and the
-   expected count for the protocol that was used.
+3. :meth:`InventoryCounter.postprocess` formats the answer for the protocol that was used: count,
+   per-class probabilities, expected count and, as model.json's ``answers`` allow, the confidence of
+   the returned count, its count set and whether a person should review it
+   (:func:`components.answers.answer`), plus the :func:`served_version` that gave it.
 
 Torch is never imported here (checked by the tests), so the serving image stays small.
 """
@@ -35,7 +37,8 @@ from kserve import Model
 from kserve.errors import InferenceError
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from components.common import ConfigError
+from components.answers import answer
+from components.common import ConfigError, sha256_file
 from components.modelspec import INT8_CHOICES, ModelSpec, choose_onnx_file, load_model_spec
 from components.preprocess import ImageError, load_uint8, normalize, open_image
 from serving.batcher import MicroBatcher
@@ -131,6 +134,24 @@ def cpu_count() -> int:
     return max(1, n)
 
 
+#: model.json's ``version`` when nobody named the model (ModelSpec's and training's default).
+UNPUBLISHED_VERSION: str = ModelSpec.version
+
+
+def served_version(spec: ModelSpec, onnx_path: Path) -> str:
+    """The version every answer names: model.json's ``version``, or ``sha256:<12 hex>`` of the ONNX
+    file served when that version is the unnamed default (:data:`UNPUBLISHED_VERSION`).
+
+    ``components.publish`` writes the version it publishes under into the published model.json, so a
+    published model answers with its published version. A model straight from training says "0"
+    (unless trained with ``--version``): it has no name, so the bytes actually served (the int8 file
+    when that is the one loaded) name it instead. Computed once, when the model loads.
+    """
+    if spec.version and spec.version != UNPUBLISHED_VERSION:
+        return spec.version
+    return "sha256:" + sha256_file(onnx_path)[:12]
+
+
 class OnnxCounter:
     """The exported model on onnxruntime: ``run(float32 NCHW) -> {probabilities, count, expected}``."""
 
@@ -141,6 +162,7 @@ class OnnxCounter:
         self.model_dir = Path(model_dir)
         self.spec: ModelSpec = load_model_spec(self.model_dir)
         self.onnx_path = choose_onnx_file(self.model_dir, self.spec, options.int8)
+        self.model_version = served_version(self.spec, self.onnx_path)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -376,38 +398,83 @@ def probe_images(sources: Sequence[ImageSource], max_pixels: int, max_request_pi
     return out
 
 
-def format_v1(outputs: dict[str, np.ndarray], classes: Sequence[int]) -> list[dict[str, Any]]:
-    """Per-image dicts: ``count``, ``probabilities`` by class, ``confidence``, ``expected``."""
-    probs = outputs["probabilities"]
-    counts = outputs["count"]
-    expected = outputs["expected"]
-    keys = [str(c) for c in classes]
-    return [
-        {
+def format_v1(outputs: dict[str, np.ndarray], spec: ModelSpec) -> list[dict[str, Any]]:
+    """Per-image dicts: ``count``, ``probabilities`` by class, ``confidence`` (the probability of the
+    returned count; not for regression), ``expected``, then ``count_set`` (the counts it may be) and
+    ``needs_review`` when model.json has their thresholds (:func:`components.answers.answer`)."""
+    probs, counts, expected = outputs["probabilities"], outputs["count"], outputs["expected"]
+    extra = answer(probs, counts, expected, spec.classes, spec.answers)
+    keys = [str(c) for c in spec.classes]
+    preds: list[dict[str, Any]] = []
+    for i in range(len(counts)):
+        p: dict[str, Any] = {
             "count": int(counts[i]),
-            "probabilities": {k: round(float(p), 6) for k, p in zip(keys, probs[i], strict=True)},
-            "confidence": round(float(probs[i].max()), 6),
-            "expected": round(float(expected[i]), 6),
+            "probabilities": {k: round(float(v), 6) for k, v in zip(keys, probs[i], strict=True)},
         }
-        for i in range(len(counts))
-    ]
+        if extra.confidence is not None:
+            p["confidence"] = round(float(extra.confidence[i]), 6)
+        p["expected"] = round(float(expected[i]), 6)
+        if extra.count_set is not None:
+            p["count_set"] = [int(c) for c in extra.count_set[i]]
+        if extra.needs_review is not None:
+            p["needs_review"] = bool(extra.needs_review[i])
+        preds.append(p)
+    return preds
 
 
-def format_v2(outputs: dict[str, np.ndarray], model_name: str, request_id: str | None) -> InferResponse:
-    """V2 outputs ``count`` INT64 [N], ``probabilities`` FP32 [N,C], ``confidence``, ``expected`` FP32 [N]."""
+def output_types(spec: ModelSpec | None) -> list[dict[str, Any]]:
+    """The V2 outputs a model returns, in order: its metadata and :func:`format_v2` both follow this
+    (before a model is loaded, only the outputs every model returns)."""
+    c = len(spec.classes) if spec is not None else -1
+    types: list[tuple[str, str, list[int]]] = [("count", "INT64", [-1]), ("probabilities", "FP32", [-1, c])]
+    if spec is not None and spec.answers.distribution:
+        types.append(("confidence", "FP32", [-1]))
+    types.append(("expected", "FP32", [-1]))
+    if spec is not None and spec.answers.set_threshold is not None:
+        types += [("count_set_low", "INT64", [-1]), ("count_set_high", "INT64", [-1])]
+    if spec is not None and spec.answers.review_threshold is not None:
+        types.append(("needs_review", "BOOL", [-1]))
+    return [{"name": name, "datatype": dt, "shape": shape} for name, dt, shape in types]
+
+
+def format_v2(
+    outputs: dict[str, np.ndarray],
+    spec: ModelSpec,
+    model_name: str,
+    request_id: str | None,
+    version: str | None = None,
+) -> InferResponse:
+    """V2 outputs as :func:`output_types` lists them: ``count`` INT64 [N], ``probabilities`` FP32 [N,C],
+    ``confidence`` and ``expected`` FP32 [N], the count set's ``count_set_low``/``count_set_high``
+    INT64 [N] (sets are contiguous) and ``needs_review`` BOOL [N]."""
     probs = np.asarray(outputs["probabilities"], dtype=np.float32)
-    n = probs.shape[0]
-    tensors = [
-        ("count", np.asarray(outputs["count"], dtype=np.int64), "INT64"),
-        ("probabilities", probs, "FP32"),
-        ("confidence", probs.max(axis=1), "FP32"),
-        ("expected", np.asarray(outputs["expected"], dtype=np.float32), "FP32"),
-    ]
-    infer_outputs = [
-        InferOutput(name=name, shape=list(arr.shape) or [n], datatype=dt, data=arr.reshape(-1).tolist())
-        for name, arr, dt in tensors
-    ]
-    return InferResponse(response_id=request_id or "", model_name=model_name, infer_outputs=infer_outputs)
+    extra = answer(probs, outputs["count"], outputs["expected"], spec.classes, spec.answers)
+    tensors: dict[str, np.ndarray] = {
+        "count": np.asarray(outputs["count"], dtype=np.int64),
+        "probabilities": probs,
+        "expected": np.asarray(outputs["expected"], dtype=np.float32),
+    }
+    if extra.confidence is not None:
+        tensors["confidence"] = np.asarray(extra.confidence, dtype=np.float32)
+    if extra.count_set is not None:
+        tensors["count_set_low"] = np.array([s[0] for s in extra.count_set], dtype=np.int64)
+        tensors["count_set_high"] = np.array([s[-1] for s in extra.count_set], dtype=np.int64)
+    if extra.needs_review is not None:
+        tensors["needs_review"] = np.asarray(extra.needs_review, dtype=bool)
+    infer_outputs = []
+    for t in output_types(spec):
+        arr = tensors[t["name"]]
+        infer_outputs.append(
+            InferOutput(
+                name=t["name"], shape=list(arr.shape), datatype=t["datatype"], data=arr.reshape(-1).tolist()
+            )
+        )
+    return InferResponse(
+        response_id=request_id or "",
+        model_name=model_name,
+        infer_outputs=infer_outputs,
+        model_version=version,
+    )
 
 
 # ----------------------------------------------------------------------------- the KServe model
@@ -451,9 +518,10 @@ class InventoryCounter(Model):
         )
         self.ready = True
         logger.info(
-            "loaded %s (%s, %d px, classes %s) on %s; max batch %d, max wait %.1f ms, "
+            "loaded %s (version %s, %s, %d px, classes %s) on %s; max batch %d, max wait %.1f ms, "
             "%d inference worker(s) x %d onnxruntime thread(s)",
             counter.onnx_path,
+            counter.model_version,
             counter.spec.head,
             counter.spec.preprocess.image_size,
             list(counter.spec.classes),
@@ -477,6 +545,13 @@ class InventoryCounter(Model):
     def _observe_batch(self, size: int, seconds: float) -> None:
         if self.on_batch is not None:
             self.on_batch(size, seconds)
+
+    @property
+    def model_version(self) -> str:
+        """What every answer names as its model (:func:`served_version`, computed at load)."""
+        if self.counter is None:
+            raise InferenceError(f"model {self.name} is not loaded")
+        return self.counter.model_version
 
     @property
     def spec(self) -> ModelSpec:
@@ -535,17 +610,15 @@ class InventoryCounter(Model):
     ) -> dict[str, Any] | InferResponse:
         """Answer in the protocol the request used."""
         if result.protocol == "v2":
-            return format_v2(result.outputs, self.name, result.request_id)
-        return {"predictions": format_v1(result.outputs, self.spec.classes)}
+            return format_v2(result.outputs, self.spec, self.name, result.request_id, self.model_version)
+        return {
+            "predictions": format_v1(result.outputs, self.spec),
+            "model_version": self.model_version,
+        }
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
 
     def get_output_types(self) -> list[dict[str, Any]]:
-        c = len(self.spec.classes) if self.counter else -1
-        return [
-            {"name": "count", "datatype": "INT64", "shape": [-1]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, c]},
-            {"name": "confidence", "datatype": "FP32", "shape": [-1]},
-            {"name": "expected", "datatype": "FP32", "shape": [-1]},
-        ]
+        """Exactly the V2 outputs this model returns (see :func:`output_types`)."""
+        return output_types(self.counter.spec if self.counter else None)

@@ -2,7 +2,8 @@
 
 SageMaker runs ``docker run IMAGE serve`` and talks to port 8080; answering these two routes next
 to KServe's lets one image serve both platforms. ``/invocations`` takes a raw ``image/*`` body (one
-image) or ``application/json`` in the V1 shape (several images) and answers like V1.
+image) or ``application/json`` in the V1 shape (several images) and answers like V1: the same
+``{"predictions": [...], "model_version": ...}`` body, answer fields included.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.common import sha256_file
 from tests.fixtures.aws import free_port
 from tests.fixtures.serving import (
     REPO_ROOT,
@@ -50,8 +51,9 @@ def assert_prediction(p: dict) -> None:
     assert list(p["probabilities"]) == CLASSES
     probs = np.array(list(p["probabilities"].values()))
     assert probs.min() >= 0 and abs(probs.sum() - 1) < 1e-3
-    assert p["confidence"] == pytest.approx(probs.max(), abs=1e-5)
+    assert p["confidence"] == p["probabilities"][str(p["count"])]  # the returned count's probability
     assert 1.0 <= p["expected"] <= 5.0
+    assert "count_set" not in p and "needs_review" not in p  # model.json has no thresholds
 
 
 # ----------------------------------------------------------------------------- torch-free path
@@ -268,6 +270,9 @@ def test_v1_predict_several_images(
     assert len(preds) == 3
     for p in preds:
         assert_prediction(p)
+    # version "0" in model.json: the hash of the ONNX file served names the model
+    digest = sha256_file(served_model.model_dir / "model.onnx")
+    assert r.json()["model_version"] == "sha256:" + digest[:12]
 
 
 def test_raw_jpeg_body_matches_v1(
@@ -290,9 +295,11 @@ def test_v2_bytes_input(served_model: RunningServer, client: httpx.Client, jpegs
     assert out["probabilities"]["shape"] == [2, 5]
     probs = np.array(out["probabilities"]["data"]).reshape(2, 5)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
-    np.testing.assert_allclose(out["confidence"]["data"], probs.max(axis=1), atol=1e-6)
-    v1 = client.post(served_model.predict_url(), json=v1_body(jpegs[:2])).json()["predictions"]
-    assert out["count"]["data"] == [p["count"] for p in v1]
+    counts = np.array(out["count"]["data"])
+    np.testing.assert_allclose(out["confidence"]["data"], probs[np.arange(2), counts - 1], atol=1e-6)
+    v1 = client.post(served_model.predict_url(), json=v1_body(jpegs[:2])).json()
+    assert out["count"]["data"] == [p["count"] for p in v1["predictions"]]
+    assert r.json()["model_version"] == v1["model_version"]
 
 
 def test_sagemaker_routes(served_model: RunningServer, client: httpx.Client, jpegs: list[bytes]) -> None:
