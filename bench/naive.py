@@ -48,7 +48,10 @@ class NaivePredictor:
         model = build_model(len(spec.classes), spec.head)
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        self.model = ExportWrapper(model, spec.head, spec.classes, spec.decision_offsets).eval()
+        temperature = spec.answers.temperature if spec.answers.distribution else None
+        self.model = ExportWrapper(
+            model, spec.head, spec.classes, spec.decision_offsets, temperature=temperature
+        ).eval()
         self.classes = [str(c) for c in spec.classes]
         pp = spec.preprocess
         self.transform = transforms.Compose(

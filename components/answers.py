@@ -11,7 +11,12 @@ should look. Torch-free, so training fits, evaluation scores and the server answ
 Per-class scores are the probabilities (distribution heads) or, for regression, minus the distance of
 each count to the expected count. A count set at threshold ``t`` is the smallest range holding every
 count whose score is at least ``t``; the true count ``y`` is inside it exactly when
-``min(max score at or below y, max score at or above y) >= t``, which is the conformity score.
+``min(max score at or below y, max score at or above y) >= t``, which is the conformity score (when no
+count reaches ``t`` the set is the best-scored count alone, which can only add coverage).
+
+``model.json`` holds finite thresholds only (strict JSON has no infinity): :func:`fit_answer_spec`
+stores "every count" as :func:`every_count_threshold` and "review every answer" as
+:data:`REVIEW_EVERYTHING`, which act exactly as ``-inf`` and ``inf`` do.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from components.common import ConfigError
 
 #: the fewest answers the review threshold may keep: a handful of lucky answers prove nothing
 MIN_ACCEPTED = 20
+#: a review threshold above every certainty (at most 1): every answer needs review
+REVIEW_EVERYTHING = 2.0
+#: points of the compact risk-coverage curve in reports (shares 1/20, 2/20, ..., 1)
+CURVE_POINTS = 20
 
 
 @dataclass(frozen=True)
@@ -135,7 +144,9 @@ def fit_review_threshold(cert: np.ndarray, correct: np.ndarray, target: float) -
     accurate, keeping at least :data:`MIN_ACCEPTED` (``inf``: no such threshold, everything is reviewed)."""
     if not 0 < target <= 1:
         raise ConfigError(f"review accuracy must be in (0, 1], got {target}")
-    order = np.argsort(-cert, kind="stable")
+    if len(cert) == 0:
+        return math.inf
+    order = np.argsort(-np.asarray(cert), kind="stable")
     c, ok = np.asarray(cert)[order], np.asarray(correct, dtype=np.float64)[order]
     accuracy = np.cumsum(ok) / np.arange(1, len(ok) + 1)
     best = math.inf
@@ -189,6 +200,63 @@ def accuracy_at_coverage(cert: np.ndarray, correct: np.ndarray, share: float = 0
     """Accuracy of the ``share`` most certain answers."""
     shares, accuracy = risk_coverage(cert, correct)
     return float(accuracy[max(0, math.ceil(share * len(shares)) - 1)])
+
+
+def risk_coverage_points(
+    cert: np.ndarray, correct: np.ndarray, points: int = CURVE_POINTS
+) -> list[list[float]]:
+    """The risk-coverage curve at ``points`` evenly spaced shares: ``[[share, accuracy], ...]``."""
+    if len(cert) == 0:
+        return []
+    return [[k / points, accuracy_at_coverage(cert, correct, k / points)] for k in range(1, points + 1)]
+
+
+def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray, floor: float = 1e-12) -> float:
+    """Mean ``-log p(true class)`` (probabilities floored at ``floor``: a zero is not an infinite loss)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    return float(-np.log(np.maximum(p[np.arange(len(labels)), labels], floor)).mean())
+
+
+def every_count_threshold(classes: Sequence[int]) -> float:
+    """A set threshold at or below every class score (probabilities >= 0, regression scores >=
+    ``-(C - 1)``): every set is every count, as ``-inf`` would make it."""
+    return -float(len(classes))
+
+
+def fit_answer_spec(
+    probabilities: np.ndarray,
+    counts: np.ndarray,
+    expected: np.ndarray,
+    true_counts: np.ndarray,
+    classes: Sequence[int],
+    *,
+    temperature: float,
+    distribution: bool,
+    coverage: float,
+    review_accuracy: float,
+) -> AnswerSpec:
+    """The answers of ``model.json`` fitted on a calibration split from the graph's (calibrated) outputs
+    in count units, as :func:`answer` reads them: the count-set threshold for ``coverage`` and the review
+    threshold for ``review_accuracy``, both finite (see the module's note)."""
+    y = np.asarray(true_counts, dtype=np.int64)
+    if len(y) == 0:
+        raise ValueError("the answers need at least one calibration image")
+    c0 = int(classes[0])
+    index = np.asarray(counts, dtype=np.int64) - c0
+    scores = class_scores(probabilities, expected, classes, distribution)
+    cert = certainty(scores, index, distribution, expected, classes)
+    set_threshold = fit_set_threshold(scores, y - c0, coverage)
+    review = fit_review_threshold(cert, index == y - c0, review_accuracy)
+    return AnswerSpec(
+        temperature=float(temperature),
+        distribution=distribution,
+        coverage=coverage,
+        set_threshold=set_threshold if math.isfinite(set_threshold) else every_count_threshold(classes),
+        review_accuracy=review_accuracy,
+        review_threshold=review if math.isfinite(review) else REVIEW_EVERYTHING,
+        calibration_images=len(y),
+    )
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -3,7 +3,9 @@
 The figures come from the ONNX file run by onnxruntime on inputs made by
 :func:`components.preprocess.preprocess_batch`, the same code the server uses, so they are the served
 model's figures and not the training framework's. Writes ``metrics.json`` (accuracy, RMSE, MAE,
-per-class accuracy, confusion matrix), ``confusion_matrix.png`` and ``predictions.csv``.
+per-class accuracy, confusion matrix; ``calibration``: ECE, NLL and the reliability bins; ``answers``: the
+count sets' coverage, the review flag's share and the accepted answers' accuracy, the risk-coverage
+curve), ``confusion_matrix.png``, ``calibration.png``, ``risk_coverage.png`` and ``predictions.csv``.
 
 ``python -m components.evaluate --model MODEL_DIR --manifest test.csv --out EVAL_DIR``
 """
@@ -25,6 +27,18 @@ from typing import Any
 
 import numpy as np
 
+from components.answers import (
+    AnswerSpec,
+    accuracy_at_coverage,
+    answer,
+    certainty,
+    class_scores,
+    expected_calibration_error,
+    negative_log_likelihood,
+    reliability,
+    risk_coverage_points,
+    wilson_interval,
+)
 from components.common import (
     ConfigError,
     atomic_write_json,
@@ -35,6 +49,7 @@ from components.common import (
 from components.manifest import load_labelled, read_manifest
 from components.modelspec import INT8_CHOICES, choose_onnx_file, load_model_spec
 from components.preprocess import preprocess_batch
+from components.test_figures import CALIBRATION_PNG, RISK_COVERAGE_PNG
 
 LOG = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -201,6 +216,76 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
     return float(min(1.0, 2 * tail))
 
 
+def calibration_metrics(
+    outputs: dict[str, np.ndarray],
+    true_counts: Sequence[int] | np.ndarray,
+    classes: Sequence[int],
+    distribution: bool,
+) -> dict[str, Any]:
+    """How well the confidence (the probability of the returned count) matches the accuracy: ECE (15
+    bins), NLL of the true count and the reliability bins, from the graph's outputs in count units
+    (``probabilities``, ``count``); None for a head without a distribution (regression)."""
+    y = np.asarray(true_counts, dtype=np.int64)
+    if not distribution:
+        return {"n": len(y), "ece": None, "nll": None, "reliability": None}
+    c0 = int(classes[0])
+    probs = np.asarray(outputs["probabilities"], dtype=np.float64)
+    index = np.asarray(outputs["count"], dtype=np.int64) - c0
+    conf = probs[np.arange(len(y)), index]
+    correct = index == y - c0
+    return {
+        "n": len(y),
+        "ece": expected_calibration_error(conf, correct),
+        "nll": negative_log_likelihood(probs, y - c0),
+        "reliability": reliability(conf, correct),
+    }
+
+
+def answer_metrics(
+    outputs: dict[str, np.ndarray],
+    true_counts: Sequence[int] | np.ndarray,
+    classes: Sequence[int],
+    spec: AnswerSpec,
+) -> dict[str, Any]:
+    """What the answers' extra fields are worth on labelled images, from the graph's outputs in count
+    units (``probabilities``, ``count``, ``expected``) and ``model.json``'s answers (:func:`answer`):
+    the count sets' coverage (95 % Wilson interval) and mean size, the share flagged needs_review and
+    the accuracy of the rest, the risk-coverage curve (accuracy of the most certain answers) and the
+    accuracy at half coverage. Set and review figures are None when the model has no such threshold."""
+    y = np.asarray(true_counts, dtype=np.int64)
+    n = len(y)
+    counts = np.asarray(outputs["count"], dtype=np.int64)
+    fields = answer(outputs["probabilities"], counts, outputs["expected"], classes, spec)
+    correct = counts == y
+    scores = class_scores(outputs["probabilities"], outputs["expected"], classes, spec.distribution)
+    cert = certainty(scores, counts - int(classes[0]), spec.distribution, outputs["expected"], classes)
+    out: dict[str, Any] = {
+        "n": n,
+        "coverage_target": spec.coverage,
+        "set_coverage": None,
+        "set_coverage_interval": None,
+        "mean_set_size": None,
+        "review_accuracy_target": spec.review_accuracy,
+        "needs_review_share": None,
+        "accepted_share": None,
+        "accepted_accuracy": None,
+        "accuracy": float(correct.mean()) if n else None,
+        "risk_coverage": risk_coverage_points(cert, correct),
+        "accuracy_at_50": accuracy_at_coverage(cert, correct, 0.5) if n else None,
+    }
+    if fields.count_set is not None and n:
+        covered = sum(s[0] <= t <= s[-1] for s, t in zip(fields.count_set, y.tolist(), strict=True))
+        out["set_coverage"] = covered / n
+        out["set_coverage_interval"] = list(wilson_interval(covered, n))
+        out["mean_set_size"] = float(np.mean([len(s) for s in fields.count_set]))
+    if fields.needs_review is not None and n:
+        accepted = ~fields.needs_review
+        out["needs_review_share"] = float(fields.needs_review.mean())
+        out["accepted_share"] = float(accepted.mean())
+        out["accepted_accuracy"] = float(correct[accepted].mean()) if accepted.any() else None
+    return out
+
+
 def range_text(interval: Sequence[float], digits: int = 4) -> str:
     """``"0.3980-0.4640"``: an interval as tables and reports print it."""
     return f"{interval[0]:.{digits}f}-{interval[1]:.{digits}f}"
@@ -338,6 +423,12 @@ def evaluate(
             raise ConfigError(f"--train-manifest {train_manifest} has no rows: the baseline needs its counts")
         baseline = majority_baseline([r.count for r in train_rows], true)
         metrics["majority_baseline"] = baseline | {"train_manifest": str(train_manifest)}
+    answers = spec.answers
+    metrics["calibration"] = {
+        "temperature": answers.temperature,
+        **calibration_metrics(pred, true, spec.classes, answers.distribution),
+    }
+    metrics["answers"] = answer_metrics(pred, true, spec.classes, answers)
     metrics.update(
         {
             "model": spec.name,
@@ -348,22 +439,46 @@ def evaluate(
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", "true", "pred", "expected"])
-    for r, c, e in zip(rows, pred["count"].tolist(), pred["expected"].tolist(), strict=True):
-        writer.writerow([r.id, r.count, c, f"{e:.4f}"])
-    atomic_write_text(out_dir / PREDICTIONS_CSV, buf.getvalue())
-    from components.plots import save_confusion_matrix
+    _write_predictions(out_dir / PREDICTIONS_CSV, rows, pred, spec.classes, answers)
+    from components.plots import save_confusion_matrix, save_reliability, save_risk_coverage
 
+    name = Path(manifest).name
     save_confusion_matrix(
         metrics["confusion_matrix"],
         metrics["labels"],
         out_dir / CONFUSION_PNG,
-        title=f"{spec.name} on {Path(manifest).name}: accuracy {metrics['accuracy']:.3f}",
+        title=f"{spec.name} on {name}: accuracy {metrics['accuracy']:.3f}",
     )
+    save_reliability({name: metrics["calibration"]["reliability"]}, out_dir / CALIBRATION_PNG)
+    save_risk_coverage({name: metrics["answers"]["risk_coverage"]}, out_dir / RISK_COVERAGE_PNG)
     atomic_write_json(out_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def _write_predictions(
+    path: Path, rows: Sequence[Any], pred: dict[str, np.ndarray], classes: Sequence[int], spec: AnswerSpec
+) -> None:
+    """``id,true,pred,expected`` per image, then what the answer adds where the model has it:
+    ``confidence`` (distribution heads), ``count_set`` (``first-last``), ``needs_review``."""
+    fields = answer(pred["probabilities"], pred["count"], pred["expected"], classes, spec)
+    header = ["id", "true", "pred", "expected"]
+    header += ["confidence"] * (fields.confidence is not None) + ["count_set"] * (
+        fields.count_set is not None
+    )
+    header += ["needs_review"] * (fields.needs_review is not None)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for i, (r, c, e) in enumerate(zip(rows, pred["count"].tolist(), pred["expected"].tolist(), strict=True)):
+        line = [r.id, r.count, c, f"{e:.4f}"]
+        if fields.confidence is not None:
+            line.append(f"{fields.confidence[i]:.4f}")
+        if fields.count_set is not None:
+            line.append(f"{fields.count_set[i][0]}-{fields.count_set[i][-1]}")
+        if fields.needs_review is not None:
+            line.append(str(bool(fields.needs_review[i])).lower())
+        writer.writerow(line)
+    atomic_write_text(path, buf.getvalue())
 
 
 def load_predictions(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -379,6 +494,36 @@ def load_predictions(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarra
         )
     except (OSError, KeyError, ValueError) as e:
         raise ConfigError(f"{path} is not a predictions file of components.evaluate: {e}") from e
+
+
+def answer_rows(m: dict[str, Any]) -> list[list[Any]]:
+    """Table rows (name, value, interval) of an evaluation's calibration and answer figures."""
+    cal, ans = m.get("calibration") or {}, m.get("answers") or {}
+    rows: list[list[Any]] = []
+    if cal.get("ece") is not None:
+        rows.append(["ECE (T = {:.3g})".format(cal["temperature"]), cal["ece"], ""])
+    if ans.get("set_coverage") is not None:
+        rows.append(
+            [
+                f"count_set coverage (target {ans['coverage_target']:g})",
+                ans["set_coverage"],
+                range_text(ans["set_coverage_interval"]),
+            ]
+        )
+        rows.append(["count_set mean size", ans["mean_set_size"], ""])
+    if ans.get("needs_review_share") is not None:
+        rows.append(["needs_review share", ans["needs_review_share"], ""])
+        accepted = ans["accepted_accuracy"]
+        rows.append(
+            [
+                f"accepted accuracy (target {ans['review_accuracy_target']:g})",
+                "-" if accepted is None else accepted,
+                "",
+            ]
+        )
+    if ans.get("accuracy_at_50") is not None:
+        rows.append(["accuracy at 50% coverage", ans["accuracy_at_50"], ""])
+    return rows
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -423,6 +568,7 @@ def _run(args: argparse.Namespace) -> int:
     if "majority_baseline" in m:
         base = m["majority_baseline"]
         rows.append(["majority baseline", base["accuracy"], f"(always {base['count']})"])
+    rows += answer_rows(m)
     print(format_table(rows, ["metric", "value", level]))
     print(
         format_table(

@@ -14,6 +14,10 @@ Each head's count rule has one offset per decision it takes (:func:`decision_siz
 plain rule: argmax, "more than k" above one half, rounding. :func:`fit_decision_offsets` fits them
 on validation outputs, and the export bakes them into the graph, so evaluation and serving count
 with the rule that was fitted.
+
+A temperature ``T`` (:mod:`components.training.calibration`) divides the raw output before the
+probabilities (and so the expected count) only: the count is decided on the raw output, so it is the
+same with or without calibration.
 """
 
 from __future__ import annotations
@@ -84,7 +88,11 @@ def decision_size(head: str, num_classes: int) -> int:
 
 
 def decode_outputs(
-    raw: torch.Tensor, head: str, num_classes: int, offsets: torch.Tensor | None = None
+    raw: torch.Tensor,
+    head: str,
+    num_classes: int,
+    offsets: torch.Tensor | None = None,
+    temperature: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw head output -> ``(probabilities [N,C], class index [N] int64, expected index [N] float)``.
 
@@ -93,23 +101,30 @@ def decode_outputs(
     log-probabilities before the argmax, ordinal counts the thresholds with ``logit_k + offset_k > 0``,
     regression those with ``value + offset_k > k + 0.5``. Probabilities and expected index do not
     change.
+
+    ``temperature`` (None = 1) divides the logits before the probabilities: ``softmax(raw / T)``,
+    ordinal ``sigmoid(raw / T)``. It moves the probabilities and expected index only, never the index;
+    the regression head has no temperature (it is ignored there).
     """
     idx_values = torch.arange(num_classes, dtype=raw.dtype, device=raw.device)
     if offsets is not None:
         offsets = offsets.to(device=raw.device, dtype=raw.dtype)
+    scaled = raw if temperature is None else raw / temperature
     if head == "classification":
-        probs = torch.softmax(raw, dim=1)
+        probs = torch.softmax(scaled, dim=1)
         score = raw if offsets is None else torch.log_softmax(raw, dim=1) + offsets[None, :]
         index = score.argmax(dim=1)
     elif head == "ordinal":
         gt = torch.sigmoid(raw)  # P(y > k), k = 0..C-2
+        index = (gt > 0.5).sum(dim=1) if offsets is None else (raw + offsets[None, :] > 0).sum(dim=1)
+        if temperature is not None:
+            gt = torch.sigmoid(scaled)
         ones = torch.ones_like(gt[:, :1])
         zeros = torch.zeros_like(gt[:, :1])
         upper = torch.cat([ones, gt], dim=1)  # P(y >= k)
         lower = torch.cat([gt, zeros], dim=1)  # P(y > k)
         probs = (upper - lower).clamp_min(0)
         probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        index = (gt > 0.5).sum(dim=1) if offsets is None else (raw + offsets[None, :] > 0).sum(dim=1)
     elif head == "regression":
         r = raw[:, 0].clamp(0, num_classes - 1)
         probs = (1 - (r[:, None] - idx_values[None, :]).abs()).clamp_min(0)
@@ -192,7 +207,9 @@ def fit_decision_offsets(
 
 
 class ExportWrapper(nn.Module):
-    """Model + head decoding (with the fitted decision offsets, if any), in count units."""
+    """Model + head decoding (with the fitted decision offsets and temperature, if any), in count units.
+
+    A temperature of None or 1 leaves the graph as it was without calibration."""
 
     def __init__(
         self,
@@ -200,6 +217,8 @@ class ExportWrapper(nn.Module):
         head: str,
         classes: tuple[int, ...] | list[int],
         offsets: Sequence[float] | None = None,
+        *,
+        temperature: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -216,9 +235,20 @@ class ExportWrapper(nn.Module):
                     f"{decision_size(head, self.num_classes)} decision offsets, got {len(offsets)}"
                 )
             self.register_buffer("offsets", torch.tensor([float(o) for o in offsets]))
+        if temperature is not None and not float(temperature) > 0:
+            raise ConfigError(f"the temperature must be > 0, got {temperature}")
+        if head == "regression" and temperature not in (None, 1.0):
+            raise ConfigError(f"the regression head has no temperature, got {temperature}")
+        self.temperature: torch.Tensor | None
+        if temperature is None or float(temperature) == 1.0:
+            self.temperature = None
+        else:
+            self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        probs, index, expected = decode_outputs(self.model(x), self.head, self.num_classes, self.offsets)
+        probs, index, expected = decode_outputs(
+            self.model(x), self.head, self.num_classes, self.offsets, self.temperature
+        )
         return probs, index + self.first_class, expected + self.first_class
 
 
@@ -230,11 +260,12 @@ def export_onnx(
     path: str | os.PathLike[str],
     opset: int = 17,
     offsets: Sequence[float] | None = None,
+    temperature: float | None = None,
 ) -> Path:
     """Export to ONNX with a dynamic batch axis; written atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ExportWrapper(model, head, classes, offsets).eval().to("cpu").float()
+    wrapper = ExportWrapper(model, head, classes, offsets, temperature=temperature).eval().to("cpu").float()
     dummy = torch.zeros(2, 3, image_size, image_size)
     # A unique temp name in the target directory: concurrent exports never share it, and the rename
     # stays on one filesystem (atomic).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from components.answers import REVIEW_EVERYTHING, every_count_threshold
 from components.common import atomic_write_text
 from components.evaluate import interval_text
 from components.modelspec import ModelSpec
@@ -93,7 +94,96 @@ def _refit(metrics: dict[str, Any]) -> str:
 
 
 def _refit_data(metrics: dict[str, Any]) -> str:
-    return "; the hash covers both: the model was refit on them" if metrics.get("refit") else ""
+    return (
+        "; the hash covers the training and selection images: the model was refit on them"
+        if metrics.get("refit")
+        else ""
+    )
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _coverage(m: dict[str, Any] | None, where: str) -> str:
+    if not m or m.get("set_coverage") is None:
+        return ""
+    lo, hi = m["set_coverage_interval"]
+    return (
+        f" On {where} ({m['n']} images) the sets hold the true count for {m['set_coverage']:.3f}"
+        f" (95% Wilson interval {lo:.3f}-{hi:.3f}), {m['mean_set_size']:.2f} counts on average."
+    )
+
+
+def _review(m: dict[str, Any] | None, where: str) -> str:
+    if not m or m.get("accepted_share") is None:
+        return ""
+    if m["accepted_accuracy"] is None:
+        return f" On {where} every answer is flagged."
+    return (
+        f" On {where}, {m['needs_review_share']:.1%} are flagged and the accepted {m['accepted_share']:.1%}"
+        f" are {m['accepted_accuracy']:.3f} accurate."
+    )
+
+
+def _answers(spec: ModelSpec, metrics: dict[str, Any]) -> str:
+    """The answers section: temperature, ECE before and after, count sets, review, risk-coverage."""
+    a, cal, ans = spec.answers, metrics.get("calibration") or {}, metrics.get("answers") or {}
+    if not cal:
+        return ""
+    lines = ["## Answers: confidence, count sets, review"]
+    if a.distribution:
+        val = cal.get("val") or {}
+        text = (
+            f"Probabilities come from the logits divided by a temperature T = {a.temperature:.3f}, fitted"
+            f" by log-likelihood on the validation selection part; the count does not depend on it."
+            f" Expected calibration error of `confidence` (the returned count's probability) there:"
+            f" {_f(val.get('ece_before'))} before, {_f(val.get('ece_after'))} after"
+        )
+        test = cal.get("test") or {}
+        if test.get("ece_after") is not None:
+            before = f"{_f(test.get('ece_before'))} before, " if test.get("ece_before") is not None else ""
+            text += f"; on test {before}{_f(test['ece_after'])} after"
+        lines.append(text + ".")
+    else:
+        lines.append(
+            "The regression head has no distribution: no temperature and no `confidence`; the certainty of"
+            " an answer is how far its expected count lies from the nearest rounding cut."
+        )
+    if a.set_threshold is None:
+        lines.append(
+            "No calibration split (`--calib-frac 0`): answers carry no `count_set` and no `needs_review`."
+        )
+    else:
+        threshold = (
+            "too few calibration images for this coverage: every set is every count"
+            if a.set_threshold == every_count_threshold(spec.classes)
+            else f"threshold {a.set_threshold:.4g}"
+        )
+        lines.append(
+            f"`count_set` is a range of counts meant to hold the true count for {a.coverage:.0%} of images"
+            f" (split-conformal on {a.calibration_images} calibration images held out of every other"
+            f" choice; {threshold}).{_coverage(ans.get('calibration'), 'those images')}"
+            f"{_coverage(ans.get('test'), 'test')}"
+        )
+        review = (
+            "flags every answer: no certainty threshold reached"
+            if a.review_threshold == REVIEW_EVERYTHING
+            else f"flags answers whose certainty is below {a.review_threshold:.4g}, fitted so that the"
+            " accepted answers reach"
+        )
+        lines.append(
+            f"`needs_review` {review} {a.review_accuracy:.0%} accuracy on the calibration images."
+            f"{_review(ans.get('calibration'), 'those images')}{_review(ans.get('test'), 'test')}"
+        )
+    at50 = [
+        f"{name} {m['accuracy_at_50']:.3f}"
+        for name, m in (("validation", ans.get("val")), ("test", ans.get("test")))
+        if m and m.get("accuracy_at_50") is not None
+    ]
+    if at50:
+        lines.append(f"Accuracy of the 50% most certain answers: {', '.join(at50)}.")
+    return "\n" + "\n\n".join(lines) + "\n"
 
 
 def render_model_card(spec: ModelSpec, metrics: dict[str, Any]) -> str:
@@ -110,7 +200,8 @@ outputs `probabilities`, `count`, `expected`), `model.pt` (PyTorch state dict), 
 ## Data
 Amazon Bin Image Dataset photos with their `EXPECTED_QUANTITY` inventory record as label, restricted to
 counts {classes}. Training data SHA-256: `{spec.training_data_sha256}` ({metrics.get("n_train", "?")} training
-images, {metrics.get("n_val", "?")} validation images{_refit_data(metrics)}).
+images, {metrics.get("n_val", "?")} validation images for selection, {metrics.get("n_calibration", 0)} for
+calibration{_refit_data(metrics)}).
 The dataset is licensed CC BY-NC-SA 3.0 US
 (non-commercial, share-alike); models trained on it inherit those terms.
 
@@ -128,7 +219,7 @@ RMSE and MAE are in items, of the predicted (rounded, clipped) count.{_interval_
 | --- | --- | --- | --- | --- |
 {_row("validation (selected run)" if metrics.get("refit") else "validation", metrics.get("val"))}
 {_row("test", metrics.get("test"))}
-
+{_answers(spec, metrics)}
 ## Intended use and limits
 Flags bins whose photographed count likely disagrees with the inventory record, for a person to check.
 It is not an exact counter: labels are inventory records, not counts made from the photo, so some are

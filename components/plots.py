@@ -130,3 +130,69 @@ def save_class_histogram(
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
+
+
+def save_reliability(
+    curves: Mapping[str, Sequence[Mapping[str, float]] | None],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "reliability: accuracy per confidence bin",
+) -> Path:
+    """Reliability diagram: per labelled set of bins (:func:`components.answers.reliability`) the
+    accuracy against the mean confidence, the diagonal being perfect calibration. Sets that are None
+    (a head without a distribution) leave a note instead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=100)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    drawn = 0
+    for label, bins in curves.items():
+        if not bins:
+            continue
+        conf = [b["confidence"] for b in bins]
+        acc = [b["accuracy"] for b in bins]
+        sizes = [20 + 300 * b["share"] for b in bins]
+        (line,) = ax.plot(conf, acc, marker="", label=label)
+        ax.scatter(conf, acc, s=sizes, color=line.get_color(), alpha=0.6)
+        drawn += 1
+    if not drawn:
+        ax.text(0.5, 0.5, "no confidence:\nthe head has no distribution", ha="center", va="center")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (probability of the returned count)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return save_figure(fig, path)
+
+
+def save_risk_coverage(
+    curves: Mapping[str, Sequence[Sequence[float]] | None],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "accuracy of the most certain answers",
+) -> Path:
+    """Risk-coverage: per labelled curve (``[[share answered, accuracy], ...]``) the accuracy of the
+    answers kept when answering the most certain first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 3.8), dpi=100)
+    for label, points in curves.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("share answered (the rest sent to review)")
+    ax.set_ylabel("accuracy of the answered")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if any(curves.values()):
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)

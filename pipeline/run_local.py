@@ -51,7 +51,12 @@ log = logging.getLogger(__name__)
 
 SERVED_FILES = ("model.json", "model.onnx", "model.int8.onnx", "MODEL_CARD.md", "metrics.json")
 #: The train step's figures, kept beside the model they describe (a published model has none).
-MODEL_FIGURES = ("training_curves.png", "confusion_matrix.png")
+MODEL_FIGURES = (
+    "training_curves.png",
+    "confusion_matrix.png",
+    "calibration.png",
+    "risk_coverage.png",
+)
 RUN_LOG = "run.log"
 REPORTS_DIR = "reports"
 #: Every HTML output of the pipeline, (task, output) -> the name of its copy under RUN_DIR/reports.

@@ -237,12 +237,19 @@ def test_evaluate_scores_the_onnx_model_through_the_serving_path(
 def test_served_figures_equal_training_figures_on_val(
     tiny_trained_model_dir: Path, tiny_split: dict[str, Path], tmp_path: Path
 ) -> None:
-    m = evaluate(
-        tiny_trained_model_dir, tiny_split["val"], tmp_path, data_root=tiny_split["data_root"], num_threads=1
-    )
+    from components.training.splits import calibration_split
+
+    # the val figures are the selection part's: the calibration part (half, seed 0) is held out
+    rows = read_manifest(tiny_split["val"])
+    selection, _, calibration, _ = calibration_split(rows, [Path(r.path) for r in rows], 0.5, 0)
+    assert len(selection) == len(calibration) == 5
+    manifest = write_manifest(tmp_path / "val_selection.csv", selection)
+    m = evaluate(tiny_trained_model_dir, manifest, tmp_path, data_root=tiny_split["data_root"], num_threads=1)
     trained = json.loads((tiny_trained_model_dir / "metrics.json").read_text())["val"]
     assert m["confusion_matrix"] == trained["confusion_matrix"]
     assert m["rmse"] == pytest.approx(trained["rmse"])
+    # the expected count is the calibrated graph's in both
+    assert m["rmse_expected"] == pytest.approx(trained["rmse_expected"], abs=1e-4)
 
 
 def test_cli(

@@ -250,7 +250,8 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     assert all((run_dir / "reports" / name).read_text().startswith("<html>") for name in reports)
     assert str(run_dir / "reports" / "test-report.html") in out
     # the model with its figures
-    assert {"training_curves.png", "confusion_matrix.png"} <= {p.name for p in (run_dir / "model").iterdir()}
+    figures = {"training_curves.png", "confusion_matrix.png", "calibration.png", "risk_coverage.png"}
+    assert figures <= {p.name for p in (run_dir / "model").iterdir()}
     # the closing lines: what the model is and the commands to serve and query it
     assert "a smoke test" in out and "not a useful counter" in out
     assert f"-m serving --model_dir {run_dir / 'model'} --http_host 127.0.0.1 --http_port 8080" in out

@@ -21,6 +21,7 @@ from components.preprocess import PreprocessSpec, load_uint8, normalize, preproc
 from components.train import main
 from components.training.config import CHECKPOINT_FILE
 from components.training.losses import distill_loss, loss_fn
+from components.training.splits import calibration_split
 from components.training.stages import train
 from tests.fixtures.models import tiny_train_config
 
@@ -31,6 +32,8 @@ ARTIFACTS = (
     "metrics.json",
     "confusion_matrix.png",
     "training_curves.png",
+    "calibration.png",
+    "risk_coverage.png",
     "MODEL_CARD.md",
     CHECKPOINT_FILE,
 )
@@ -39,18 +42,21 @@ ARTIFACTS = (
 def test_tiny_run_writes_every_artifact(tiny_trained_model_dir: Path) -> None:
     for name in ARTIFACTS:
         assert (tiny_trained_model_dir / name).stat().st_size > 0, name
-    for png in ("confusion_matrix.png", "training_curves.png"):
+    for png in ("confusion_matrix.png", "training_curves.png", "calibration.png", "risk_coverage.png"):
         assert (tiny_trained_model_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     spec = load_model_spec(tiny_trained_model_dir)
     assert spec.classes == (1, 2, 3, 4, 5)
     assert spec.head == "ordinal"
     assert spec.preprocess.image_size == 32 and spec.preprocess.resize == "squash"
     assert len(spec.training_data_sha256 or "") == 64
-    assert spec.params["epochs"] == 2 and spec.metrics["val"]["n"] == 10 and spec.metrics["test"]["n"] == 10
+    # val figures are the selection part's (half the 10 val images; the other half calibrates)
+    assert spec.params["epochs"] == 2 and spec.metrics["val"]["n"] == 5 and spec.metrics["test"]["n"] == 10
+    assert spec.answers.calibration_images == 5
     metrics = json.loads((tiny_trained_model_dir / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert 1 <= metrics["best_epoch"] <= 2
-    assert np.asarray(metrics["val"]["confusion_matrix"]).sum() == 10
+    assert np.asarray(metrics["val"]["confusion_matrix"]).sum() == 5
+    assert (metrics["n_val"], metrics["n_calibration"]) == (5, 5)
     # final val and test figures carry their bootstrap intervals, from their own confusion matrices
     for split in ("val", "test"):
         m = metrics[split]
@@ -74,7 +80,9 @@ def test_onnx_matches_pytorch(tiny_trained_model_dir: Path, tiny_split: dict[str
     _, paths = load_labelled(tiny_split["test"], tiny_split["data_root"])
     x = preprocess_batch(paths[:7], spec.preprocess)  # odd batch: the batch axis is dynamic
     with torch.no_grad():
-        probs, count, expected = ExportWrapper(model.eval(), spec.head, spec.classes)(torch.from_numpy(x))
+        probs, count, expected = ExportWrapper(
+            model.eval(), spec.head, spec.classes, temperature=spec.answers.temperature
+        )(torch.from_numpy(x))
     sess = ort.InferenceSession(
         str(tiny_trained_model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
     )
@@ -109,10 +117,10 @@ def test_fitted_decision_is_fitted_on_val_and_baked_into_the_served_graph(
     cli += ["--data-root", str(tiny_split["data_root"]), "--image-size", "32", "--epochs", "2"]
     cli += ["--batch-size", "10", "--num-threads", "1", "--device", "cpu", "--no-progress"]
     assert main([*cli, "--cache-dir", str(tmp_path / "cache")]) == 0
-    rows, paths = load_labelled(tiny_split["val"], tiny_split["data_root"])
+    rows, paths, _, _ = calibration_split(*load_labelled(tiny_split["val"], tiny_split["data_root"]), 0.5, 0)
     y = [r.count for r in rows]
-    # fitted on val, in index units, for the selection metric (val_accuracy by default)
-    assert seen == {"n": 10, "targets": sorted(c - 1 for c in y), "objective": "accuracy"}
+    # fitted on val's selection part, in index units, for the selection metric (val_accuracy by default)
+    assert seen == {"n": 5, "targets": sorted(c - 1 for c in y), "objective": "accuracy"}
     metrics = json.loads((out / "metrics.json").read_text())
     decision = metrics["decision"]
     spec = load_model_spec(out)
@@ -127,9 +135,10 @@ def test_fitted_decision_is_fitted_on_val_and_baked_into_the_served_graph(
     assert decision["val_plain"]["accuracy"] == pytest.approx(plain["accuracy"])
     assert decision["val_plain"]["rmse"] == pytest.approx(plain["rmse"])
     # ...the reported figures are the fitted rule's (every image counted as 5)...
-    assert [row[-1] for row in metrics["val"]["confusion_matrix"]] == [2, 2, 2, 2, 2]
+    assert [row[-1] for row in metrics["val"]["confusion_matrix"]] == [1, 1, 1, 1, 1]
     # ...and so is the exported graph: evaluation through ONNX, on val and on test.
-    val = evaluate(out, tiny_split["val"], tmp_path / "val_eval", data_root=tiny_split["data_root"])
+    selection = write_manifest(tmp_path / "val_selection.csv", rows)
+    val = evaluate(out, selection, tmp_path / "val_eval", data_root=tiny_split["data_root"])
     assert val["confusion_matrix"] == metrics["val"]["confusion_matrix"]
     assert [row[-1] for row in metrics["test"]["confusion_matrix"]] == [2, 2, 2, 2, 2]
     assert set(decision["test_plain"]) == {"accuracy", "rmse", "mae"}
@@ -547,6 +556,9 @@ def test_refit_trains_on_train_and_val_up_to_the_selected_epoch_and_exports_that
 
     stage = out / "refit"
     train_rows, val_rows = read_manifest(tiny_split["train"]), read_manifest(tiny_split["val"])
+    # only val's selection part is trained on again: the calibration part stays held out
+    val_rows, _, calib_rows, _ = calibration_split(val_rows, [Path(r.path) for r in val_rows], 0.5, cfg.seed)
+    assert len(val_rows) == len(calib_rows) == 5
     assert [r.id for r in read_manifest(stage / "train_val.csv")] == [r.id for r in train_rows + val_rows]
     stage_metrics = json.loads((stage / "metrics.json").read_text())
     stage_params = load_model_spec(stage).params
@@ -564,6 +576,8 @@ def test_refit_trains_on_train_and_val_up_to_the_selected_epoch_and_exports_that
     spec = load_model_spec(out)
     assert metrics["refit"]["images"] == len(train_rows) + len(val_rows) and metrics["refit"]["epochs"] == 2
     assert spec.training_data_sha256 == data_hash(train_rows + val_rows) and spec.params["refit"] is True
+    assert spec.answers.calibration_images == len(calib_rows)  # fitted with the refit model on them
+    assert "val" not in metrics["answers"]  # the refit model was trained on the selection part
     # test: the refit's figures through ONNX; test_selected: the val-selected weights' figures
     refit_eval = evaluate(stage, tiny_split["test"], tmp_path / "refit_eval")
     assert metrics["test"]["confusion_matrix"] == refit_eval["confusion_matrix"]

@@ -65,13 +65,22 @@ def start_run(cfg: TrainConfig) -> tuple[Path, torch.device]:
     return out_dir, device
 
 
-def run_fingerprint(cfg: TrainConfig, train_rows: Sequence[Any], val_rows: Sequence[Any]) -> dict[str, Any]:
-    """Settings and data hashes a resumed run must share with the one it continues."""
-    return {
+def run_fingerprint(
+    cfg: TrainConfig,
+    train_rows: Sequence[Any],
+    val_rows: Sequence[Any],
+    calib_rows: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Settings and data hashes a resumed run must share with the one it continues: ``val_rows`` are
+    the rows validation selects on, ``calib_rows`` the calibration part (a fit's; None: none kept)."""
+    out = {
         "params": cfg.to_params(),
         "train_data_sha256": data_hash(train_rows),
         "val_data_sha256": data_hash(val_rows),
     }
+    if calib_rows is not None:
+        out["calib_data_sha256"] = data_hash(calib_rows)
+    return out
 
 
 def resume_checkpoint(cfg: TrainConfig, out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
@@ -116,7 +125,13 @@ def _resume_mismatches(old: dict[str, Any], fingerprint: dict[str, Any], source:
         a, b = old_params.get(key, "<unset>"), new_params.get(key, "<unset>")
         if a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
-    for key, what in (("train_data_sha256", "training data"), ("val_data_sha256", "validation data")):
+    for key, what in (
+        ("train_data_sha256", "training data"),
+        ("val_data_sha256", "validation data"),
+        ("calib_data_sha256", "calibration part of the validation data"),
+    ):
+        if key not in fingerprint:
+            continue
         if key not in old:
             LOG.warning("--resume: %s records no hash of the %s; cannot check it is unchanged", source, what)
         elif old[key] != fingerprint[key]:

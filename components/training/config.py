@@ -83,6 +83,8 @@ DATA, MODEL, OPTIM, SELECT, RUNTIME, OUTPUT, PRETRAIN = (
     "output",
     "pretraining on every count",
 )
+#: the answers' calibration: the temperature, the count sets and the review flag (components.answers)
+CALIBRATION = "calibration"
 #: levers kept for the benchmarks that measure them: none has shown a gain beyond the test split's noise
 #: (docs/benchmarks.md), so the pipeline and its profiles do not offer them
 EXPERIMENTS = "experiments (benchmarks only; measured as noise so far, see docs/benchmarks.md)"
@@ -216,6 +218,27 @@ class TrainConfig:
         group=PRETRAIN,
     )
     pretrain_count_cap: int = setting(10, help="counts above this are this in pretraining", group=PRETRAIN)
+    calib_frac: float = setting(
+        0.5,
+        help="share of the validation manifest (stratified by count, the same images whatever --seed) held "
+        "out of epoch selection and of the count rule's fit, on which the count_set and needs_review "
+        "thresholds are fitted (0 = no calibration split: no count sets, no review flag; the temperature "
+        "is still fitted)",
+        group=CALIBRATION,
+        hyperparameter=True,
+    )
+    coverage: float = setting(
+        0.9,
+        help="target coverage of count_set: the share of answers whose set of counts holds the true count",
+        group=CALIBRATION,
+        hyperparameter=True,
+    )
+    review_accuracy: float = setting(
+        0.8,
+        help="target accuracy of the answers not flagged needs_review (the least certain are flagged)",
+        group=CALIBRATION,
+        hyperparameter=True,
+    )
     decision: str = setting(
         "plain",
         help="count rule: the head's own, or offsets fitted on val for accuracy (baked into the graph)",
@@ -224,8 +247,9 @@ class TrainConfig:
     )
     refit: bool = setting(
         False,
-        help="after val chose the epoch (and rule), train again on train + val up to that epoch and export "
-        "that model (under MODEL_DIR/refit; val figures stay the selected run's, test reports both)",
+        help="after val chose the epoch (and rule), train again on train + val (its selection part: the "
+        "calibration part stays held out) up to that epoch and export that model (under MODEL_DIR/refit; "
+        "val figures stay the selected run's, test reports both)",
         group=EXPERIMENTS,
     )
     teacher: tuple[str, ...] = setting(
@@ -281,6 +305,15 @@ class TrainConfig:
             (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "--max-steps-per-epoch >= 1"),
             (self.limit is None or self.limit >= 1, "--limit must be >= 1"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+            (
+                0 <= self.calib_frac < 1,
+                f"--calib-frac must be in [0, 1) (0 = no calibration split), got {self.calib_frac}",
+            ),
+            (0 < self.coverage < 1, f"--coverage must be in (0, 1), got {self.coverage}"),
+            (
+                0 < self.review_accuracy <= 1,
+                f"--review-accuracy must be in (0, 1], got {self.review_accuracy}",
+            ),
             (
                 0 <= self.stop_after <= self.epochs,
                 f"stop_after must be in [0, --epochs {self.epochs}] (0 = off), got {self.stop_after}",

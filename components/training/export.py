@@ -1,7 +1,8 @@
 """Export a fitted model in the serving contract, with its reports.
 
-``model.onnx`` (flip averaging and fitted count offsets baked in), ``model.pt``, ``model.json``, then the
-test figures through the ONNX model (``--test``), the plots, ``metrics.json`` and ``MODEL_CARD.md``.
+``model.onnx`` (flip averaging, fitted count offsets and the temperature baked in), ``model.pt``,
+``model.json`` (with the answers' thresholds), then the test figures through the ONNX model (``--test``),
+the plots (``calibration.png``, ``risk_coverage.png`` among them), ``metrics.json`` and ``MODEL_CARD.md``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from components.answers import AnswerSpec
 from components.common import atomic_write_json
 from components.data import data_hash
 from components.model import export_onnx
@@ -31,14 +33,29 @@ def export(
     history: list[dict[str, float]],
     out_dir: Path,
     offsets: list[float] | None = None,
+    *,
+    answers: AnswerSpec | None = None,
 ) -> None:
-    """ONNX + state dict + model.json, then test figures (through the ONNX model), plots and card."""
+    """ONNX + state dict + model.json, then test figures (through the ONNX model), plots and card.
+
+    ``answers`` (default: uncalibrated) go into model.json, and their temperature into the graph."""
     from components.model_card import write_model_card
     from components.plots import save_confusion_matrix, save_training_curves
+    from components.test_figures import merge_test_figures, save_answer_plots
 
+    answers = answers or AnswerSpec(distribution=cfg.head != "regression")
     model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     graph = AverageModel([model], flips=True) if cfg.tta else model
-    export_onnx(graph, cfg.head, cfg.classes, cfg.image_size, out_dir / ONNX_FILE, offsets=offsets)
+    temperature = answers.temperature if answers.distribution else None
+    export_onnx(
+        graph,
+        cfg.head,
+        cfg.classes,
+        cfg.image_size,
+        out_dir / ONNX_FILE,
+        offsets=offsets,
+        temperature=temperature,
+    )
     atomic_torch_save(model.state_dict(), out_dir / STATE_DICT_FILE)
     spec = ModelSpec(
         classes=cfg.classes,
@@ -50,6 +67,7 @@ def export(
         metrics={"val": {k: metrics["val"][k] for k in ("accuracy", "rmse", "mae", "n")}},
         params=cfg.to_params(),
         decision_offsets=None if offsets is None else tuple(offsets),
+        answers=answers,
     )
     spec.save(out_dir)
     if cfg.test_csv is not None:
@@ -63,20 +81,7 @@ def export(
             progress=cfg.progress,
             num_threads=cfg.num_threads,
         )
-        metrics["test"] = {
-            k: test[k]
-            for k in (
-                "accuracy",
-                "rmse",
-                "mae",
-                "rmse_expected",
-                "n",
-                "per_class_accuracy",
-                "confusion_matrix",
-                "intervals",
-            )
-        }
-        spec.metrics["test"] = {k: test[k] for k in ("accuracy", "rmse", "mae", "n")}
+        merge_test_figures(metrics, spec, test)
         spec.save(out_dir)
     save_confusion_matrix(
         metrics["val"]["confusion_matrix"],
@@ -85,5 +90,6 @@ def export(
         title=f"validation (epoch {metrics['best_epoch']}): accuracy {metrics['val']['accuracy']:.3f}",
     )
     save_training_curves(history, out_dir / CURVES_PNG)
+    save_answer_plots(metrics, answers.temperature, out_dir)
     atomic_write_json(out_dir / METRICS_FILE, {**metrics, "history": history})
     write_model_card(out_dir, spec, metrics)

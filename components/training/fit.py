@@ -8,7 +8,7 @@ refit); :mod:`components.training.stages` says which, with which settings, in wh
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.answers import AnswerSpec
 from components.data import DeviceImages, build_cache
-from components.evaluate import count_metrics
+from components.evaluate import answer_metrics, calibration_metrics, count_metrics
+from components.training.calibration import (
+    calibration_record,
+    fit_answers,
+    fit_temperature,
+    graph_outputs,
+)
 from components.training.checkpoint import (
     finished_run,
     mark_finished,
@@ -26,15 +33,18 @@ from components.training.checkpoint import (
     start_run,
 )
 from components.training.config import CHECKPOINT_FILE, OnEpoch, TrainConfig, TrainResult
-from components.training.decision import fit_decision
+from components.training.decision import fit_decision, test_prediction
 from components.training.export import export
 from components.training.loop import Selection, Trainer, batch_plan, fit_epochs
-from components.training.splits import load_split
+from components.training.splits import load_split, validation_parts
 
 
 @dataclass
 class Run:
-    """An opened run: settings, directory, device, rows, fingerprint, and where it goes on from."""
+    """An opened run: settings, directory, device, rows, fingerprint, and where it goes on from.
+
+    ``val_rows`` are the validation selection part; ``calib_rows`` the calibration part
+    (:func:`~components.training.splits.validation_parts`)."""
 
     cfg: TrainConfig
     out_dir: Path
@@ -49,6 +59,8 @@ class Run:
     ckpt: dict[str, Any] | None = None
     #: ``--resume`` of a finished run of the same settings and data: its stored result
     finished: TrainResult | None = None
+    calib_rows: list[Any] = field(default_factory=list)
+    calib_paths: list[Path] = field(default_factory=list)
 
 
 def open_run(cfg: TrainConfig) -> Run:
@@ -57,9 +69,10 @@ def open_run(cfg: TrainConfig) -> Run:
     t_start = time.perf_counter()
     out_dir, device = start_run(cfg)
     train_rows, train_paths = load_split(Path(cfg.train_csv), cfg, "train")
-    val_rows, val_paths = load_split(Path(cfg.val_csv), cfg, "val")
-    fingerprint = run_fingerprint(cfg, train_rows, val_rows)
+    val_rows, val_paths, calib_rows, calib_paths = validation_parts(cfg)
+    fingerprint = run_fingerprint(cfg, train_rows, val_rows, calib_rows)
     run = Run(cfg, out_dir, device, t_start, train_rows, train_paths, val_rows, val_paths, fingerprint)
+    run.calib_rows, run.calib_paths = calib_rows, calib_paths
     if cfg.resume:
         run.finished = finished_run(cfg, out_dir, fingerprint, t_start)
         if run.finished is not None:
@@ -79,11 +92,19 @@ class Fitted:
     n_val: int
     val_metrics: dict[str, Any]
     decision: dict[str, Any]
+    #: fitted on the validation selection part (1: regression)
+    temperature: float = 1.0
+    #: its figures there: ECE and NLL before and after, reliability bins
+    calibration: dict[str, Any] = field(default_factory=dict)
+    #: the selection part's outputs through the exported graph's decoding, and its true counts
+    val_outputs: dict[str, Any] = field(default_factory=dict)
+    val_counts: Any = None
 
 
 def fit(run: Run, weights: str, on_epoch: OnEpoch | None = None) -> Fitted:
-    """Train ``run`` from ``weights`` (``none``, ``imagenet`` or a state dict) and select on validation;
-    the validation figures are the exported graph's (``--tta``, the count rule)."""
+    """Train ``run`` from ``weights`` (``none``, ``imagenet`` or a state dict) and select on validation
+    (its selection part); the validation figures are the exported graph's (``--tta``, the count rule,
+    the temperature fitted there)."""
     cfg = run.cfg
     train_cache = build_cache(
         run.train_rows,
@@ -121,11 +142,27 @@ def fit(run: Run, weights: str, on_epoch: OnEpoch | None = None) -> Fitted:
     pred = trainer.predict(val_images, tta=cfg.tta)  # the exported graph's figures
     decision = fit_decision(cfg, trainer, pred, val_cache.counts, run.device)
     c0 = cfg.classes[0]
+    temperature = fit_temperature(pred["raw"], np.asarray(val_cache.counts) - c0, cfg.head, len(cfg.classes))
+    offsets = decision.get("offsets")
+    outputs = graph_outputs(pred["raw"], cfg.head, cfg.classes, offsets, temperature)
     val_metrics = count_metrics(
-        val_cache.counts, pred["index"] + c0, cfg.classes, pred["expected"] + c0, intervals=True
+        val_cache.counts, outputs["count"], cfg.classes, outputs["expected"], intervals=True
     )
     val_metrics["loss"] = pred["loss"]
-    return Fitted(trainer, model, selection, len(train_images), len(val_images), val_metrics, decision)
+    calibration = calibration_record(pred["raw"], val_cache.counts, cfg, offsets, temperature)
+    return Fitted(
+        trainer,
+        model,
+        selection,
+        len(train_images),
+        len(val_images),
+        val_metrics,
+        decision,
+        temperature,
+        calibration,
+        outputs,
+        np.asarray(val_cache.counts),
+    )
 
 
 def finish(
@@ -159,9 +196,19 @@ def finish(
         metrics["pretrain"] = pretrained
     if refit is not None:
         metrics["refit"] = refit
+    answers = _answers(run, fitted, metrics, refitted=refit is not None)
     if cfg.export:
         rows = run.train_rows if exported_rows is None else exported_rows
-        export(cfg, fitted.model, rows, metrics, history, run.out_dir, fitted.decision.get("offsets"))
+        export(
+            cfg,
+            fitted.model,
+            rows,
+            metrics,
+            history,
+            run.out_dir,
+            fitted.decision.get("offsets"),
+            answers=answers,
+        )
     mark_finished(
         run.out_dir,
         run.fingerprint,
@@ -183,3 +230,46 @@ def finish(
         history,
         time.perf_counter() - run.t_start,
     )
+
+
+def _answers(run: Run, fitted: Fitted, metrics: dict[str, Any], *, refitted: bool) -> AnswerSpec:
+    """The exported model's answers (temperature from the selection part, thresholds fitted on the
+    calibration part with the model being exported) and their records in ``metrics``: ``calibration``
+    (the temperature, its val figures; with ``--test`` the test figures before it, from the torch model)
+    and ``answers`` (the thresholds and their figures on the calibration part, and on the selection part
+    unless the exported model was refit on it)."""
+    cfg = run.cfg
+    offsets = fitted.decision.get("offsets")
+    spec, calib_figures = fit_answers(
+        cfg, fitted.trainer, run.calib_rows, run.calib_paths, fitted.temperature, offsets
+    )
+    val = dict(fitted.calibration)
+    reliability = {"val_before": val.pop("reliability_before"), "val_after": val.pop("reliability_after")}
+    metrics["n_calibration"] = len(run.calib_rows)
+    metrics["calibration"] = {
+        "temperature": fitted.temperature,
+        "fitted_on": "validation selection part" + (" (the val-selected run's outputs)" if refitted else ""),
+        "val": val,
+        "reliability": reliability,
+    }
+    metrics["answers"] = {
+        "coverage": spec.coverage,
+        "set_threshold": spec.set_threshold,
+        "review_accuracy": spec.review_accuracy,
+        "review_threshold": spec.review_threshold,
+        "calibration": calib_figures,
+    }
+    if not refitted:
+        metrics["answers"]["val"] = answer_metrics(fitted.val_outputs, fitted.val_counts, cfg.classes, spec)
+    if cfg.export and cfg.test_csv is not None and spec.distribution:
+        # the figures before calibration need the logits, which the exported graph no longer shows
+        test, counts = test_prediction(cfg, fitted.trainer, run.device)
+        before = calibration_metrics(
+            graph_outputs(test["raw"], cfg.head, cfg.classes, offsets, None), counts, cfg.classes, True
+        )
+        metrics["calibration"]["test"] = {
+            "ece_before": before["ece"],
+            "nll_before": before["nll"],
+            "n": len(counts),
+        }
+    return spec

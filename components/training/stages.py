@@ -31,7 +31,7 @@ from components.training.config import (
 from components.training.contrastive import contrastive_pretrain
 from components.training.decision import test_prediction
 from components.training.fit import Fitted, finish, fit, open_run
-from components.training.splits import absolute, load_split
+from components.training.splits import absolute, load_split, validation_parts
 
 LOG = logging.getLogger(__name__)
 
@@ -201,10 +201,12 @@ def refit_train_val(cfg: TrainConfig, weights: str, epochs: int) -> TrainResult:
     from. Once val has chosen the epoch (and the count rule), the same start (``weights``: the
     pretrained backbone, if any), seed and schedule (it still spans ``--epochs``) on train + val give
     that epoch's counterpart with ~20 % more data. Val figures cannot score it (val is trained on):
-    test only reports it. Written under ``MODEL_DIR/refit``; resumes with the run (``--resume``).
+    test only reports it. Only val's selection part joins the training images: the calibration part
+    (``--calib-frac``) stays held out, so the answers' thresholds, fitted on it with the refit model,
+    still hold. Written under ``MODEL_DIR/refit``; resumes with the run (``--resume``).
     """
     train_rows, train_paths = load_split(Path(cfg.train_csv), cfg, "train")
-    val_rows, val_paths = load_split(Path(cfg.val_csv), cfg, "val")
+    val_rows, val_paths, _, _ = validation_parts(cfg)  # the calibration part stays held out
     rows = absolute(train_rows + val_rows, train_paths + val_paths)
     stage_dir = Path(cfg.out_dir) / REFIT_DIR
     stage = replace(
