@@ -15,6 +15,10 @@ Layout written::
 The label is always the metadata's ``EXPECTED_QUANTITY``. Bad objects (missing, corrupt, unlabeled) are
 skipped and reported, never fatal; only configuration problems (unknown bucket, no access, unreachable
 endpoint, empty selection) stop the run, with a one-line :class:`ConfigError`.
+
+Sharded (``--shard K --num-shards N``): the run selects exactly as unsharded, then fetches only the ids
+with :func:`components.shards.shard_of` ``== K`` into its own output directory; the report records the
+shard and a fingerprint of the selection, and :mod:`components.ingest_merge` joins the N directories.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from components.common import (
 )
 from components.manifest import ManifestRow, write_manifest
 from components.s3 import error_code, make_s3_client, parse_s3_url, source_error
+from components.shards import Fingerprint, check_shard, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,8 @@ REPORT_FILE = "ingest_report.json"
 STATE_FILE = ".ingest_state.jsonl"
 LOCK_FILE = ".ingest.lock"
 MAX_WORKERS = 256
+#: ``--select``: the shipped standard subset, or every labelled image of ``--classes`` from the listing.
+SELECT_MODES: tuple[str, ...] = ("standard", "all")
 
 #: Why an object was skipped (stable keys of ``ingest_report.json["skipped"]``).
 SKIP_REASONS: tuple[str, ...] = (
@@ -513,6 +520,7 @@ class IngestResult:
     n_bytes: int = 0
     elapsed_s: float = 0.0
     relabelled: list[dict[str, Any]] = field(default_factory=list)
+    shard: tuple[int, int] = (0, 1)  # (K, N): shard K of N; (0, 1) when unsharded
 
     @property
     def n_skipped(self) -> int:
@@ -561,7 +569,7 @@ def _transport_errors(src: Source) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
+def exclusive(out_dir: Path) -> Iterator[None]:
     """One ingest per output directory at a time (two would race on the journal)."""
     with (out_dir / LOCK_FILE).open("w") as fh:
         try:
@@ -588,43 +596,67 @@ def ingest(
     endpoint_url: str | None = None,
     file_list: Path | str | None = None,
     per_class: int | None = None,
+    select: str | None = None,
     classes: Sequence[int] = DEFAULT_CLASSES,
     workers: int = 16,
     limit: int | None = None,
     no_sign_request: bool = False,
     progress: bool = True,
+    shard: int | None = None,
+    num_shards: int | None = None,
 ) -> IngestResult:
     """Select, download, verify and record images; see the module docstring for the layout.
 
     Selection: ``file_list`` (local path or s3:// URL), the first ``per_class`` *valid* images per class
-    in metadata key order, or, when neither is given, :func:`default_file_list` (every valid image of
-    ``classes`` when the source has no list). ``limit`` caps the total, taken round-robin across classes
-    so a small run stays balanced.
+    in metadata key order, ``select="standard"`` (the shipped 10,441-id subset), ``select="all"`` (every
+    valid image of ``classes`` from the listing, even where the source has a file list), or, when none
+    is given, :func:`default_file_list` (every valid image of ``classes`` when the source has no list).
+    ``limit`` caps the total, taken round-robin across classes so a small run stays balanced.
+
+    ``shard``/``num_shards``: select as above, then keep the ids with :func:`shard_of` ``== shard``.
+    Selection, ``limit`` and per-class quotas apply before sharding, so the shards of one selection
+    together hold the unsharded run's images (for quotas: as long as no selected image is bad, see
+    :func:`_scan_per_class`).
     """
     t0 = time.monotonic()
+    shard_k, shard_n = check_shard(shard, num_shards)
     classes = tuple(dict.fromkeys(int(c) for c in classes))
     if not classes or min(classes) < 0:
         raise ConfigError(f"--classes must be non-negative integers, got {classes}")
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(f"--workers must be in [1, {MAX_WORKERS}], got {workers}")
-    if file_list is not None and per_class is not None:
-        raise ConfigError("use either --file-list or --per-class, not both")
+    given = (("--file-list", file_list), ("--per-class", per_class), ("--select", select))
+    chosen = [flag for flag, value in given if value is not None]
+    if len(chosen) > 1:
+        raise ConfigError(f"use only one of --file-list, --per-class and --select, got {', '.join(chosen)}")
+    if select is not None and select not in SELECT_MODES:
+        raise ConfigError(f"--select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
     if per_class is not None and per_class < 1:
         raise ConfigError(f"--per-class must be >= 1, got {per_class}")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     out_dir = validate_out_dir(Path(out_dir), source)
     src = open_source(source, endpoint_url=endpoint_url, no_sign_request=no_sign_request, workers=workers)
-    select_all = False
-    if file_list is None and per_class is None:
+    select_all = select == "all"
+    if select == "standard":
+        file_list = standard_file_list()
+    elif file_list is None and per_class is None and not select_all:
         file_list = default_file_list(src)
         if file_list is None:
             select_all = True
             log.info("%s has no %s: selecting every labelled image of --classes", source, FILE_LIST)
         elif file_list == standard_file_list():
             log.info("%s has no %s: selecting the standard subset %s", source, FILE_LIST, file_list)
+    if shard_n > 1:
+        quota = per_class is not None or (select_all and limit is not None)
+        log.info(
+            "shard %d of %d: fetching only this shard's ids of the selection%s",
+            shard_k,
+            shard_n,
+            " (the quota applies before sharding: every shard reads the labels up to it)" if quota else "",
+        )
 
-    with _exclusive(out_dir):
+    with exclusive(out_dir):
         _clean_stale_temp_files(out_dir)
         for sub in ("images", "metadata"):
             (out_dir / sub).mkdir(exist_ok=True)
@@ -651,6 +683,9 @@ def ingest(
                             cands.append(cand)
                     if limit is not None:
                         cands = cands[:limit]
+                    fingerprint = Fingerprint().extend((c.id, c.listed) for c in cands).hexdigest()
+                    if shard_n > 1:
+                        cands = [c for c in cands if shard_of(c.id, shard_n) == shard_k]
                     selection = {"mode": "file_list", "file_list": str(file_list)}
                     outcomes = _run_batch(
                         pool, src, cands, out_dir, cls_set, journal, _bar(progress, len(cands))
@@ -669,14 +704,24 @@ def ingest(
                         assert per_class is not None
                         quotas = per_class_quotas(classes, per_class, limit)
                         selection = {"mode": "per_class", "per_class": per_class, "quotas": quotas}
-                    outcomes, n_selected = _scan_per_class(
-                        pool, src, quotas, out_dir, cls_set, journal, workers, progress
+                    outcomes, n_selected, fingerprint = _scan_per_class(
+                        pool, src, quotas, out_dir, cls_set, journal, workers, progress, (shard_k, shard_n)
                     )
         finally:
             journal.close()
 
+    selection["fingerprint"] = fingerprint
     return _finish(
-        src, out_dir, outcomes, n_selected, selection, classes, limit, time.monotonic() - t0, source
+        src,
+        out_dir,
+        outcomes,
+        n_selected,
+        selection,
+        classes,
+        limit,
+        time.monotonic() - t0,
+        source,
+        (shard_k, shard_n),
     )
 
 
@@ -737,49 +782,93 @@ def _scan_per_class(
     journal: Journal,
     workers: int,
     progress: bool,
-) -> tuple[list[Outcome], int]:
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[list[Outcome], int, str]:
     """First ``quota`` valid images per class in metadata key order (all of them for UNCAPPED), page by page.
 
     Each page's metadata is read concurrently, then the images of classes still short are fetched
     concurrently. A failed image is reported and replaced by the class's next id in key order (from
     the same page first), so the selection is the same whatever the timing or the failures.
+
+    Sharded (``shard`` = (K, N), N > 1), the quota is applied before sharding: every shard reads the
+    labels of the first ``quota`` labelled ids of each class in key order (the *base*, the same in
+    every shard) and fetches the base ids of shard K; a failed image is replaced by shard K's own next
+    id of that class. So the shards together hold the unsharded selection whenever no base image is bad,
+    and each class still totals its quota when one is (with a replacement an unsharded run might not
+    pick). Uncapped, the base is every labelled id, and a shard reads only its own ids' metadata.
+
+    Returns the outcomes, the number of ids tried and the selection's fingerprint (the same in every
+    shard: the base's ids and labels when capped, the listed metadata keys when uncapped).
     """
+    shard_k, n = shard
+    capped = UNCAPPED not in quotas.values()
+    seen = dict.fromkeys(quotas, 0)  # base ids per class so far (all shards)
+    target = dict.fromkeys(quotas, 0)  # base ids per class of this shard: the valid images it owes
     got = dict.fromkeys(quotas, 0)
+    base_print, listed_print = Fingerprint(), Fingerprint()
     kept: list[Outcome] = []
     failed: list[Outcome] = []
     n_selected = 0
-    capped = UNCAPPED not in quotas.values()
-    bar = _bar(progress, sum(quotas.values()) if capped else None)
+    bar = _bar(progress, sum(quotas.values()) if capped and n == 1 else None)
     page_size = max(64, workers * 8)
     keys = (k for k in src.iter_keys(f"{METADATA_DIR}/") if k.endswith(".json"))
+
+    def mine(id_: str) -> bool:
+        return n == 1 or shard_of(id_, n) == shard_k
+
+    def base_open() -> bool:
+        return any(seen[c] < q for c, q in quotas.items())
+
     try:
-        while any(got[c] < q for c, q in quotas.items()):
+        while base_open() or any(got[c] < target[c] for c in quotas):
             page = [stem_of(k) for _, k in zip(range(page_size), keys, strict=False)]
             if not page:
                 break
+            for i in page:
+                listed_print.add(i)
+            # While the base is still being counted every id's label matters (capped); after, and
+            # when uncapped, only this shard's.
+            counting = capped and base_open()
+            wanted = [i for i in page if counting or mine(i)]
             # Labels come from the journal when the image is already complete, else from the metadata.
-            resumed = {i: journal.lookup(i, src.url(f"{IMAGES_DIR}/{i}.jpg")) for i in page}
-            need_meta = [i for i in page if resumed[i] is None]
+            resumed = {i: journal.lookup(i, src.url(f"{IMAGES_DIR}/{i}.jpg")) for i in wanted}
+            need_meta = [i for i in wanted if resumed[i] is None]
             metas = dict(zip(need_meta, pool.map(lambda i: _read_or_none(src, i), need_meta), strict=True))
             labelled: list[tuple[str, int, bytes | None]] = []
-            for i in page:
+            for i in wanted:
                 row, meta = resumed[i], metas.get(i)
                 if row is not None:
-                    labelled.append((i, row.count, None))
+                    if row.count in quotas:
+                        labelled.append((i, row.count, None))
                 elif isinstance(meta, Outcome):
+                    if n > 1 and counting:
+                        # every shard must count the same base: stop rather than diverge
+                        raise ConfigError(
+                            f"reading {src.url(f'{METADATA_DIR}/{i}.json')} failed after retries "
+                            f"({meta.detail}); completed objects are kept, rerun the same command to resume"
+                        )
                     failed.append(meta)
                 elif meta is not None:  # None: listed but gone since; nothing to report
                     label = parse_label(meta)
                     if label is None:
-                        failed.append(Outcome(i, reason="unlabeled", detail="no valid EXPECTED_QUANTITY"))
+                        if mine(i):
+                            failed.append(Outcome(i, reason="unlabeled", detail="no valid EXPECTED_QUANTITY"))
                     elif label in quotas:
                         labelled.append((i, label, meta))
+            for i, label, _ in labelled:
+                if seen[label] < quotas[label]:
+                    seen[label] += 1
+                    if capped:
+                        base_print.add(i, label)
+                    if mine(i):
+                        target[label] += 1
+            labelled = [x for x in labelled if mine(x[0])]
             page_kept: dict[str, Outcome] = {}
             tried: set[str] = set()
             while True:
-                # In key order, as many untried ids per class as that class still lacks; a failure is
-                # replaced by the class's next id in this page on the following round.
-                short = {c: q - got[c] for c, q in quotas.items()}
+                # In key order, as many untried ids per class as that class still lacks (base ids come
+                # first); a failure is replaced by the class's next id in this page on the following round.
+                short = {c: target[c] - got[c] for c in quotas}
                 cands: list[Candidate] = []
                 for i, label, meta in labelled:
                     if i not in tried and short[label] > 0:
@@ -798,13 +887,15 @@ def _scan_per_class(
             kept.extend(page_kept[i] for i, _, _ in labelled if i in page_kept)
     finally:
         bar.close()
-    short_classes = {c: (got[c], q) for c, q in quotas.items() if got[c] < q != UNCAPPED}
+    short_classes = {c: (got[c], target[c]) for c in quotas if got[c] < target[c]}
+    short_classes.update({c: (got[c], q) for c, q in quotas.items() if seen[c] < q != UNCAPPED})
     if short_classes:
         log.warning(
-            "the source ran out of valid images: %s",
-            ", ".join(f"class {c}: {g}/{q}" for c, (g, q) in short_classes.items()),
+            "the source ran out of valid images%s: %s",
+            f" in shard {shard_k} of {n}" if n > 1 else "",
+            ", ".join(f"class {c}: {g}/{q}" for c, (g, q) in sorted(short_classes.items())),
         )
-    return kept + failed, n_selected
+    return kept + failed, n_selected, (base_print if capped else listed_print).hexdigest()
 
 
 def _read_or_none(src: Source, id_: str) -> bytes | Outcome | None:
@@ -826,6 +917,7 @@ def _finish(
     limit: int | None,
     elapsed: float,
     source: str,
+    shard: tuple[int, int] = (0, 1),
 ) -> IngestResult:
     rows = [o.row for o in outcomes if o.row is not None]
     skipped: dict[str, list[str]] = {r: [] for r in SKIP_REASONS}
@@ -860,6 +952,8 @@ def _finish(
         "elapsed_s": round(elapsed, 3),
         "images_per_s": round((len(rows) - n_resumed) / elapsed, 2) if elapsed > 0 else None,
         "bytes_downloaded": n_bytes,
+        # which part of the selection this directory holds (0 of 1: all of it); read by ingest_merge
+        "shard": {"index": shard[0], "count": shard[1]},
     }
     report_path = atomic_write_json(out_dir / REPORT_FILE, report)
     result = IngestResult(
@@ -874,9 +968,13 @@ def _finish(
         n_bytes=n_bytes,
         elapsed_s=elapsed,
         relabelled=relabelled,
+        shard=shard,
     )
-    if not rows:
-        reasons = ", ".join(f"{r} {len(ids)}" for r, ids in result.skipped.items()) or "nothing selected"
+    reasons = ", ".join(f"{r} {len(ids)}" for r, ids in result.skipped.items()) or "nothing selected"
+    if not rows and shard[1] > 1:
+        # another shard may hold the whole selection: the merge refuses an empty union
+        log.warning("shard %d of %d holds no images (%s): see %s", shard[0], shard[1], reasons, report_path)
+    elif not rows:
         raise ConfigError(
             f"no images were ingested from {source} ({reasons}): see {report_path} "
             "and check --source, --classes and the selection"
@@ -920,6 +1018,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="take the first N valid images per class, scanning metadata in key order",
     )
+    sel.add_argument(
+        "--select",
+        choices=SELECT_MODES,
+        default=None,
+        help="'standard': the shipped 10,441-id subset; 'all': every labelled image of --classes from the "
+        "bucket's listing, ignoring any file_list.json (the whole public bucket: use shards)",
+    )
     p.add_argument("--classes", default="1,2,3,4,5", help="counts to keep (default 1,2,3,4,5)")
     p.add_argument(
         "--limit",
@@ -930,6 +1035,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap the total number of images (taken round-robin across classes)",
     )
     p.add_argument("--workers", type=int, default=16, help="concurrent downloads (default 16)")
+    p.add_argument(
+        "--shard",
+        type=int,
+        default=None,
+        metavar="K",
+        help="ingest only shard K (0..N-1) of the selection, by id hash, into --out; with --num-shards",
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the number of shards the selection is cut in (join them: python -m components.ingest_merge)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -943,14 +1062,19 @@ def _run(args: argparse.Namespace) -> int:
         endpoint_url=args.endpoint_url,
         file_list=args.file_list,
         per_class=args.per_class,
+        select=args.select,
         classes=classes,
         workers=args.workers,
         limit=args.limit,
         no_sign_request=args.no_sign_request,
         progress=not args.no_progress,
+        shard=args.shard,
+        num_shards=args.num_shards,
     )
     rows: list[list[Any]] = [[c, n] for c, n in result.counts.items()]
     rows.append(["total", result.n_images])
+    if result.shard[1] > 1:
+        print(f"shard {result.shard[0]} of {result.shard[1]}")
     print(format_table(rows, ["count", "images"]))
     if result.skipped:
         print(format_table([[r, len(ids)] for r, ids in result.skipped.items()], ["skipped", "objects"]))
@@ -976,11 +1100,15 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "DEFAULT_SOURCE",
+    "MANIFEST_FILE",
+    "REPORT_FILE",
+    "SELECT_MODES",
     "SKIP_REASONS",
     "Candidate",
     "IngestResult",
     "LocalSource",
     "S3Source",
+    "exclusive",
     "fetch_one",
     "ingest",
     "load_file_list",
