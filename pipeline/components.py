@@ -237,15 +237,17 @@ def keep_tune_reports(result: Any, dest: Path) -> Path:
 # ------------------------------------------------------------------------------------ component bodies
 
 
-def ingest(
+def ingest_shard(
     source: str,
     endpoint_url: str,
     per_class: int,
     classes: str,
+    shard: int,
+    num_shards: int,
     dataset: Output[Dataset],
-    report: Output[Markdown],
 ) -> int:
-    """Ingest ABID images into a Dataset directory (images/ + manifest.csv); returns the image count."""
+    """Ingest shard ``shard`` of ``num_shards`` of the selection (ids by hash, each shard resumable on its
+    own) into a Dataset directory (images/ + manifest.csv); returns its image count."""
     from pathlib import Path
 
     from components.common import parse_int_list
@@ -260,18 +262,48 @@ def ingest(
             per_class=optional_int(per_class),
             classes=parse_int_list(classes, name="classes"),
             progress=False,
+            shard=shard,
+            num_shards=num_shards,
         )
     dataset.metadata.update(
         {
             "n_images": result.n_images,
             "counts": {str(k): v for k, v in result.counts.items()},
             "source": source,
+            "shard": shard,
+            "num_shards": num_shards,
         }
     )
-    lines = ["# Ingest", "", f"Source: `{source}`", "", "| count | images |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in sorted(result.counts.items())]
+    return result.n_images
+
+
+def merge_shards(
+    shards: Input[List[Dataset]],  # noqa: UP006 - KFP needs typing.List
+    source: str,
+    dataset: Output[Dataset],
+    report: Output[Markdown],
+) -> int:
+    """One Dataset from the ingest shards (one manifest and report; images linked or copied and
+    checked): what split and training read. Refuses shards of different selections or missing ones."""
+    from pathlib import Path
+
+    from components.ingest_merge import merge_shards as run_merge
+    from pipeline.components import step_errors
+
+    with step_errors("merge", dataset.path):
+        result = run_merge([Path(s.path) for s in shards], Path(dataset.path))
+    dataset.metadata.update(
+        {
+            "n_images": result.n_images,
+            "counts": {str(k): v for k, v in result.counts.items()},
+            "source": source,
+            "shards": result.n_shards,
+        }
+    )
+    lines = ["# Ingest", "", f"Source: `{source}`, {result.n_shards} shard(s)", "", "| count | images |"]
+    lines += ["|---|---|", *(f"| {k} | {v} |" for k, v in sorted(result.counts.items()))]
     reasons = ", ".join(f"{k}: {len(v)}" for k, v in result.skipped.items() if v) or "none"
-    lines += ["", f"Skipped: {result.n_skipped} ({reasons})"]
+    lines += ["", f"Skipped: {sum(len(v) for v in result.skipped.values())} ({reasons})"]
     with open(report.path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     return result.n_images
@@ -441,6 +473,13 @@ def pretrain_model(
     }
     backbone.metadata.update(meta)
     return n_images
+
+
+def shard_ids(n: int) -> List[int]:  # noqa: UP006 - KFP needs typing.List
+    """``[0, .., n-1]``: the ParallelFor items for ``ingest_shards``."""
+    if n < 1:
+        raise ValueError(f"ingest_shards must be >= 1, got {n}")
+    return list(range(n))
 
 
 def worker_ids(n: int) -> List[int]:  # noqa: UP006 - KFP needs typing.List
@@ -886,7 +925,9 @@ def publish_model(
 class Components:
     """The pipeline's components, built for one image."""
 
-    ingest: Callable[..., Any]
+    shard_ids: Callable[..., Any]
+    ingest_shard: Callable[..., Any]
+    merge_shards: Callable[..., Any]
     ingest_extra: Callable[..., Any]
     split: Callable[..., Any]
     pretrain: Callable[..., Any]
@@ -906,7 +947,9 @@ def make_components(image: str = DEFAULT_COMPONENTS_IMAGE) -> Components:
         return dsl.component(base_image=image, install_kfp_package=False, packages_to_install=[])(func)
 
     return Components(
-        ingest=build(ingest),
+        shard_ids=build(shard_ids),
+        ingest_shard=build(ingest_shard),
+        merge_shards=build(merge_shards),
         ingest_extra=build(ingest_extra),
         split=build(split),
         pretrain=build(pretrain_model),

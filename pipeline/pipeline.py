@@ -3,7 +3,7 @@
 
 ::
 
-    ingest ─► split ─► pretrain ◄─ ingest_extra
+    ParallelFor(ingest_shards): ingest_shard ─► merge_shards ─► split ─► pretrain ◄─ ingest_extra
                          │
                          ├─► ParallelFor(worker_ids(n_tune_workers)): tune_worker  ─┐  (one Optuna study)
                          │                                                          ▼
@@ -62,6 +62,8 @@ class BuildOptions:
     image: str = DEFAULT_COMPONENTS_IMAGE
     gpu: bool = False
     tune_parallelism: int = 2
+    #: ingest shards fetched at once (the shard count itself is the run parameter ingest_shards)
+    ingest_parallelism: int = 8
     optuna_secret: str | None = "optuna-db"
     optuna_secret_key: str = "url"
     s3_secret: str | None = "aws-credentials"
@@ -150,6 +152,7 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         source: str = "s3://aft-vbi-pds",
         endpoint_url: str = "",
         per_class: int = 15,
+        ingest_shards: int = 1,
         classes: str = "1,2,3,4,5",
         split_ratios: str = "0.7,0.15,0.15",
         seed: int = 0,
@@ -178,9 +181,25 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         model_version: str = "",
         serving_image: str = f"inventory-monitor/serving:{__version__}",
     ) -> None:
-        ingest = c.ingest(source=source, endpoint_url=endpoint_url, per_class=per_class, classes=classes)
-        _fetching(ingest.set_display_name("ingest ABID images"), opts)
-        data = ingest.outputs["dataset"]
+        shard_ids = c.shard_ids(n=ingest_shards)
+        shard_ids.set_display_name("ingest shards").set_cpu_limit("500m").set_memory_limit("256M")
+        shard_ids.set_caching_options(True)
+        _k8s(shard_ids, opts)
+        with dsl.ParallelFor(shard_ids.output, parallelism=opts.ingest_parallelism) as shard:
+            ingest = c.ingest_shard(
+                source=source,
+                endpoint_url=endpoint_url,
+                per_class=per_class,
+                classes=classes,
+                shard=shard,
+                num_shards=ingest_shards,
+            )
+            _fetching(ingest.set_display_name("ingest ABID images (a shard)"), opts)
+        merge = c.merge_shards(shards=dsl.Collected(ingest.outputs["dataset"]), source=source)
+        merge.set_display_name("merge the ingest shards").set_caching_options(True)
+        merge.set_cpu_limit("2").set_memory_limit("2G")
+        _k8s(merge, opts)
+        data = merge.outputs["dataset"]
 
         extra = c.ingest_extra(
             source=source, endpoint_url=endpoint_url, per_class=pretrain_per_class, classes=pretrain_classes

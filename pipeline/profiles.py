@@ -34,6 +34,8 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "empty = AWS",
         "per_class": "images per count class to ingest (0 = all: the ids of `<source>/file_list.json`, else "
         "for s3://aft-vbi-pds the shipped standard subset, else every labelled image of `classes`)",
+        "ingest_shards": "ingest tasks the selection is split across (by id hash; each resumable on its own, "
+        "then merged into one dataset): 1 for the standard subset, 16-64 for the whole bucket",
         "classes": _training("classes"),
         "split_ratios": "train,val,test fractions (stratified by count)",
         "seed": _training("seed", "also the split's and the tuning sampler's"),
@@ -82,6 +84,7 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
 _COMMON: dict[str, Any] = {
     "source": "s3://aft-vbi-pds",
     "endpoint_url": "",
+    "ingest_shards": 1,
     "classes": "1,2,3,4,5",
     "split_ratios": "0.7,0.15,0.15",
     "seed": 0,
@@ -265,7 +268,7 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
     ratios = parse_float_list(params["split_ratios"], name="split_ratios")
     if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
         raise ConfigError(f"split_ratios must be three positive fractions summing to 1, got {ratios}")
-    for key in ("image_size", "batch_size", "epochs", "tune_epochs", "n_tune_workers"):
+    for key in ("image_size", "batch_size", "epochs", "tune_epochs", "n_tune_workers", "ingest_shards"):
         if params[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {params[key]}")
     for key in ("per_class", "num_threads", "pretrain_per_class", "pretrain_epochs"):

@@ -359,13 +359,13 @@ def summary_tables(
     ):
         art = summary.artifact(task, name)
         metrics += sorted((k, v) for k, v in ((art or {}).get("metadata") or {}).items())
-    ingest = summary.artifact("ingest", "dataset")
+    ingest = summary.artifact("merge-shards", "dataset")
     if ingest:
         metrics.insert(0, ("images ingested", ingest["metadata"].get("n_images")))
     best = json.loads(summary.param("select-best") or "{}")
     where: list[tuple[str, Any]] = []
     for label, task, name in (
-        ("dataset (images + manifest)", "ingest", "dataset"),
+        ("dataset (images + manifest)", "merge-shards", "dataset"),
         ("train / val / test manifests", "split", "train"),
         ("split histogram (HTML)", "split", "histogram"),
         ("tuning report (HTML)", "select-best", "report"),
@@ -408,7 +408,8 @@ def summary_tables(
 
 def model_note(profile: str, params: Mapping[str, Any], summary: RunSummary) -> str:
     """What the trained model is, so a smoke test is not mistaken for a counter."""
-    n_images = ((summary.artifact("ingest", "dataset") or {}).get("metadata") or {}).get("n_images", "?")
+    dataset = summary.artifact("merge-shards", "dataset") or {}
+    n_images = (dataset.get("metadata") or {}).get("n_images", "?")
     what = f"{n_images} images at {params['image_size']} px, {params['epochs']} epochs"
     if profile == "quick":
         return (
@@ -424,7 +425,7 @@ def example_image(summary: RunSummary) -> Path | None:
     """One of the run's own test images, for the curl line."""
     from components.manifest import read_manifest
 
-    dataset, test = summary.artifact("ingest", "dataset"), summary.artifact("split", "test")
+    dataset, test = summary.artifact("merge-shards", "dataset"), summary.artifact("split", "test")
     if not dataset or not test:
         return None
     try:

@@ -255,7 +255,7 @@ def test_pipeline_in_the_components_image_publishes_a_model_a_pod_serves(
         f.chmod(0o755 if f.is_dir() else 0o644)
 
     # components.evaluate's count for each test image, with the model the store holds
-    dataset = Path(summary.artifact("ingest", "dataset")["uri"])
+    dataset = Path(summary.artifact("merge-shards", "dataset")["uri"])
     test_csv = Path(summary.artifact("split", "test")["uri"])
     from components.evaluate import evaluate, load_predictions
 

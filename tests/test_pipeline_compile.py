@@ -20,28 +20,32 @@ from pipeline.profiles import PARAMETER_HELP, PROFILES, parameter_table, pipelin
 
 IMAGE = "registry.example/inventory-monitor/components:abc123"
 EXPECTED_ROOT_TASKS = {
-    "ingest",
+    "shard-ids",
+    "for-loop-1",
+    "merge-shards",
     "ingest-extra",
     "split",
     "pretrain-model",
     "worker-ids",
-    "for-loop-1",
+    "for-loop-2",
     "select-best",
     "train-model",
     "evaluate-model",
-    "condition-2",
+    "condition-3",
 }
 EXPECTED_EDGES = {
-    "ingest": set(),
+    "shard-ids": set(),
+    "for-loop-1": {"shard-ids"},
+    "merge-shards": {"for-loop-1"},
     "ingest-extra": set(),
     "worker-ids": set(),
-    "split": {"ingest"},
-    "pretrain-model": {"ingest", "ingest-extra", "split"},
-    "for-loop-1": {"ingest", "pretrain-model", "split", "worker-ids"},
-    "select-best": {"for-loop-1", "ingest", "pretrain-model", "split"},
-    "train-model": {"ingest", "pretrain-model", "select-best", "split"},
-    "evaluate-model": {"ingest", "split", "train-model"},
-    "condition-2": {"evaluate-model", "ingest", "split"},  # it takes evaluate's copy of the model
+    "split": {"merge-shards"},
+    "pretrain-model": {"merge-shards", "ingest-extra", "split"},
+    "for-loop-2": {"merge-shards", "pretrain-model", "split", "worker-ids"},
+    "select-best": {"for-loop-2", "merge-shards", "pretrain-model", "split"},
+    "train-model": {"merge-shards", "pretrain-model", "select-best", "split"},
+    "evaluate-model": {"merge-shards", "split", "train-model"},
+    "condition-3": {"evaluate-model", "merge-shards", "split"},  # it takes evaluate's copy of the model
 }
 
 
@@ -73,10 +77,24 @@ def test_tasks_and_edges(full):
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == EXPECTED_ROOT_TASKS
     assert {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()} == EXPECTED_EDGES
-    # train, tune and evaluate resolve the manifests against the ingest Dataset, passed explicitly
+    # train, tune and evaluate resolve the manifests against the merged ingest Dataset, passed explicitly
     assert tasks["train-model"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"] == {
         "outputArtifactKey": "dataset",
-        "producerTask": "ingest",
+        "producerTask": "merge-shards",
+    }
+    # ingest fans out over ingest_shards shards (each a cached, retried task) and merges them into one
+    shards = tasks["for-loop-1"]
+    assert shards["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--shard-ids-Output"}
+    body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["ingest-shard"]
+    assert (
+        body["inputs"]["parameters"]["num_shards"]["componentInputParameter"]
+        == "pipelinechannel--ingest_shards"
+    )
+    assert body["retryPolicy"]["maxRetryCount"] == 3 and body["cachingOptions"]["enableCache"]
+    merged = tasks["merge-shards"]["inputs"]["artifacts"]["shards"]
+    assert merged["taskOutputArtifact"] == {
+        "outputArtifactKey": "pipelinechannel--ingest-shard-dataset",
+        "producerTask": "for-loop-1",
     }
     assert tasks["train-model"]["inputs"]["parameters"]["best_params"]["taskOutputParameter"] == {
         "outputParameterKey": "Output",
@@ -86,11 +104,11 @@ def test_tasks_and_edges(full):
 
 def test_parallel_for_fans_out_tuning_and_collects(full, quick):
     spec, _ = full
-    loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
+    loop = spec["root"]["dag"]["tasks"]["for-loop-2"]
     assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--worker-ids-Output"}
     assert loop["iteratorPolicy"] == {"parallelismLimit": 4}
-    assert quick[0]["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"] == {"parallelismLimit": 2}
-    body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert quick[0]["root"]["dag"]["tasks"]["for-loop-2"]["iteratorPolicy"] == {"parallelismLimit": 2}
+    body = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]
     assert set(body) == {"tune-worker"}
     params = body["tune-worker"]["inputs"]["parameters"]
     assert params["worker"]["componentInputParameter"] == "pipelinechannel--worker-ids-Output-loop-item"
@@ -98,7 +116,7 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
     assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
     assert params["n_trials"]["componentInputParameter"] == "pipelinechannel--tune_trials"
     best = spec["root"]["dag"]["tasks"]["select-best"]["inputs"]["parameters"]
-    assert best["trials_run"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
+    assert best["trials_run"]["taskOutputParameter"]["producerTask"] == "for-loop-2"
     assert best["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
     # the weight average is part of the recipe the trials score, the flips only of the exported model
     assert params["ema"]["componentInputParameter"] == "pipelinechannel--ema"
@@ -124,7 +142,7 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
         "pipelinechannel--pretrain-model-backbone"
     )
     assert (
-        tasks["for-loop-1"]["inputs"]["artifacts"]["pipelinechannel--pretrain-model-backbone"][
+        tasks["for-loop-2"]["inputs"]["artifacts"]["pipelinechannel--pretrain-model-backbone"][
             "taskOutputArtifact"
         ]
         == backbone
@@ -138,7 +156,7 @@ def test_parallel_for_fans_out_tuning_and_collects(full, quick):
 def test_publish_is_gated_on_test_accuracy_then_on_the_published_model(full):
     spec, _ = full
     tasks = spec["root"]["dag"]["tasks"]
-    cond = tasks["condition-2"]
+    cond = tasks["condition-3"]
     # the accuracy gate is evaluate's own verdict (baseline + margin), not a constant threshold
     assert cond["triggerPolicy"]["condition"] == (
         "inputs.parameter_values['pipelinechannel--evaluate-model-Output'] == true"
@@ -151,15 +169,15 @@ def test_publish_is_gated_on_test_accuracy_then_on_the_published_model(full):
             "producerTask": "split",
         }
     # inside the accuracy gate: challenge the published model, publish only if it says so
-    inner = spec["components"]["comp-condition-2"]["dag"]["tasks"]
-    assert set(inner) == {"challenge-model", "condition-3"}
-    assert inner["condition-3"]["triggerPolicy"]["condition"] == (
+    inner = spec["components"]["comp-condition-3"]["dag"]["tasks"]
+    assert set(inner) == {"challenge-model", "condition-4"}
+    assert inner["condition-4"]["triggerPolicy"]["condition"] == (
         "inputs.parameter_values['pipelinechannel--challenge-model-Output'] == true"
     )
-    assert set(spec["components"]["comp-condition-3"]["dag"]["tasks"]) == {"publish-model"}
+    assert set(spec["components"]["comp-condition-4"]["dag"]["tasks"]) == {"publish-model"}
     # both take the model with its test figures (evaluate's copy), not the train step's
     evaluated = {"outputArtifactKey": "evaluated", "producerTask": "evaluate-model"}
-    outer = spec["root"]["dag"]["tasks"]["condition-2"]["inputs"]["artifacts"]
+    outer = spec["root"]["dag"]["tasks"]["condition-3"]["inputs"]["artifacts"]
     assert any(a.get("taskOutputArtifact") == evaluated for a in outer.values()), outer
     challenge = spec["components"]["comp-challenge-model"]
     assert challenge["outputDefinitions"]["parameters"]["Output"] == {"parameterType": "BOOLEAN"}
@@ -170,7 +188,7 @@ def test_publish_is_gated_on_test_accuracy_then_on_the_published_model(full):
         "Output": {"parameterType": "BOOLEAN"},  # passed the gate
         "accuracy": {"parameterType": "NUMBER_DOUBLE"},
     }
-    publish = spec["components"]["comp-condition-3"]["dag"]["tasks"]["publish-model"]["inputs"]
+    publish = spec["components"]["comp-condition-4"]["dag"]["tasks"]["publish-model"]["inputs"]
     assert publish["parameters"]["test_accuracy"] == {
         "componentInputParameter": "pipelinechannel--evaluate-model-accuracy"
     }
@@ -178,7 +196,9 @@ def test_publish_is_gated_on_test_accuracy_then_on_the_published_model(full):
 
 def test_artifact_types(full):
     spec, _ = full
-    assert _output_types(spec, "comp-ingest") == {"dataset": "system.Dataset", "report": "system.Markdown"}
+    assert _output_types(spec, "comp-ingest-shard") == {"dataset": "system.Dataset"}
+    merged = {"dataset": "system.Dataset", "report": "system.Markdown"}
+    assert _output_types(spec, "comp-merge-shards") == merged
     assert _output_types(spec, "comp-split") == {
         "train": "system.Dataset",
         "val": "system.Dataset",
@@ -226,7 +246,7 @@ def test_pipeline_signature_matches_the_profiles():
 def test_executors_run_in_the_image_and_install_nothing(full):
     spec, _ = full
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 11
+    assert len(executors) == 13
     for name, ex in executors.items():
         container = ex["container"]
         assert container["image"] == IMAGE, name
@@ -251,16 +271,17 @@ def test_resources_retries_and_caching(full, quick):
     assert all("accelerator" not in e["container"].get("resources", {}) for e in quick_ex.values())
 
     tasks = spec["root"]["dag"]["tasks"]
-    assert tasks["ingest"]["retryPolicy"]["maxRetryCount"] == 3
     assert tasks["ingest-extra"]["retryPolicy"]["maxRetryCount"] == 3
     caching = {name: t.get("cachingOptions", {}).get("enableCache", False) for name, t in tasks.items()}
-    assert caching["ingest"] and caching["ingest-extra"] and caching["split"] and caching["evaluate-model"]
+    assert (
+        caching["merge-shards"] and caching["ingest-extra"] and caching["split"] and caching["evaluate-model"]
+    )
     assert caching["pretrain-model"]  # a rerun with the same data and settings reuses the backbone
     assert not caching["select-best"] and not caching["train-model"]
-    loop_body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["tune-worker"]
+    loop_body = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]["tune-worker"]
     assert not loop_body.get("cachingOptions", {}).get("enableCache", False)
     # the published model changes between runs: neither the challenge nor the publish may be cached
-    for comp, task in (("comp-condition-2", "challenge-model"), ("comp-condition-3", "publish-model")):
+    for comp, task in (("comp-condition-3", "challenge-model"), ("comp-condition-4", "publish-model")):
         gated = spec["components"][comp]["dag"]["tasks"][task]
         assert not gated.get("cachingOptions", {}).get("enableCache", False)
 
@@ -271,7 +292,7 @@ def test_secrets_for_optuna_and_s3(full):
         (secret,) = k8s[name]["secretAsEnv"]
         assert secret["secretName"] == "optuna-db" and not secret.get("optional", False)
         assert secret["keyToEnv"] == [{"envVar": "OPTUNA_STORAGE", "secretKey": "url"}]
-    for name in ("exec-ingest", "exec-challenge-model", "exec-publish-model"):
+    for name in ("exec-ingest-shard", "exec-challenge-model", "exec-publish-model"):
         (secret,) = k8s[name]["secretAsEnv"]
         assert secret["secretName"] == "aws-credentials" and secret["optional"] is True
         assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
@@ -293,7 +314,7 @@ def test_compile_flags_override_build_options(tmp_path):
         "--param",
         "model_store=s3://models/prod",
     )
-    assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"] == {"parallelismLimit": 3}
+    assert spec["root"]["dag"]["tasks"]["for-loop-2"]["iteratorPolicy"] == {"parallelismLimit": 3}
     assert (
         "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train-model"]["container"]["resources"]
     )
@@ -460,6 +481,30 @@ def test_the_pipeline_offers_the_training_settings_that_measured_a_gain_and_not_
     shared = signature & {f.name for f in dataclasses.fields(TrainConfig)}
     assert {"head", "epochs", "ema", "tta", "image_size", "weights"} <= shared
     assert all(PARAMETER_HELP[name].startswith(help_of(TrainConfig, name)) for name in shared)
+
+
+def test_ingest_shard_tasks_and_their_merge_make_the_unsharded_dataset(abid_dir, tmp_path):
+    """The component bodies the ParallelFor and the merge run: two shards of a per-class selection,
+    merged, hold exactly the images one unsharded ingest takes."""
+    from types import SimpleNamespace
+
+    from components.ingest import ingest
+    from components.manifest import read_manifest
+    from pipeline.components import ingest_shard, merge_shards
+
+    def artifact(path):
+        return SimpleNamespace(path=str(path), metadata={})
+
+    shards = [artifact(tmp_path / f"shard{k}") for k in range(2)]
+    counts = [ingest_shard(str(abid_dir), "", 3, "1,2,3", k, 2, shards[k]) for k in range(2)]
+    assert [s.metadata["shard"] for s in shards] == [0, 1] and sum(counts) == 9
+    merged, report = artifact(tmp_path / "merged"), artifact(tmp_path / "report.md")
+    assert merge_shards(shards, str(abid_dir), merged, report) == 9
+    assert merged.metadata["shards"] == 2 and merged.metadata["counts"] == {"1": 3, "2": 3, "3": 3}
+    whole = ingest(str(abid_dir), tmp_path / "whole", per_class=3, classes=[1, 2, 3], progress=False)
+    rows = {(r.id, r.count, r.sha256) for r in read_manifest(Path(merged.path) / "manifest.csv")}
+    assert rows == {(r.id, r.count, r.sha256) for r in read_manifest(whole.manifest_path)}
+    assert "2 shard(s)" in Path(report.path).read_text()
 
 
 def test_submit_names_the_model_store_in_the_callers_words(capsys, monkeypatch):

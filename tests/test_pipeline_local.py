@@ -122,7 +122,9 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     assert len(runs) == 1
     summary = run_local.collect_run(runs[0])
     for task in (
-        "ingest",
+        "shard-ids",
+        "ingest-shard",
+        "merge-shards",
         "ingest-extra",
         "split",
         "pretrain-model",
@@ -141,7 +143,7 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     assert sum(summary.param(w) for w in workers) == 2, {w: summary.param(w) for w in workers}
     study = summary.artifact("select-best", "study")["metadata"]
     assert study["trials_complete"] + study["trials_pruned"] == 2
-    assert summary.artifact("ingest", "dataset")["metadata"]["n_images"] == 25
+    assert summary.artifact("merge-shards", "dataset")["metadata"]["n_images"] == 25
     assert summary.artifact("ingest-extra", "dataset")["metadata"]["n_images"] == sum(OTHER_COUNTS.values())
     best = json.loads(summary.param("select-best"))
     assert best["image_size"] == 32 and "lr" in best
@@ -280,7 +282,8 @@ def test_a_failing_step_fails_the_run_with_its_message_and_publishes_nothing(
     assert not (run_dir / "model").exists()
     (run,) = (run_dir / "kfp").iterdir()
     # only ingest and the independent tasks ran; nothing downstream of ingest did
-    assert {p.name for p in run.iterdir()} <= {"ingest", "ingest-extra", "worker-ids"}
+    ran = {p.name for p in run.iterdir()}
+    assert ran <= {"shard-ids", "for-loop-1-iteration-0", "ingest-extra", "worker-ids"}, ran
 
 
 def test_bad_local_source_is_rejected_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -427,7 +430,9 @@ def test_the_printed_next_steps_are_the_servers_own_flags(tmp_path: Path):
     summary = run_local.RunSummary(
         run_dir=tmp_path,
         tasks={
-            "ingest": {"artifacts": {"dataset": {"artifacts": [{"uri": "d", "metadata": {"n_images": 75}}]}}},
+            "merge-shards": {
+                "artifacts": {"dataset": {"artifacts": [{"uri": "d", "metadata": {"n_images": 75}}]}}
+            },
             "evaluate-model": {"parameterValues": {"accuracy": 0.4}},
         },
     )
