@@ -853,6 +853,22 @@ def decision_run(args: argparse.Namespace) -> dict[str, Any]:
     return rf.data
 
 
+def answers_line(cal: dict[str, Any], answered: dict[str, Any]) -> str:
+    """One line of a model's test answers: calibration, count sets, abstention (None: not fitted)."""
+
+    def f(value: Any, fmt: str = ".3f") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    low, high = answered.get("set_coverage_interval") or (None, None)
+    return (
+        f"ECE {f(cal.get('ece_before'))} -> {f(cal.get('ece_after'))}; count_set coverage "
+        f"{f(answered.get('set_coverage'))} ({f(low)}-{f(high)}, target {answered.get('coverage_target')}), "
+        f"mean size {f(answered.get('mean_set_size'), '.2f')}; accuracy at 50% coverage "
+        f"{f(answered.get('accuracy_at_50'))}; review share {f(answered.get('needs_review_share'))}, "
+        f"accepted accuracy {f(answered.get('accepted_accuracy'))}"
+    )
+
+
 def collect_run(args: argparse.Namespace) -> dict[str, Any]:
     """The figures of models trained by ``components.train`` itself (their ``metrics.json`` and
     ``model.json``: every setting, the device, the time), kept like any other result: for runs this
@@ -880,10 +896,18 @@ def collect_run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if "test" in m:
             rec["test"] = {k: m["test"][k] for k in keys if k in m["test"]}
-        rec |= {k: m[k] for k in ("decision", "pretrain", "refit") if k in m}
+        rec |= {
+            k: m[k]
+            for k in ("decision", "pretrain", "refit", "calibration", "answers", "n_calibration")
+            if k in m
+        }
+        rec["answer_spec"] = spec.answers.to_dict()
         rf.data["models"].append(rec)
         test_acc = rec.get("test", {}).get("accuracy", float("nan"))
         print(f"{model_dir}: val acc {rec['val']['accuracy']:.4f} | test acc {test_acc:.4f}")
+        answered = (m.get("answers") or {}).get("test")
+        if answered:  # the answers a robot gets, scored on test
+            print("  " + answers_line(m["calibration"]["test"], answered))
     rf.save()
     return rf.data
 

@@ -537,3 +537,9 @@ def test_served_predictions_equal_evaluate(
     for row, pred in zip(rows, preds, strict=True):
         assert pred["count"] == int(expected[row.id]["pred"]), row.id
         assert pred["expected"] == pytest.approx(float(expected[row.id]["expected"]), abs=1e-3), row.id
+        # the answer's other fields: the same calibrated confidence, count set and review flag
+        assert pred["confidence"] == pytest.approx(float(expected[row.id]["confidence"]), abs=1e-3), row.id
+        first, last = (int(c) for c in expected[row.id]["count_set"].split("-"))
+        assert pred["count_set"] == list(range(first, last + 1)), row.id
+        assert str(pred["needs_review"]).lower() == expected[row.id]["needs_review"], row.id
+    assert r.json()["model_version"].startswith("sha256:")  # trained, not published: named by its bytes
