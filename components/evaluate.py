@@ -47,9 +47,14 @@ from components.common import (
     run_cli,
 )
 from components.manifest import load_labelled, read_manifest
-from components.modelspec import INT8_CHOICES, choose_onnx_file, load_model_spec
+from components.modelspec import (
+    CALIBRATION_PNG,
+    INT8_CHOICES,
+    RISK_COVERAGE_PNG,
+    choose_onnx_file,
+    load_model_spec,
+)
 from components.preprocess import preprocess_batch
-from components.test_figures import CALIBRATION_PNG, RISK_COVERAGE_PNG
 
 LOG = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"

@@ -26,6 +26,9 @@ MODEL_JSON = "model.json"
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
 STATE_DICT_FILE = "model.pt"
+#: the answer plots beside a model (and an evaluation): reliability diagram, accuracy against coverage
+CALIBRATION_PNG = "calibration.png"
+RISK_COVERAGE_PNG = "risk_coverage.png"
 INPUT_NAME = "input"
 OUTPUT_NAMES: tuple[str, str, str] = ("probabilities", "count", "expected")
 HEADS: tuple[str, ...] = ("classification", "ordinal", "regression")

@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from components.common import atomic_write_dir, atomic_write_json, read_json
-from components.modelspec import ModelSpec, load_model_spec
+from components.modelspec import CALIBRATION_PNG, RISK_COVERAGE_PNG, ModelSpec, load_model_spec
 
 METRICS_FILE = "metrics.json"
-CALIBRATION_PNG = "calibration.png"
-RISK_COVERAGE_PNG = "risk_coverage.png"
 #: what metrics.json keeps of an evaluation under ``test``
 DETAIL_KEYS = (
     "accuracy",
