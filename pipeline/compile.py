@@ -79,6 +79,13 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
     )
     gpu.add_argument("--no-gpu", dest="gpu", action="store_false", help="no GPU request (CPU cluster)")
     p.add_argument("--tune-parallelism", type=int, default=None, help="tuning workers running at once")
+    p.add_argument(
+        "--trainjob",
+        action="store_true",
+        default=None,
+        help="run the final fit as a Kubeflow Trainer TrainJob (trainjob_* parameters: nodes, GPUs per "
+        "node; needs k8s/overlays/kubeflow-trainer: the runtime, the shared volume, the RBAC)",
+    )
     p.add_argument("--optuna-secret", default=None, help="Secret with the Optuna DB URL (default optuna-db)")
     p.add_argument(
         "--s3-secret", default=None, help="optional Secret with AWS keys (default aws-credentials)"
@@ -119,6 +126,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         image=image,
         gpu=args.gpu,
         tune_parallelism=args.tune_parallelism,
+        trainjob=args.trainjob,
         optuna_secret=args.optuna_secret,
         s3_secret=args.s3_secret,
     )

@@ -639,6 +639,105 @@ def select_best(
     return json.dumps(result.best_params, sort_keys=True)
 
 
+def final_fit_config(
+    best_params: str,
+    out_dir: str,
+    dataset: str,
+    train: str,
+    val: str,
+    backbone: str,
+    classes: str,
+    head: str,
+    weights: str,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    ema: float,
+    tta: bool,
+    seed: int,
+    device: str,
+    num_threads: int,
+    model_name: str,
+) -> Any:
+    """The final fit's TrainConfig: the run's settings with the tuned parameters, started from the
+    pretrain task's backbone when it made one (as the trials were)."""
+    from components.tune import apply_params
+
+    cfg = fit_config(
+        out_dir,
+        dataset,
+        train,
+        val,
+        classes,
+        backbone_weights(backbone, weights),
+        image_size,
+        batch_size,
+        ema,
+        seed,
+        device,
+        num_threads,
+        head=head,
+        epochs=epochs,
+        tta=tta,
+        model_name=model_name,
+    )
+    return apply_params(json.loads(best_params or "{}"), cfg)
+
+
+def record_final_fit(
+    result: Any,
+    cfg: Any,
+    best_params: str,
+    int8: bool,
+    model: Any,
+    metrics: Any,
+    curves: Any,
+    model_card: Any,
+) -> None:
+    """After the final fit, wherever it ran: the int8 model and its gate, the metrics, the training
+    report and the card; the resumable checkpoint leaves the exported model."""
+    import shutil
+
+    out = Path(model.path)
+    if int8:
+        from components.quantize import quantize_model
+
+        gate = quantize_model(out, cfg.train_csv, cfg.val_csv, data_root=cfg.data_root, seed=cfg.seed)
+        metrics.log_metric("int8_accepted", float(gate.accepted))
+        metrics.log_metric("int8_val_accuracy", gate.int8_accuracy)
+    val_metrics = result.metrics["val"]
+    for key in ("accuracy", "rmse", "mae"):
+        metrics.log_metric(f"val_{key}", float(val_metrics[key]))
+    metrics.log_metric("best_epoch", float(result.best_epoch))
+    model.metadata.update(
+        {
+            "framework": "onnx",
+            "image_size": cfg.image_size,
+            "head": cfg.head,
+            "classes": ",".join(map(str, cfg.classes)),
+        }
+    )
+    with open(curves.path, "w", encoding="utf-8") as fh:
+        fh.write(
+            html_report(
+                "Training",
+                tables={
+                    "validation": {k: val_metrics[k] for k in ("accuracy", "rmse", "mae", "n")},
+                    "parameters": json.loads(best_params or "{}"),
+                },
+                images=[out / "training_curves.png", out / "confusion_matrix.png"],
+            )
+        )
+    card = out / "MODEL_CARD.md"
+    if card.is_file():
+        shutil.copyfile(card, model_card.path)
+    else:
+        Path(model_card.path).write_text(
+            f"# {cfg.model_name}\n\nNo model card was written.\n", encoding="utf-8"
+        )
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+
+
 def train_model(
     best_params: str,
     dataset: Input[Dataset],
@@ -663,71 +762,77 @@ def train_model(
     curves: Output[HTML],
     model_card: Output[Markdown],
 ):
-    """The final fit with the tuned parameters; exports model.onnx + model.json into the Model.
-
-    It starts from the pretrain task's backbone when that task made one (as the tuning trials did).
+    """The final fit with the tuned parameters, in this task; exports model.onnx + model.json into the
+    Model. It starts from the pretrain task's backbone when that task made one (as the tuning trials did).
     """
-    import json
-    import shutil
-    from pathlib import Path
-
     from components.training.stages import train as run_training
-    from components.tune import apply_params
-    from pipeline.components import backbone_weights, fit_config, html_report, step_errors
+    from pipeline.components import final_fit_config, record_final_fit, step_errors
 
-    out = Path(model.path)
     with step_errors("train", model.path):
-        cfg = fit_config(
-            model.path,
-            dataset.path,
-            train.path,
-            val.path,
-            classes,
-            backbone_weights(backbone.path, weights),
-            image_size,
-            batch_size,
-            ema,
-            seed,
-            device,
-            num_threads,
-            head=head,
-            epochs=epochs,
-            tta=tta,
-            model_name=model_name,
-        )
-        cfg = apply_params(json.loads(best_params or "{}"), cfg)
+        cfg = final_fit_config(
+            best_params, model.path, dataset.path, train.path, val.path, backbone.path, classes, head,
+            weights, image_size, batch_size, epochs, ema, tta, seed, device, num_threads, model_name,
+        )  # fmt: skip
         result = run_training(cfg)
-        if int8:
-            from components.quantize import quantize_model
+        record_final_fit(result, cfg, best_params, int8, model, metrics, curves, model_card)
 
-            gate = quantize_model(
-                out, Path(train.path), Path(val.path), data_root=Path(dataset.path), seed=seed
-            )
-            metrics.log_metric("int8_accepted", float(gate.accepted))
-            metrics.log_metric("int8_val_accuracy", gate.int8_accuracy)
-    val_metrics = result.metrics["val"]
-    for key in ("accuracy", "rmse", "mae"):
-        metrics.log_metric(f"val_{key}", float(val_metrics[key]))
-    metrics.log_metric("best_epoch", float(result.best_epoch))
-    model.metadata.update({"framework": "onnx", "image_size": image_size, "head": head, "classes": classes})
-    with open(curves.path, "w", encoding="utf-8") as fh:
-        fh.write(
-            html_report(
-                "Training",
-                tables={
-                    "validation": {k: val_metrics[k] for k in ("accuracy", "rmse", "mae", "n")},
-                    "parameters": json.loads(best_params or "{}"),
-                },
-                images=[out / "training_curves.png", out / "confusion_matrix.png"],
-            )
+
+def train_trainjob(
+    best_params: str,
+    dataset: Input[Dataset],
+    train: Input[Dataset],
+    val: Input[Dataset],
+    backbone: Input[Model],
+    classes: str,
+    head: str,
+    weights: str,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    ema: float,
+    tta: bool,
+    seed: int,
+    device: str,
+    num_threads: int,
+    model_name: str,
+    int8: bool,
+    run_id: str,
+    image: str,
+    trainjob_nodes: int,
+    trainjob_gpus_per_node: int,
+    trainjob_cpu: str,
+    trainjob_memory: str,
+    trainjob_timeout_s: int,
+    trainjob_keep: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    curves: Output[HTML],
+    model_card: Output[Markdown],
+):
+    """The final fit as a Kubeflow Trainer TrainJob (``trainjob_nodes`` x ``trainjob_gpus_per_node``,
+    torchrun when more than one process): the data staged on the shared volume, the job created and
+    awaited, its model copied back into this task's Model (:mod:`components.trainjob`)."""
+    from components.trainjob import fit_on_trainjob, job_name
+    from pipeline.components import final_fit_config, record_final_fit, step_errors
+
+    with step_errors("train", model.path):
+        cfg = final_fit_config(
+            best_params, model.path, dataset.path, train.path, val.path, backbone.path, classes, head,
+            weights, image_size, batch_size, epochs, ema, tta, seed, device, num_threads, model_name,
+        )  # fmt: skip
+        result = fit_on_trainjob(
+            cfg,
+            name=job_name(run_id),
+            image=image,
+            nodes=trainjob_nodes,
+            gpus_per_node=trainjob_gpus_per_node,
+            cpu=trainjob_cpu,
+            memory=trainjob_memory,
+            timeout_s=trainjob_timeout_s,
+            keep=trainjob_keep,
+            labels={"inventory-monitor/kfp-run-id": run_id},
         )
-    card = out / "MODEL_CARD.md"
-    if card.is_file():
-        shutil.copyfile(card, model_card.path)
-    else:
-        Path(model_card.path).write_text(f"# {model_name}\n\nNo model card was written.\n", encoding="utf-8")
-    # the resumable checkpoint is not part of the exported model
-    (out / "checkpoint.pt").unlink(missing_ok=True)
+        record_final_fit(result, cfg, best_params, int8, model, metrics, curves, model_card)
 
 
 def evaluate_model(
@@ -935,6 +1040,7 @@ class Components:
     tune_worker: Callable[..., Any]
     select_best: Callable[..., Any]
     train: Callable[..., Any]
+    train_trainjob: Callable[..., Any]
     evaluate: Callable[..., Any]
     challenge: Callable[..., Any]
     publish: Callable[..., Any]
@@ -957,6 +1063,7 @@ def make_components(image: str = DEFAULT_COMPONENTS_IMAGE) -> Components:
         tune_worker=build(tune_worker),
         select_best=build(select_best),
         train=build(train_model),
+        train_trainjob=build(train_trainjob),
         evaluate=build(evaluate_model),
         challenge=build(challenge_model),
         publish=build(publish_model),

@@ -64,6 +64,9 @@ class BuildOptions:
     tune_parallelism: int = 2
     #: ingest shards fetched at once (the shard count itself is the run parameter ingest_shards)
     ingest_parallelism: int = 8
+    #: the final fit as a Kubeflow Trainer TrainJob (the shared volume is mounted at compile time, and
+    #: kfp.local cannot create one), sized by the trainjob_* run parameters
+    trainjob: bool = False
     optuna_secret: str | None = "optuna-db"
     optuna_secret_key: str = "url"
     s3_secret: str | None = "aws-credentials"
@@ -125,6 +128,17 @@ def _trainer_resources(task: Any, opts: BuildOptions) -> Any:
     return task
 
 
+def _on_trainjob(task: Any) -> Any:
+    """The task that creates and awaits the TrainJob: the shared volume the job's pods also mount, its
+    namespace (where it creates the job), and CPU for the int8 step that still runs here."""
+    from components.trainjob import MOUNT_PATH, PVC_NAME
+
+    kubernetes.mount_pvc(task, pvc_name=PVC_NAME, mount_path=str(MOUNT_PATH))
+    kubernetes.use_field_path_as_env(task, env_name="POD_NAMESPACE", field_path="metadata.namespace")
+    task.set_cpu_request("1").set_cpu_limit("2").set_memory_request("2G").set_memory_limit("4G")
+    return task
+
+
 def _documented(func: Callable[..., Any]) -> Callable[..., Any]:
     """Give the pipeline function the docstring KFP turns into its input descriptions (the KFP UI's run
     form), from :data:`pipeline.profiles.PARAMETER_HELP`; a parameter without help fails here."""
@@ -178,6 +192,12 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         model_store: str = "",
         model_name: str = "inventory-counter",
         int8: bool = True,
+        trainjob_nodes: int = 1,
+        trainjob_gpus_per_node: int = 0,
+        trainjob_cpu: str = "4",
+        trainjob_memory: str = "16Gi",
+        trainjob_timeout_s: int = 86400,
+        trainjob_keep: str = "failed",
         model_version: str = "",
         serving_image: str = f"inventory-monitor/serving:{__version__}",
     ) -> None:
@@ -267,7 +287,20 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
         best.set_caching_options(False)
         _with_optuna_storage(_k8s(best, opts), opts)
 
-        train = c.train(
+        fit = {}
+        if opts.trainjob:
+            fit = {
+                "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                "image": opts.image,
+                "trainjob_nodes": trainjob_nodes,
+                "trainjob_gpus_per_node": trainjob_gpus_per_node,
+                "trainjob_cpu": trainjob_cpu,
+                "trainjob_memory": trainjob_memory,
+                "trainjob_timeout_s": trainjob_timeout_s,
+                "trainjob_keep": trainjob_keep,
+            }
+        train = (c.train_trainjob if opts.trainjob else c.train)(
+            **fit,
             best_params=best.outputs["Output"],
             dataset=data,
             train=train_csv,
@@ -288,7 +321,10 @@ def build_pipeline(opts: BuildOptions | None = None) -> Callable[..., Any]:
             int8=int8,
         )
         train.set_display_name("train with the best parameters").set_caching_options(False)
-        _trainer_resources(_k8s(train, opts), opts)
+        if opts.trainjob:
+            _on_trainjob(_k8s(train, opts))
+        else:
+            _trainer_resources(_k8s(train, opts), opts)
 
         evaluate = c.evaluate(
             model=train.outputs["model"],

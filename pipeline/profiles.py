@@ -76,6 +76,14 @@ PARAMETER_HELP: Mapping[str, str] = MappingProxyType(
         "model_name": _training("model_name", "also the InferenceService's and the model store's name"),
         "int8": "also quantize to int8 (onnxruntime static, calibrated on train images); served and "
         "evaluated only if it loses at most 1 point of val accuracy",
+        "trainjob_nodes": "with the pipeline compiled --trainjob: nodes (pods) of the final fit's Kubeflow "
+        "Trainer TrainJob",
+        "trainjob_gpus_per_node": "with --trainjob: GPUs and training processes per node (0 = CPU, one "
+        "process); more than one process in all runs torchrun (DDP)",
+        "trainjob_cpu": "with --trainjob: CPU per node (requests = limits)",
+        "trainjob_memory": "with --trainjob: memory per node (requests = limits)",
+        "trainjob_timeout_s": "with --trainjob: give up and stop the job after this many seconds",
+        "trainjob_keep": "with --trainjob: which finished TrainJobs to keep: never, failed or always",
         "model_version": "published version; empty = UTC timestamp + content hash",
         "serving_image": "serving image written into the rendered InferenceService manifest",
     }
@@ -94,6 +102,12 @@ _COMMON: dict[str, Any] = {
     "optuna_storage": "",
     "model_name": "inventory-counter",
     "int8": True,
+    "trainjob_nodes": 1,
+    "trainjob_gpus_per_node": 0,
+    "trainjob_cpu": "4",
+    "trainjob_memory": "16Gi",
+    "trainjob_timeout_s": 86400,
+    "trainjob_keep": "failed",
     "model_version": "",
     "serving_image": f"inventory-monitor/serving:{__version__}",
 }
@@ -303,6 +317,7 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
     if params["weights"] not in ("none", "imagenet"):
         raise ConfigError(f"weights must be imagenet or none (random init), got {params['weights']!r}")
     _validate_pretraining(params)
+    _validate_trainjob(params)
     if not params["source"]:
         raise ConfigError("source is empty: pass s3://bucket[/prefix] or a local ABID directory")
 
@@ -326,3 +341,20 @@ def _validate_pretraining(params: Mapping[str, Any]) -> None:
         )
     if min(extra, default=0) < 0:
         raise ConfigError(f"pretrain_classes must be counts >= 0, got {extra}")
+
+
+def _validate_trainjob(params: Mapping[str, Any]) -> None:
+    from components.trainjob import KEEP_CHOICES
+
+    if params["trainjob_nodes"] < 1:
+        raise ConfigError(f"trainjob_nodes must be >= 1, got {params['trainjob_nodes']}")
+    if params["trainjob_gpus_per_node"] < 0:
+        raise ConfigError(
+            f"trainjob_gpus_per_node must be >= 0 (0 = CPU), got {params['trainjob_gpus_per_node']}"
+        )
+    if params["trainjob_timeout_s"] < 1:
+        raise ConfigError(f"trainjob_timeout_s must be >= 1, got {params['trainjob_timeout_s']}")
+    if params["trainjob_keep"] not in KEEP_CHOICES:
+        raise ConfigError(
+            f"trainjob_keep must be one of {', '.join(KEEP_CHOICES)}, got {params['trainjob_keep']!r}"
+        )

@@ -507,6 +507,71 @@ def test_ingest_shard_tasks_and_their_merge_make_the_unsharded_dataset(abid_dir,
     assert "2 shard(s)" in Path(report.path).read_text()
 
 
+def test_trainjob_build_runs_the_final_fit_as_a_trainjob_task(tmp_path):
+    spec, executors = _compile(tmp_path, "full", "--trainjob", "--param", "trainjob_nodes=2")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "train-trainjob" in tasks and "train-model" not in tasks
+    params = tasks["train-trainjob"]["inputs"]["parameters"]
+    for name in ("trainjob_nodes", "trainjob_gpus_per_node", "trainjob_timeout_s", "trainjob_keep"):
+        assert params[name] == {"componentInputParameter": name}
+    assert params["image"]["runtimeValue"]["constant"] == IMAGE
+    assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert spec["root"]["inputDefinitions"]["parameters"]["trainjob_nodes"]["defaultValue"] == 2
+    ex = executors["exec-train-trainjob"]
+    assert ex["pvcMount"][0]["mountPath"] == "/mnt/training"
+    assert ex["fieldPathAsEnv"] == [{"fieldPath": "metadata.namespace", "name": "POD_NAMESPACE"}]
+    # the job's pods hold the GPUs, not the task that waits for them
+    container = spec["deploymentSpec"]["executors"]["exec-train-trainjob"]["container"]
+    assert "accelerator" not in container.get("resources", {})
+    # evaluate takes the TrainJob's model
+    evaluate = tasks["evaluate-model"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
+    assert evaluate["producerTask"] == "train-trainjob"
+    # without --trainjob the fit runs in its task and nothing mounts the volume
+    plain, plain_executors = _compile(tmp_path / "plain", "full")
+    assert "train-model" in plain["root"]["dag"]["tasks"]
+    assert all("pvcMount" not in e for e in plain_executors.values())
+
+
+def test_the_trainjob_task_hands_the_jobs_model_on_like_the_in_task_fit(tiny_split, tmp_path, monkeypatch):
+    """The task body with a stand-in for the cluster: it gets the run's TrainConfig and sizing, and what
+    the job trained becomes the task's Model, metrics and card as the in-task fit does."""
+    from types import SimpleNamespace
+
+    import components.trainjob as trainjob
+    from components.training.stages import train
+    from pipeline.components import train_trainjob
+
+    monkeypatch.setenv("INVENTORY_MONITOR_CACHE", str(tmp_path / "cache"))
+    seen = {}
+
+    def fake_fit(cfg, **kwargs):
+        seen.update(kwargs, cfg=cfg)
+        return train(cfg)
+
+    monkeypatch.setattr(trainjob, "fit_on_trainjob", fake_fit)
+
+    def artifact(path):
+        return SimpleNamespace(path=str(path), metadata={}, log_metric=lambda k, v: logged.__setitem__(k, v))
+
+    logged = {}
+    (tmp_path / "backbone").mkdir()
+    names = ("model", "metrics", "curves.html", "card.md")
+    model, metrics, curves, card = (artifact(tmp_path / n) for n in names)
+    data, train_csv, val_csv = (artifact(tiny_split[k]) for k in ("data_root", "train", "val"))
+    train_trainjob(
+        '{"lr": 0.05}', data, train_csv, val_csv, artifact(tmp_path / "backbone"), "1,2,3,4,5", "ordinal",
+        "none", 32, 10, 1, 0.0, False, 0, "cpu", 1, "counter", False, "run-123", "img:1", 2, 0, "2", "4Gi",
+        600, "never", model, metrics, curves, card,
+    )  # fmt: skip
+    assert seen["name"].startswith("inventory-train-run123-")  # the run's id names the job
+    assert (seen["image"], seen["nodes"], seen["gpus_per_node"]) == ("img:1", 2, 0)
+    assert (seen["timeout_s"], seen["keep"]) == (600, "never") and seen["cfg"].lr == 0.05
+    assert (tmp_path / "model" / "model.onnx").is_file()
+    assert not (tmp_path / "model" / "checkpoint.pt").exists()
+    assert "val_accuracy" in logged and model.metadata["head"] == "ordinal"
+    assert Path(card.path).read_text().startswith("#")
+
+
 def test_submit_names_the_model_store_in_the_callers_words(capsys, monkeypatch):
     # the CLI in flag words; run by `make submit` (which sets SUBMIT_VIA_MAKE=1) in make variables
     monkeypatch.delenv(submit_cli.VIA_MAKE_ENV, raising=False)
