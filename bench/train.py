@@ -912,6 +912,59 @@ def collect_run(args: argparse.Namespace) -> dict[str, Any]:
     return rf.data
 
 
+def answers_run(args: argparse.Namespace) -> dict[str, Any]:
+    """A trained model's answer thresholds fitted again, by today's rules, on its own calibration part
+    (the same images training held out) and scored on test beside the thresholds it was exported with:
+    how a change of rule (e.g. the review threshold's) moves coverage, review share and the accuracy of
+    the accepted answers, without training again. Runs the exported ONNX graph; any machine."""
+    from components.answers import fit_answer_spec
+    from components.evaluate import answer_metrics, predict_onnx
+    from components.manifest import load_labelled
+    from components.modelspec import load_model_spec
+    from components.training.splits import CALIBRATION_SEED, calibration_split
+
+    rf = ResultFile(args, "train_answers")
+    rf.data["models"] = []
+    for model_dir in args.model:
+        spec = load_model_spec(model_dir)
+        rows, paths = load_labelled(args.val, args.data_root)
+        _, _, cal_rows, cal_paths = calibration_split(
+            rows, paths, spec.params["calib_frac"], CALIBRATION_SEED
+        )
+        cal = predict_onnx(model_dir, cal_paths, int8="off", num_threads=args.threads, progress=False)
+        test_rows, test_paths = load_labelled(args.test, args.data_root)
+        test = predict_onnx(model_dir, test_paths, int8="off", num_threads=args.threads, progress=False)
+        y = np.asarray([r.count for r in test_rows])
+        rec = {
+            "model": str(model_dir),
+            "calibration_images": len(cal_rows),
+            "exported": {
+                "spec": spec.answers.to_dict(),
+                "test": answer_metrics(test, y, spec.classes, spec.answers),
+            },
+        }
+        for target in args.review_accuracy or [spec.answers.review_accuracy or 0.8]:
+            refit = fit_answer_spec(
+                cal["probabilities"], cal["count"], cal["expected"], np.asarray([r.count for r in cal_rows]),
+                spec.classes, temperature=spec.answers.temperature, distribution=spec.answers.distribution,
+                coverage=spec.answers.coverage or 0.9, review_accuracy=target,
+            )  # fmt: skip
+            rec[f"refit_{target:g}"] = {
+                "spec": refit.to_dict(),
+                "test": answer_metrics(test, y, spec.classes, refit),
+            }
+        rf.data["models"].append(rec)
+        for name in [k for k in rec if k == "exported" or k.startswith("refit_")]:
+            t, threshold = rec[name]["test"], rec[name]["spec"]["review_threshold"]
+            print(
+                f"{model_dir} {name}: review threshold {threshold:.3f}, review share "
+                f"{t['needs_review_share']:.3f}, accepted accuracy {t['accepted_accuracy']}, "
+                f"count_set coverage {t['set_coverage']:.3f}"
+            )
+        rf.save()
+    return rf.data
+
+
 def compare_run(args: argparse.Namespace) -> dict[str, Any]:
     """Trained models side by side on the same manifests, each against the first: their served
     (ONNX) figures with bootstrap intervals, and the paired difference (interval and McNemar's p).
@@ -1134,6 +1187,23 @@ def main(argv: list[str] | None = None) -> int:
     dc.add_argument("--threads", type=int, default=None)
     dc.add_argument("--out", type=Path, default=RESULTS)
     dc.add_argument("--result-name", default="train_decision.json")
+    an = sub.add_parser("answers", help="a trained model's answer thresholds refit by today's rules, on test")
+    an.add_argument("--model", type=Path, nargs="+", required=True, help="components.train output dirs")
+    an.add_argument(
+        "--val", type=Path, required=True, help="the validation manifest the model was trained with"
+    )
+    an.add_argument("--test", type=Path, required=True, help="scored only")
+    an.add_argument("--data-root", type=Path, default=None)
+    an.add_argument("--threads", type=int, default=None)
+    an.add_argument(
+        "--review-accuracy",
+        type=float,
+        nargs="+",
+        default=None,
+        help="targets to refit the review threshold for",
+    )
+    an.add_argument("--out", type=Path, default=RESULTS)
+    an.add_argument("--result-name", default="train_answers.json")
     co = sub.add_parser("collect", help="the figures of models components.train trained, into one result")
     co.add_argument("--model", type=Path, nargs="+", required=True, help="components.train output dirs")
     co.add_argument("--out", type=Path, default=RESULTS)
@@ -1210,6 +1280,8 @@ def main(argv: list[str] | None = None) -> int:
         decision_run(args)
     elif args.cmd == "collect":
         collect_run(args)
+    elif args.cmd == "answers":
+        answers_run(args)
     elif args.cmd == "compare":
         if len(args.model) < 2:
             p.error("--model needs at least two model directories to compare")
