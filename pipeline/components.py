@@ -3,7 +3,8 @@
 Each function under "component bodies" is a lightweight-component body: KFP serializes its source, so
 it imports what it needs inside the body (the project is installed in the components image, and in the
 local venv). The bodies only map artifacts to paths, call the package function and record metadata;
-the shared glue (error notes, HTML reports) lives in plain helpers in this module, imported the same way.
+the shared glue (error notes, HTML reports, the fits' configs) lives in :mod:`pipeline.steps`, imported
+the same way.
 
 :func:`make_components` turns the bodies into components for a given image. With
 ``install_kfp_package=False`` and no ``packages_to_install`` nothing is pip-installed when a task
@@ -14,12 +15,8 @@ This module deliberately does not use ``from __future__ import annotations``: KF
 annotations of the component functions at runtime to build their interfaces.
 """
 
-import base64
-import html
 import json
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, NamedTuple  # noqa: UP035 - KFP reads typing.List annotations
@@ -30,208 +27,6 @@ from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markd
 from components import __version__
 
 DEFAULT_COMPONENTS_IMAGE = f"inventory-monitor/components:{__version__}"
-ERROR_NOTE = "step_error.json"
-
-
-# ------------------------------------------------------------------------------------- shared helpers
-
-
-@contextmanager
-def step_errors(step: str, output_path: str) -> Iterator[None]:
-    """Record a failing step's message next to its output, then re-raise.
-
-    KFP shows the traceback in the task's log; the note lets ``run_local`` print the step's own one-line
-    message at the end of a failed run instead of only "inner task failed".
-    """
-    try:
-        yield
-    except Exception as e:
-        note = Path(output_path).parent / ERROR_NOTE
-        try:
-            note.parent.mkdir(parents=True, exist_ok=True)
-            note.write_text(json.dumps({"step": step, "type": type(e).__name__, "message": str(e)}) + "\n")
-        except OSError:
-            pass
-        raise
-
-
-def png_data_uri(path: Path) -> str:
-    """Inline a PNG so an HTML artifact is self-contained (the KFP UI serves one file)."""
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def html_report(
-    title: str, *, tables: dict[str, dict[str, Any]] | None = None, images: list[Path] = ()
-) -> str:
-    """A small self-contained HTML page: key/value tables and inlined PNG figures."""
-    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"]
-    parts.append(f"<h2>{html.escape(title)}</h2>")
-    for caption, table in (tables or {}).items():
-        rows = "".join(
-            f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>"
-            for k, v in table.items()
-        )
-        parts.append(f"<h3>{html.escape(caption)}</h3><table border='1' cellpadding='4'>{rows}</table>")
-    for img in images:
-        if Path(img).is_file():
-            parts.append(f"<p><img src='{png_data_uri(Path(img))}' alt='{html.escape(Path(img).stem)}'/></p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def require_model_store(model_store: str) -> None:
-    """The gated steps need the ``model_store`` parameter: say which one is missing, before any work."""
-    from components.common import ConfigError
-
-    if not model_store:
-        raise ConfigError("model_store is empty: set it to s3://bucket/prefix or a directory")
-
-
-def optional_int(value: int) -> int | None:
-    """Pipeline parameters cannot be None: 0 means "not set"."""
-    return value if value > 0 else None
-
-
-def study_name_for(run_id: str) -> str:
-    """One Optuna study per pipeline run (workers and select_best derive the same name)."""
-    return f"inventory-monitor-{run_id}"
-
-
-def resolve_storage(storage: str) -> str:
-    """The ``optuna_storage`` parameter, else ``$OPTUNA_STORAGE`` (a Kubernetes Secret on a cluster)."""
-    from components.common import ConfigError
-
-    url = storage or os.environ.get("OPTUNA_STORAGE", "")
-    if not url:
-        raise ConfigError(
-            "no Optuna storage: set the optuna_storage pipeline parameter or the OPTUNA_STORAGE env var "
-            "(on a cluster: the optuna-db Secret, key url)"
-        )
-    return url
-
-
-def make_tune_config(
-    out_dir: Path,
-    worker_id: str,
-    run_id: str,
-    optuna_storage: str,
-    n_trials: int,
-    data_root: str,
-    train_csv: str,
-    val_csv: str,
-    classes: str,
-    head: str,
-    weights: str,
-    image_size: int,
-    batch_size: int,
-    epochs: int,
-    ema: float,
-    seed: int,
-    device: str,
-    num_threads: int,
-) -> Any:
-    """The :class:`components.tune.TuneConfig` every worker (and select_best) of a run shares.
-
-    Tuning searches the optimizer and augmentation settings; head, image size and batch size are
-    pipeline parameters, so they are fixed (a searched parameter in ``train_overrides`` is not searched).
-    """
-    from components.common import parse_int_list
-    from components.tune import TuneConfig
-
-    return TuneConfig(
-        train_csv=Path(train_csv),
-        val_csv=Path(val_csv),
-        out_dir=Path(out_dir),
-        n_trials=n_trials,
-        data_root=Path(data_root),
-        storage=resolve_storage(optuna_storage),
-        study_name=study_name_for(run_id),
-        epochs=epochs,
-        seed=seed,
-        worker_id=worker_id,
-        progress=False,
-        train_overrides={
-            "classes": tuple(parse_int_list(classes, name="classes")),
-            "head": head,
-            "weights": weights,
-            "image_size": image_size,
-            "batch_size": batch_size,
-            "ema": ema,
-            "device": device,
-            "num_threads": optional_int(num_threads),
-            "seed": seed,
-        },
-    )
-
-
-def backbone_weights(backbone_dir: str, weights: str) -> str:
-    """What trials and the fit start from: the pretrain task's backbone when it made one, else ``weights``."""
-    from components.modelspec import STATE_DICT_FILE
-    from components.training.config import PRETRAIN_DIR
-
-    stage = Path(backbone_dir) / PRETRAIN_DIR / STATE_DICT_FILE
-    return str(stage) if stage.is_file() else weights
-
-
-def fit_config(
-    out_dir: str,
-    data_root: str,
-    train_csv: str,
-    val_csv: str,
-    classes: str,
-    weights: str,
-    image_size: int,
-    batch_size: int,
-    ema: float,
-    seed: int,
-    device: str,
-    num_threads: int,
-    **fields: Any,
-) -> Any:
-    """The :class:`components.training.config.TrainConfig` of a pipeline fit (pretrain stage, final fit): the
-    run parameters both share, plus the ``fields`` of the one."""
-    from components.common import parse_int_list
-    from components.training.config import TrainConfig
-
-    return TrainConfig(
-        train_csv=Path(train_csv),
-        val_csv=Path(val_csv),
-        out_dir=Path(out_dir),
-        data_root=Path(data_root),
-        classes=tuple(parse_int_list(classes, name="classes")),
-        weights=weights,
-        image_size=image_size,
-        batch_size=batch_size,
-        ema=ema,
-        seed=seed,
-        device=device,
-        num_threads=optional_int(num_threads),
-        progress=False,
-        **fields,
-    )
-
-
-def keep_tune_reports(result: Any, dest: Path) -> Path:
-    """Copy a worker's study reports (not the per-trial model dirs) into its output artifact."""
-    import shutil
-
-    dest.mkdir(parents=True, exist_ok=True)
-    for src in (
-        result.best_params_path,
-        result.trials_csv,
-        result.history_png,
-        result.intermediate_png,
-        result.importances_png,
-    ):
-        if src is not None and Path(src).is_file():
-            shutil.copy2(src, dest / Path(src).name)
-    return dest
 
 
 # ------------------------------------------------------------------------------------ component bodies
@@ -248,11 +43,10 @@ def ingest_shard(
 ) -> int:
     """Ingest shard ``shard`` of ``num_shards`` of the selection (ids by hash, each shard resumable on its
     own) into a Dataset directory (images/ + manifest.csv); returns its image count."""
-    from pathlib import Path
 
     from components.common import parse_int_list
     from components.ingest import ingest as run_ingest
-    from pipeline.components import optional_int, step_errors
+    from pipeline.steps import optional_int, step_errors
 
     with step_errors("ingest", dataset.path):
         result = run_ingest(
@@ -285,10 +79,9 @@ def merge_shards(
 ) -> int:
     """One Dataset from the ingest shards (one manifest and report; images linked or copied and
     checked): what split and training read. Refuses shards of different selections or missing ones."""
-    from pathlib import Path
 
     from components.ingest_merge import merge_shards as run_merge
-    from pipeline.components import step_errors
+    from pipeline.steps import step_errors
 
     with step_errors("merge", dataset.path):
         result = run_merge([Path(s.path) for s in shards], Path(dataset.path))
@@ -321,13 +114,12 @@ def ingest_extra(
     ``per_class`` 0 (pretraining off) writes an empty manifest and reads nothing, so the graph is the
     same either way (a conditional producer could not feed the one pretrain task).
     """
-    from pathlib import Path
 
     from components.common import parse_int_list
     from components.ingest import MANIFEST_FILE
     from components.ingest import ingest as run_ingest
     from components.manifest import write_manifest
-    from pipeline.components import step_errors
+    from pipeline.steps import step_errors
 
     out = Path(dataset.path)
     with step_errors("ingest_extra", dataset.path):
@@ -361,12 +153,11 @@ def split(
     """Stratified train/val/test manifests; their paths are relative to the ingest Dataset."""
     import shutil
     import tempfile
-    from pathlib import Path
 
     from components.common import parse_float_list
     from components.manifest import read_manifest
     from components.split import split_dataset
-    from pipeline.components import html_report, step_errors
+    from pipeline.steps import html_report, step_errors
 
     data_root = Path(dataset.path)
     with step_errors("split", train.path), tempfile.TemporaryDirectory() as tmp:
@@ -415,10 +206,9 @@ def pretrain_model(
     ``pretrain_epochs`` 0 it writes only a note, and the trials and the fit start from ``weights``.
     Returns the number of images the stage trained on (0 when off).
     """
-    import json
     from pathlib import Path
 
-    from pipeline.components import step_errors
+    from pipeline.steps import step_errors
 
     out = Path(backbone.path)
     with step_errors("pretrain", backbone.path):
@@ -435,7 +225,7 @@ def pretrain_model(
         from components.manifest import read_manifest
         from components.training.config import CHECKPOINT_FILE
         from components.training.stages import pretrain_backbone
-        from pipeline.components import fit_config
+        from pipeline.steps import fit_config
 
         extra_manifest = Path(extra.path) / MANIFEST_FILE
         counts = parse_int_list(pretrain_classes, name="pretrain_classes") + parse_int_list(
@@ -512,10 +302,9 @@ def tune_worker(
 ) -> int:
     """One parallel tuning worker: runs trials of the shared study until the study-wide budget is used."""
     import tempfile
-    from pathlib import Path
 
     from components.tune import tune as run_tuning
-    from pipeline.components import backbone_weights, keep_tune_reports, make_tune_config, step_errors
+    from pipeline.steps import backbone_weights, keep_tune_reports, make_tune_config, step_errors
 
     with step_errors("tune", trials.path), tempfile.TemporaryDirectory() as scratch:
         # trial model dirs stay in scratch space; only the study reports become the artifact
@@ -579,13 +368,12 @@ def select_best(
     Runs the same ``components.tune.tune`` as the workers: with the budget used up it starts no trial
     and only writes the reports for the whole study.
     """
-    import json
     import tempfile
     from pathlib import Path
 
     from components.common import ConfigError
     from components.tune import tune as run_tuning
-    from pipeline.components import backbone_weights, html_report, make_tune_config, step_errors
+    from pipeline.steps import backbone_weights, html_report, make_tune_config, step_errors
 
     with step_errors("select-best", report.path), tempfile.TemporaryDirectory() as scratch:
         cfg = make_tune_config(
@@ -639,105 +427,6 @@ def select_best(
     return json.dumps(result.best_params, sort_keys=True)
 
 
-def final_fit_config(
-    best_params: str,
-    out_dir: str,
-    dataset: str,
-    train: str,
-    val: str,
-    backbone: str,
-    classes: str,
-    head: str,
-    weights: str,
-    image_size: int,
-    batch_size: int,
-    epochs: int,
-    ema: float,
-    tta: bool,
-    seed: int,
-    device: str,
-    num_threads: int,
-    model_name: str,
-) -> Any:
-    """The final fit's TrainConfig: the run's settings with the tuned parameters, started from the
-    pretrain task's backbone when it made one (as the trials were)."""
-    from components.tune import apply_params
-
-    cfg = fit_config(
-        out_dir,
-        dataset,
-        train,
-        val,
-        classes,
-        backbone_weights(backbone, weights),
-        image_size,
-        batch_size,
-        ema,
-        seed,
-        device,
-        num_threads,
-        head=head,
-        epochs=epochs,
-        tta=tta,
-        model_name=model_name,
-    )
-    return apply_params(json.loads(best_params or "{}"), cfg)
-
-
-def record_final_fit(
-    result: Any,
-    cfg: Any,
-    best_params: str,
-    int8: bool,
-    model: Any,
-    metrics: Any,
-    curves: Any,
-    model_card: Any,
-) -> None:
-    """After the final fit, wherever it ran: the int8 model and its gate, the metrics, the training
-    report and the card; the resumable checkpoint leaves the exported model."""
-    import shutil
-
-    out = Path(model.path)
-    if int8:
-        from components.quantize import quantize_model
-
-        gate = quantize_model(out, cfg.train_csv, cfg.val_csv, data_root=cfg.data_root, seed=cfg.seed)
-        metrics.log_metric("int8_accepted", float(gate.accepted))
-        metrics.log_metric("int8_val_accuracy", gate.int8_accuracy)
-    val_metrics = result.metrics["val"]
-    for key in ("accuracy", "rmse", "mae"):
-        metrics.log_metric(f"val_{key}", float(val_metrics[key]))
-    metrics.log_metric("best_epoch", float(result.best_epoch))
-    model.metadata.update(
-        {
-            "framework": "onnx",
-            "image_size": cfg.image_size,
-            "head": cfg.head,
-            "classes": ",".join(map(str, cfg.classes)),
-        }
-    )
-    with open(curves.path, "w", encoding="utf-8") as fh:
-        fh.write(
-            html_report(
-                "Training",
-                tables={
-                    "validation": {k: val_metrics[k] for k in ("accuracy", "rmse", "mae", "n")},
-                    "parameters": json.loads(best_params or "{}"),
-                },
-                images=[out / "training_curves.png", out / "confusion_matrix.png"],
-            )
-        )
-    card = out / "MODEL_CARD.md"
-    if card.is_file():
-        shutil.copyfile(card, model_card.path)
-    else:
-        Path(model_card.path).write_text(
-            f"# {cfg.model_name}\n\nNo model card was written.\n", encoding="utf-8"
-        )
-    (out / "checkpoint.pt").unlink(missing_ok=True)
-
-
 def train_model(
     best_params: str,
     dataset: Input[Dataset],
@@ -766,7 +455,7 @@ def train_model(
     Model. It starts from the pretrain task's backbone when that task made one (as the tuning trials did).
     """
     from components.training.stages import train as run_training
-    from pipeline.components import final_fit_config, record_final_fit, step_errors
+    from pipeline.steps import final_fit_config, record_final_fit, step_errors
 
     with step_errors("train", model.path):
         cfg = final_fit_config(
@@ -813,7 +502,7 @@ def train_trainjob(
     torchrun when more than one process): the data staged on the shared volume, the job created and
     awaited, its model copied back into this task's Model (:mod:`components.trainjob`)."""
     from components.trainjob import fit_on_trainjob, job_name
-    from pipeline.components import final_fit_config, record_final_fit, step_errors
+    from pipeline.steps import final_fit_config, record_final_fit, step_errors
 
     with step_errors("train", model.path):
         cfg = final_fit_config(
@@ -859,12 +548,11 @@ def evaluate_model(
     """
     import tempfile
     from collections import namedtuple
-    from pathlib import Path
 
     from components.evaluate import AccuracyGate, range_text
     from components.evaluate import evaluate as run_evaluation
     from components.test_figures import evaluated_copy
-    from pipeline.components import html_report, step_errors
+    from pipeline.steps import html_report, step_errors
 
     with step_errors("evaluate", metrics.path), tempfile.TemporaryDirectory() as tmp:
         m = run_evaluation(
@@ -933,11 +621,10 @@ def challenge_model(
     """Score the model against the store's latest published version on the same test images; returns
     whether to publish it (the champion gate: True when nothing is published yet or the gate is off)."""
     import tempfile
-    from pathlib import Path
 
     from components.champion import GateRule, challenge, summary_rows
     from components.evaluate import difference_text
-    from pipeline.components import html_report, require_model_store, step_errors
+    from pipeline.steps import html_report, require_model_store, step_errors
 
     with step_errors("challenge", report.path), tempfile.TemporaryDirectory() as tmp:
         require_model_store(model_store)
@@ -994,10 +681,9 @@ def publish_model(
 ) -> NamedTuple("PublishOutputs", [("storage_uri", str), ("version", str)]):
     """Copy the model to the store (KServe layout); ``inference_service`` is the rendered manifest (YAML)."""
     from collections import namedtuple
-    from pathlib import Path
 
     from components.publish import publish as run_publish
-    from pipeline.components import require_model_store, step_errors
+    from pipeline.steps import require_model_store, step_errors
 
     with step_errors("publish", summary.path):
         require_model_store(model_store)

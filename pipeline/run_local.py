@@ -100,7 +100,7 @@ class RunSummary:
 
 def collect_run(run_dir: Path) -> RunSummary:
     """Read every task's ``executor_output.json`` and ``step_error.json`` under ``run_dir``."""
-    from pipeline.components import ERROR_NOTE
+    from pipeline.steps import ERROR_NOTE
 
     summary = RunSummary(run_dir=run_dir)
     for out in sorted(run_dir.rglob("executor_output.json")):

@@ -26,7 +26,7 @@ from components.ingest import (
     stem_of,
 )
 from components.manifest import load_labelled, read_manifest
-from pipeline.components import optional_int
+from pipeline.steps import optional_int
 from tests.fixtures.aws import free_port
 from tests.fixtures.s3data import (
     ABSENT_ID,

@@ -392,8 +392,9 @@ def test_submit_cli_fails_before_contacting_the_server(capsys):
 
 def test_component_helpers(monkeypatch, tmp_path):
     from pipeline import components as comp
+    from pipeline import steps
 
-    assert comp.worker_ids(3) == [0, 1, 2]
+    assert comp.worker_ids(3) == [0, 1, 2] and comp.shard_ids(2) == [0, 1]
     from components.training.config import TrainConfig
     from components.tune import apply_params
 
@@ -408,22 +409,22 @@ def test_component_helpers(monkeypatch, tmp_path):
         compile_cli.parse_param_overrides(["int8=maybe"], "quick")
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     with pytest.raises(compile_cli.ConfigError, match="optuna-db Secret"):
-        comp.resolve_storage("")
+        steps.resolve_storage("")
     monkeypatch.setenv("OPTUNA_STORAGE", "postgresql://u@db/optuna")
-    assert comp.resolve_storage("") == "postgresql://u@db/optuna"
-    assert comp.resolve_storage("sqlite:///x.db") == "sqlite:///x.db"
+    assert steps.resolve_storage("") == "postgresql://u@db/optuna"
+    assert steps.resolve_storage("sqlite:///x.db") == "sqlite:///x.db"
 
     png = tmp_path / "plot.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
-    page = comp.html_report(
+    page = steps.html_report(
         "a <b>", tables={"t": {"acc": 0.123456, "k": [1, 2]}}, images=[png, tmp_path / "no.png"]
     )
     assert "a &lt;b&gt;" in page and "0.1235" in page and page.count("data:image/png;base64,") == 1
 
     out = tmp_path / "task" / "dataset"
-    with pytest.raises(ValueError, match="boom"), comp.step_errors("ingest", str(out)):
+    with pytest.raises(ValueError, match="boom"), steps.step_errors("ingest", str(out)):
         raise ValueError("boom")
-    note = (tmp_path / "task" / comp.ERROR_NOTE).read_text()
+    note = (tmp_path / "task" / steps.ERROR_NOTE).read_text()
     assert '"step": "ingest"' in note and '"message": "boom"' in note
 
 
@@ -442,7 +443,7 @@ def test_the_docs_tables_are_the_generated_ones():
 
 
 def test_tune_workers_train_with_the_pipeline_weight_average(tmp_path):
-    from pipeline.components import make_tune_config
+    from pipeline.steps import make_tune_config
 
     cfg = make_tune_config(tmp_path, "w0", "run-1", "sqlite:///x.db", 4, "d", "t.csv", "v.csv", "1,2,3",
                            "ordinal", "none", 32, 8, 1, 0.9, 0, "cpu", 1)  # fmt: skip
@@ -451,7 +452,7 @@ def test_tune_workers_train_with_the_pipeline_weight_average(tmp_path):
 
 
 def test_trials_and_the_fit_start_from_the_backbone_only_when_one_was_made(tmp_path):
-    from pipeline.components import backbone_weights
+    from pipeline.steps import backbone_weights
 
     off = tmp_path / "off"  # pretrain_epochs 0: the task leaves only a note
     off.mkdir()
