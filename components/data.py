@@ -202,12 +202,17 @@ def augment_batch(
     strength: float = 1.0,
     generator: Any = None,
     channels_last: bool = False,
+    part: tuple[int, int, int] | None = None,
 ) -> Any:
     """Random flips, scale/aspect/translate/small rotation and brightness/contrast, then normalize.
 
     Everything runs batched on the batch's device. ``strength`` scales every range (0 = none). The
     geometric jitter is biased towards zooming out (black padding), so items at the frame's edge are
     rarely pushed out of view and the count label stays true.
+
+    ``part=(start, stop, size)``: the batch is rows ``start:stop`` of a batch of ``size`` (one process's
+    share of a distributed batch); the random draws are the whole batch's, so each image is augmented as
+    it would be in the whole batch, and ``generator`` advances as in one process.
     """
     import torch
     from torch.nn import functional as tf
@@ -217,7 +222,10 @@ def augment_batch(
     if strength > 0:
 
         def rand(*shape: int) -> torch.Tensor:
-            return torch.rand(*shape, device=dev, generator=generator)
+            if part is None:
+                return torch.rand(*shape, device=dev, generator=generator)
+            start, stop, size = part
+            return torch.rand(size, *shape[1:], device=dev, generator=generator)[start:stop]
 
         # Flips: horizontal and vertical are both label-preserving for a bin seen from above.
         flip_h = rand(n) < 0.5
@@ -311,6 +319,14 @@ class DeviceImages:
 
     def __len__(self) -> int:
         return len(self.cache)
+
+    def batch_order(self, index: Any) -> Any:
+        """``index`` in the order :meth:`batch` returns its rows (sorted when read from the memmap)."""
+        import torch
+
+        if self._on_device is not None:
+            return index
+        return torch.from_numpy(np.sort(index.cpu().numpy()))
 
     def batch(self, index: Any) -> tuple[Any, Any]:
         """uint8 NHWC images and class counts for ``index`` (a 1-D int64 tensor on any device)."""

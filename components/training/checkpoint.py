@@ -21,6 +21,7 @@ import torch
 from components.common import ConfigError, atomic_write_json, read_json
 from components.data import data_hash
 from components.modelspec import ONNX_FILE
+from components.training import distributed
 from components.training.config import (
     CHECKPOINT_FILE,
     DONE_FILE,
@@ -54,13 +55,14 @@ def seed_everything(seed: int) -> None:
 
 def start_run(cfg: TrainConfig) -> tuple[Path, torch.device]:
     """What every run (a fit, a stage) does first: validate, make its directory, set threads, device
-    and seeds."""
+    and seeds. Launched by torchrun: join the process group (this rank's device); rank 0 alone writes."""
     cfg.validate()
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.world_from_env().is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = distributed.init(resolve_device(cfg.device))
     seed_everything(cfg.seed)
     return out_dir, device
 

@@ -10,6 +10,10 @@ reported). Each epoch ends with an atomic checkpoint, so ``--resume`` continues 
 finished one is not retrained; either is refused if the data or a setting that shapes training changed.
 The output directory holds ``model.onnx``, ``model.pt``, ``model.json``, ``metrics.json``,
 ``confusion_matrix.png``, ``training_curves.png`` and ``MODEL_CARD.md``.
+
+``torchrun --nproc_per_node G [--nnodes N ...] -m components.train ...`` trains one model over N x G
+processes (:mod:`components.training.distributed`): ``--batch-size`` is the global batch, split across
+them; rank 0 alone writes and prints.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from components.common import format_table, run_cli
 from components.evaluate import range_text
 from components.modelspec import STATE_DICT_FILE
 from components.settings import add_arguments, apply_config_file, values_from_args
+from components.training import distributed
 from components.training.config import TrainConfig
 from components.training.stages import pretrain_backbone, train
 
@@ -59,15 +64,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if args.pretrain_only:
+    try:
+        return _work(config_from_args(args), args.pretrain_only)
+    finally:
+        distributed.cleanup()  # torchrun: leave the process group
+
+
+def _work(cfg: TrainConfig, pretrain_only: bool) -> int:
+    if pretrain_only:
         stage = pretrain_backbone(cfg)
+        if not distributed.is_main():
+            return 0
         print(f"backbone written to {stage.model_dir / STATE_DICT_FILE}")
         if stage.metrics.get("knn_val_accuracy") is not None:
             start, end = stage.metrics["knn_val_accuracy_start"], stage.metrics["knn_val_accuracy"]
             print(f"k-NN val accuracy on its features: {start:.4f} at the start, {end:.4f} at the end")
         return 0
     result = train(cfg)
+    if not distributed.is_main():
+        return 0  # rank 0 reports
     rows = [
         [f"{split}_{k}", m[k], range_text(m["intervals"][k]) if "intervals" in m else ""]
         for split in ("val", "test")

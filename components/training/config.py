@@ -134,7 +134,12 @@ class TrainConfig:
     epochs: int = setting(
         60, help="training epochs (warmup, then a cosine schedule)", group=OPTIM, hyperparameter=True
     )
-    batch_size: int = setting(128, help="training batch size", group=OPTIM, hyperparameter=True)
+    batch_size: int = setting(
+        128,
+        help="training batch size; under torchrun the global batch, split across the processes",
+        group=OPTIM,
+        hyperparameter=True,
+    )
     optimizer: str = setting(
         "sgd", help="SGD (Nesterov) or AdamW", group=OPTIM, choices=OPTIMIZERS, hyperparameter=True
     )

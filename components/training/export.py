@@ -22,6 +22,7 @@ from components.modelspec import ONNX_FILE, STATE_DICT_FILE, ModelSpec
 from components.preprocess import PreprocessSpec
 from components.training.checkpoint import atomic_torch_save
 from components.training.config import CONFUSION_PNG, CURVES_PNG, METRICS_FILE, TrainConfig
+from components.training.distributed import plain_batchnorm
 from components.training.loop import AverageModel
 
 
@@ -45,6 +46,7 @@ def export(
 
     answers = answers or AnswerSpec(distribution=cfg.head != "regression")
     model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    model = plain_batchnorm(model)  # a distributed run's global BatchNorm: plain layers, same weights
     graph = AverageModel([model], flips=True) if cfg.tta else model
     temperature = answers.temperature if answers.distribution else None
     export_onnx(
@@ -65,7 +67,7 @@ def export(
         version=cfg.version,
         training_data_sha256=data_hash(train_rows),
         metrics={"val": {k: metrics["val"][k] for k in ("accuracy", "rmse", "mae", "n")}},
-        params=cfg.to_params(),
+        params={**cfg.to_params(), "world_size": metrics.get("world_size", 1)},
         decision_offsets=None if offsets is None else tuple(offsets),
         answers=answers,
     )

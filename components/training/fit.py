@@ -19,6 +19,7 @@ from torch import nn
 from components.answers import AnswerSpec
 from components.data import DeviceImages, build_cache
 from components.evaluate import answer_metrics, calibration_metrics, count_metrics
+from components.training import distributed
 from components.training.calibration import (
     calibration_record,
     fit_answers,
@@ -65,19 +66,26 @@ class Run:
 
 def open_run(cfg: TrainConfig) -> Run:
     """Validate, read the splits, and find what ``--resume`` continues (refused, by name, if the settings
-    or data changed). Nothing is trained or decoded yet."""
+    or data changed). Nothing is trained or decoded yet. Distributed: rank 0 finds it, and every rank
+    gets rank 0's finished result or checkpoint; the other ranks show no progress bars."""
     t_start = time.perf_counter()
     out_dir, device = start_run(cfg)
+    if not distributed.is_main():
+        cfg = replace(cfg, progress=False)
     train_rows, train_paths = load_split(Path(cfg.train_csv), cfg, "train")
     val_rows, val_paths, calib_rows, calib_paths = validation_parts(cfg)
     fingerprint = run_fingerprint(cfg, train_rows, val_rows, calib_rows)
     run = Run(cfg, out_dir, device, t_start, train_rows, train_paths, val_rows, val_paths, fingerprint)
     run.calib_rows, run.calib_paths = calib_rows, calib_paths
-    if cfg.resume:
-        run.finished = finished_run(cfg, out_dir, fingerprint, t_start)
-        if run.finished is not None:
-            return run
-    run.ckpt = resume_checkpoint(cfg, out_dir, fingerprint)
+
+    def resume() -> tuple[TrainResult | None, dict[str, Any] | None]:
+        if cfg.resume:
+            finished = finished_run(cfg, out_dir, fingerprint, t_start)
+            if finished is not None:
+                return finished, None
+        return None, resume_checkpoint(cfg, out_dir, fingerprint)
+
+    run.finished, run.ckpt = distributed.on_main(resume)
     return run
 
 
@@ -104,24 +112,26 @@ class Fitted:
 def fit(run: Run, weights: str, on_epoch: OnEpoch | None = None) -> Fitted:
     """Train ``run`` from ``weights`` (``none``, ``imagenet`` or a state dict) and select on validation
     (its selection part); the validation figures are the exported graph's (``--tta``, the count rule,
-    the temperature fitted there)."""
+    the temperature fitted there). Distributed: every rank trains; rank 0 alone takes the figures after
+    the epochs (the others return the selection only)."""
     cfg = run.cfg
-    train_cache = build_cache(
-        run.train_rows,
-        run.train_paths,
-        cfg.image_size,
-        cfg.cache_dir,
-        workers=cfg.decode_workers,
-        progress=cfg.progress,
-    )
-    val_cache = build_cache(
-        run.val_rows,
-        run.val_paths,
-        cfg.image_size,
-        cfg.cache_dir,
-        workers=cfg.decode_workers,
-        progress=cfg.progress,
-    )
+    with distributed.main_first():  # each node's first rank decodes the images, the others reuse them
+        train_cache = build_cache(
+            run.train_rows,
+            run.train_paths,
+            cfg.image_size,
+            cfg.cache_dir,
+            workers=cfg.decode_workers,
+            progress=cfg.progress,
+        )
+        val_cache = build_cache(
+            run.val_rows,
+            run.val_paths,
+            cfg.image_size,
+            cfg.cache_dir,
+            workers=cfg.decode_workers,
+            progress=cfg.progress,
+        )
     train_images = DeviceImages(train_cache, run.device)
     val_images = DeviceImages(val_cache, run.device)
     _, steps = batch_plan(len(train_images), cfg)
@@ -139,6 +149,8 @@ def fit(run: Run, weights: str, on_epoch: OnEpoch | None = None) -> Fitted:
     # Best weights -> final validation figures.
     model = trainer.eval_model()
     model.load_state_dict(selection.best_state)
+    if not distributed.is_main():
+        return Fitted(trainer, model, selection, len(train_images), len(val_images), {}, {})
     pred = trainer.predict(val_images, tta=cfg.tta)  # the exported graph's figures
     decision = fit_decision(cfg, trainer, pred, val_cache.counts, run.device)
     c0 = cfg.classes[0]
@@ -174,7 +186,18 @@ def finish(
     exported_rows: list[Any] | None = None,
 ) -> TrainResult:
     """Record the fit (metrics, with its stages' records), export ``fitted.model`` (trained on
-    ``exported_rows``, default the training rows) and mark the run finished."""
+    ``exported_rows``, default the training rows) and mark the run finished: on rank 0 when distributed,
+    every rank getting its result."""
+    return distributed.on_main(lambda: _finish(run, fitted, pretrained, refit, exported_rows))
+
+
+def _finish(
+    run: Run,
+    fitted: Fitted,
+    pretrained: dict[str, Any] | None,
+    refit: dict[str, Any] | None,
+    exported_rows: list[Any] | None,
+) -> TrainResult:
     cfg, device = run.cfg, run.device
     sel = fitted.selection
     history = sel.history
@@ -191,6 +214,7 @@ def finish(
         "train_images_per_s": float(np.median(steady)),
         "train_seconds": time.perf_counter() - run.t_start,
         "decision": fitted.decision,
+        "world_size": distributed.world().world_size,  # processes that trained it (torchrun)
     }
     if pretrained is not None:
         metrics["pretrain"] = pretrained

@@ -23,6 +23,7 @@ from components.evaluate import count_metrics
 from components.model import build_model, decode_outputs
 from components.modelspec import STATE_DICT_FILE
 from components.preprocess import PreprocessSpec
+from components.training import distributed
 from components.training.checkpoint import atomic_torch_save
 from components.training.config import OnEpoch, TrainConfig
 from components.training.losses import distill_loss, loss_fn
@@ -85,6 +86,8 @@ class Trainer:
         self.num_classes = len(cfg.classes)
         weights = None if cfg.weights == "none" else cfg.weights
         self.model = build_model(self.num_classes, cfg.head, weights).to(device)
+        # torchrun: BatchNorm over the global batch, and DDP (self.forward) averaging the gradients
+        self.model = distributed.sync_batchnorm(self.model)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = make_optimizer(self.model, cfg)
@@ -93,19 +96,26 @@ class Trainer:
         self.teacher = load_teacher(cfg.teacher, cfg.head, self.num_classes, device) if cfg.teacher else None
         if self.teacher is not None and self.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = distributed.wrap(self.model, device)
         if cfg.compile:
-            self.forward = torch.compile(self.model)  # type: ignore[assignment]
+            self.forward = torch.compile(self.forward)  # type: ignore[assignment]
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(cfg.seed)
 
     def autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
-    def train_step(self, x_uint8: torch.Tensor, y_index: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a uint8 NHWC batch; returns the (device) loss without syncing."""
+    def train_step(
+        self, x_uint8: torch.Tensor, y_index: torch.Tensor, part: distributed.BatchPart | None = None
+    ) -> torch.Tensor:
+        """One optimizer step on a uint8 NHWC batch; returns the (device) loss without syncing.
+
+        ``part``: the batch is this rank's part of a global batch; the loss returned is its share of the
+        global batch's mean loss (the ranks' sum is that mean), and the gradient, averaged over the
+        ranks by DDP, is the global batch's."""
         self.model.train()
-        x = augment_batch(x_uint8, self.spec, self.cfg.aug_strength, self.gen, self.channels_last)
+        rows = None if part is None else part[:3]
+        x = augment_batch(x_uint8, self.spec, self.cfg.aug_strength, self.gen, self.channels_last, rows)
         with self.autocast():
             raw = self.forward(x)
         loss = loss_fn(raw, y_index, self.cfg.head, self.num_classes, self.cfg.label_smoothing)
@@ -116,7 +126,11 @@ class Trainer:
             soft = distill_loss(raw, teacher_raw, self.cfg.head, self.cfg.distill_temperature)
             loss = (1 - w) * loss + w * soft
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if part is not None:
+            loss = loss * part.share
+            (loss * part.world_size).backward()
+        else:
+            loss.backward()
         self.opt.step()
         self.sched.step()
         if self.ema is not None:
@@ -142,15 +156,20 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def predict(self, images: DeviceImages, tta: bool = False) -> dict[str, np.ndarray]:
-        """Loss, class index, expected index and raw output per image (flip-averaged with ``tta``)."""
+    def predict(
+        self, images: DeviceImages, tta: bool = False, *, shard: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Loss, class index, expected index and raw output per image (flip-averaged with ``tta``).
+
+        ``shard`` (distributed): each rank predicts its share of the images, and every rank gets all."""
         model: nn.Module = self.eval_model().eval()
         if tta:
             model = AverageModel([model], flips=True)
         losses, idx, exp, raws = [], [], [], []
         order = torch.arange(len(images))
-        for start in range(0, len(images), self.cfg.eval_batch_size):
-            x_u8, y = images.batch(order[start : start + self.cfg.eval_batch_size])
+        lo, hi = distributed.rows_of(len(images)) if shard else (0, len(images))
+        for start in range(lo, hi, self.cfg.eval_batch_size):
+            x_u8, y = images.batch(order[start : min(start + self.cfg.eval_batch_size, hi)])
             x = normalize_batch(x_u8, self.spec, self.channels_last)
             with self.autocast():
                 raw = model(x)
@@ -161,6 +180,10 @@ class Trainer:
             idx.append(index)
             exp.append(expected)
             raws.append(raw)
+        if shard and distributed.is_distributed():  # every rank's share, in rank order
+            mine = [torch.stack(losses).sum().cpu().view(1) if losses else None]
+            mine += [torch.cat(t).cpu() if t else None for t in (idx, exp, raws)]
+            losses, idx, exp, raws = ([distributed.cat_ranks(t)] for t in mine)
         return {
             "loss": float(torch.stack(losses).sum().item() / len(images)),
             "index": torch.cat(idx).cpu().numpy(),
@@ -247,12 +270,15 @@ def train_epochs(
     *,
     start_epoch: int,
     seed: int,
+    part: distributed.BatchPart | None = None,
 ) -> Iterator[EpochPass]:
     """A shuffled pass of ``steps`` batches through ``step`` (uint8 images, counts -> the batch's loss on
     the device) for each item of ``epochs`` (``range(start_epoch, E)``, or a progress bar over it).
 
     The shuffles come from their own seeded generator, replayed up to ``start_epoch``: a resumed run sees
-    the batches of an uninterrupted one. The loss is synced once per epoch, not per step.
+    the batches of an uninterrupted one. The loss is synced once per epoch, not per step. ``part``
+    (distributed): every rank draws the same global batches and steps on its part of each; the losses
+    are summed over the ranks, and the speed is the global batches'.
     """
     device = images.device
     cuda = device.type == "cuda"
@@ -267,8 +293,13 @@ def train_epochs(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for s in range(steps):
-            x, y = images.batch(perm[s * batch_size : (s + 1) * batch_size])
+            index = perm[s * batch_size : (s + 1) * batch_size]
+            if part is not None:
+                index = images.batch_order(index)[part.start : part.stop]
+            x, y = images.batch(index)
             loss_sum += step(x, y)
+        if part is not None:
+            distributed.all_reduce_sum(loss_sum)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -297,10 +328,15 @@ def fit_epochs(
     on_epoch: OnEpoch | None = None,
 ) -> Selection:
     """Train ``trainer`` from ``ckpt`` (or its start) to ``--epochs``, early stop or ``stop_after``;
-    validate and checkpoint after each epoch. ``on_epoch(epoch, metrics)`` may raise to stop (pruning)."""
+    validate and checkpoint after each epoch. ``on_epoch(epoch, metrics)`` may raise to stop (pruning).
+
+    Distributed: each rank trains on its part of every batch, validates its share of the images; rank
+    0's figures and decisions (best epoch, early stop) hold on every rank, and rank 0 alone checkpoints
+    (the others wait for it). ``on_epoch`` runs on every rank with the same figures."""
     cfg = trainer.cfg
     n_train = len(train_images)
     bs, steps = batch_plan(n_train, cfg)
+    part = distributed.batch_part(bs)
     history: list[dict[str, float]] = []
     start_epoch, best_key, best_epoch, best_state, stopped_early = 0, None, 0, None, False
     if ckpt is not None:
@@ -335,13 +371,14 @@ def fit_epochs(
         train_images,
         bs,
         steps,
-        lambda x, y: trainer.train_step(x, y - c0),
+        lambda x, y: trainer.train_step(x, y - c0, part),
         bar,
         start_epoch=start_epoch,
         seed=cfg.seed,
+        part=part,
     )
     for epoch, train_loss, images_per_s in () if stopped_early else passes:
-        pred = trainer.predict(val_images)
+        pred = trainer.predict(val_images, shard=part is not None)
         vm = count_metrics(val_counts, pred["index"] + c0, cfg.classes, pred["expected"] + c0)
         metrics = {
             "epoch": epoch + 1,
@@ -353,15 +390,18 @@ def fit_epochs(
             "lr": trainer.opt.param_groups[0]["lr"],
             "train_images_per_s": images_per_s,
         }
-        history.append(metrics)
         key = select_key(metrics, cfg.selection_metric)
-        if best_key is None or key > tuple(best_key):
+        better = best_key is None or key > tuple(best_key)
+        stop = bool(cfg.patience) and not better and epoch + 1 - best_epoch >= cfg.patience
+        # a refit ends where its selection run was best; the schedule is the same
+        stop = stop or bool(cfg.stop_after and epoch + 1 >= cfg.stop_after)
+        # one decision for every rank: rank 0's figures (its timing too) and choice
+        metrics, key, better, stop = distributed.broadcast_object((metrics, key, better, stop))
+        history.append(metrics)
+        if better:
             best_key, best_epoch = key, epoch + 1
             best_state = trainer.eval_state()
-        if cfg.patience and epoch + 1 - best_epoch >= cfg.patience:
-            stopped_early = True
-        if cfg.stop_after and epoch + 1 >= cfg.stop_after:
-            stopped_early = True  # a refit ends where its selection run was best; the schedule is the same
+        stopped_early = stopped_early or stop
         bar.set_postfix(acc=f"{metrics['val_accuracy']:.3f}", rmse=f"{metrics['val_rmse']:.3f}")
         if not cfg.progress:  # no bar (pods, CI logs): one line per epoch instead
             LOG.info(
@@ -375,19 +415,17 @@ def fit_epochs(
             )
         last = stopped_early or epoch + 1 == cfg.epochs
         if last or (epoch + 1) % cfg.checkpoint_every == 0 or on_epoch is not None:
-            atomic_torch_save(
-                {
-                    **trainer.state(),
-                    "epoch": epoch + 1,
-                    **fingerprint,
-                    "best_key": best_key,
-                    "best_epoch": best_epoch,
-                    "best_state": None if best_epoch == epoch + 1 else best_state,
-                    "history": history,
-                    "stopped_early": stopped_early,
-                },
-                ckpt_path,
-            )
+            record = {
+                "epoch": epoch + 1,
+                **fingerprint,
+                "best_key": best_key,
+                "best_epoch": best_epoch,
+                "best_state": None if best_epoch == epoch + 1 else best_state,
+                "history": history,
+                "stopped_early": stopped_early,
+            }
+            # rank 0 alone saves; the others wait for it
+            distributed.on_main(lambda r=record: atomic_torch_save({**trainer.state(), **r}, ckpt_path))
         if on_epoch is not None:
             on_epoch(epoch + 1, dict(metrics))
         if stopped_early:

@@ -19,7 +19,8 @@ from components.evaluate import count_metrics
 from components.manifest import load_labelled, read_manifest, write_manifest
 from components.model import decode_outputs
 from components.modelspec import STATE_DICT_FILE
-from components.training.checkpoint import seed_everything
+from components.training import distributed
+from components.training.checkpoint import resolve_device, seed_everything
 from components.training.config import (
     BACKBONE_FILE,
     PRETRAIN_DIR,
@@ -37,7 +38,11 @@ LOG = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
-    """Train, select on validation, export. ``on_epoch(epoch, metrics)`` may raise to stop (pruning)."""
+    """Train, select on validation, export. ``on_epoch(epoch, metrics)`` may raise to stop (pruning).
+
+    Launched by torchrun, every rank calls this: each trains its part of every batch, rank 0 writes,
+    and every rank returns rank 0's result (``on_epoch`` is called on every rank, with the same figures).
+    """
     run = open_run(cfg)
     if run.finished is not None:
         return run.finished
@@ -53,10 +58,11 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> TrainResult:
     if not cfg.refit:
         return finish(run, fitted, pretrained=pretrained)
     refit = _refit(cfg, weights, fitted)
-    # from here on, the refit's weights are the model: exported, tested and served
-    fitted.model.load_state_dict(
-        torch.load(Path(refit["dir"]) / STATE_DICT_FILE, map_location="cpu", weights_only=True)
-    )
+    # from here on, the refit's weights are the model: exported, tested and served (by rank 0)
+    if distributed.is_main():
+        fitted.model.load_state_dict(
+            torch.load(Path(refit["dir"]) / STATE_DICT_FILE, map_location="cpu", weights_only=True)
+        )
     return finish(
         run, fitted, pretrained=pretrained, refit=refit, exported_rows=run.train_rows + run.val_rows
     )
@@ -72,9 +78,13 @@ def _fit_stage(stage: TrainConfig) -> TrainResult:
 
 
 def _stage_manifest(stage_dir: Path, name: str, rows: list[Any]) -> Path:
-    """The stage's own training manifest in its directory (rows with absolute paths)."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    return write_manifest(stage_dir / name, rows)
+    """The stage's own training manifest in its directory (rows with absolute paths), written by rank 0."""
+
+    def write() -> Path:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        return write_manifest(stage_dir / name, rows)
+
+    return distributed.on_main(write)
 
 
 def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
@@ -93,6 +103,14 @@ def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(
             "pretraining needs --pretrain-extra and --pretrain-epochs >= 1 (contrastive: the epochs alone)"
         )
+    if distributed.world_from_env().distributed:
+        if contrastive:
+            raise ConfigError(
+                "--pretrain-objective contrastive trains in one process only: run that stage without "
+                "torchrun (--pretrain-only), then the fit under torchrun with --weights "
+                "MODEL_DIR/pretrain/model.pt"
+            )
+        distributed.init(resolve_device(cfg.device))  # join the group before rank 0 writes anything
     stage_dir = Path(cfg.out_dir) / PRETRAIN_DIR
     cap = cfg.pretrain_count_cap
     train_rows, train_paths = load_labelled(Path(cfg.train_csv), cfg.data_root)
@@ -125,18 +143,16 @@ def pretrain_backbone(cfg: TrainConfig) -> TrainResult:
         LOG.info("pretraining on %d images (counts 0..%d) for %d epochs", len(stage_rows), cap, stage.epochs)
         result = _fit_stage(stage)
         record = {"objective": "counts", "count_cap": cap}
-    atomic_write_json(
-        stage_dir / BACKBONE_FILE,
-        {
-            "images": result.metrics["n_train"],
-            "epochs": result.epochs_run,
-            **record,
-            "batch_size": cfg.batch_size,  # the stage's own optimisation settings (the run's)
-            "lr": cfg.lr,
-            # a resumed, finished stage reports its first run's time, not the reload's
-            "seconds": result.metrics.get("train_seconds", result.seconds),
-        },
-    )
+    info = {
+        "images": result.metrics["n_train"],
+        "epochs": result.epochs_run,
+        **record,
+        "batch_size": cfg.batch_size,  # the stage's own optimisation settings (the run's)
+        "lr": cfg.lr,
+        # a resumed, finished stage reports its first run's time, not the reload's
+        "seconds": result.metrics.get("train_seconds", result.seconds),
+    }
+    distributed.on_main(lambda: atomic_write_json(stage_dir / BACKBONE_FILE, info))
     return result
 
 
@@ -245,7 +261,7 @@ def _refit(cfg: TrainConfig, weights: str, fitted: Fitted) -> dict[str, Any]:
     compare the refit against; they must be taken before the refit's weights replace it.
     """
     selected: dict[str, Any] | None = None
-    if cfg.test_csv is not None:
+    if cfg.test_csv is not None and distributed.is_main():
         test, counts = test_prediction(cfg, fitted.trainer, fitted.trainer.device)
         c0, num_classes = cfg.classes[0], len(cfg.classes)
         offsets = fitted.decision.get("offsets")
