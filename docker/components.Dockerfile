@@ -41,7 +41,7 @@ x = p['optional-dependencies']; print('\n'.join(p['dependencies'] + x['train'] +
 # --- source, byte-compiled: exactly the modules the steps import (tests/test_docker.py checks it) ----
 FROM ${BASE_IMAGE} AS app
 COPY components/ /opt/app/components/
-COPY pipeline/__init__.py pipeline/components.py pipeline/steps.py /opt/app/pipeline/
+COPY pipeline/__init__.py pipeline/steps.py /opt/app/pipeline/
 RUN python3 -m compileall -q /opt/app
 
 # --- runtime ------------------------------------------------------------------------------------------

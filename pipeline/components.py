@@ -15,10 +15,8 @@ This module deliberately does not use ``from __future__ import annotations``: KF
 annotations of the component functions at runtime to build their interfaces.
 """
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, List, NamedTuple  # noqa: UP035 - KFP reads typing.List annotations
 
 from kfp import dsl
@@ -43,6 +41,8 @@ def ingest_shard(
 ) -> int:
     """Ingest shard ``shard`` of ``num_shards`` of the selection (ids by hash, each shard resumable on its
     own) into a Dataset directory (images/ + manifest.csv); returns its image count."""
+
+    from pathlib import Path
 
     from components.common import parse_int_list
     from components.ingest import ingest as run_ingest
@@ -80,6 +80,8 @@ def merge_shards(
     """One Dataset from the ingest shards (one manifest and report; images linked or copied and
     checked): what split and training read. Refuses shards of different selections or missing ones."""
 
+    from pathlib import Path
+
     from components.ingest_merge import merge_shards as run_merge
     from pipeline.steps import step_errors
 
@@ -114,6 +116,8 @@ def ingest_extra(
     ``per_class`` 0 (pretraining off) writes an empty manifest and reads nothing, so the graph is the
     same either way (a conditional producer could not feed the one pretrain task).
     """
+
+    from pathlib import Path
 
     from components.common import parse_int_list
     from components.ingest import MANIFEST_FILE
@@ -153,6 +157,7 @@ def split(
     """Stratified train/val/test manifests; their paths are relative to the ingest Dataset."""
     import shutil
     import tempfile
+    from pathlib import Path
 
     from components.common import parse_float_list
     from components.manifest import read_manifest
@@ -206,6 +211,7 @@ def pretrain_model(
     ``pretrain_epochs`` 0 it writes only a note, and the trials and the fit start from ``weights``.
     Returns the number of images the stage trained on (0 when off).
     """
+    import json
     from pathlib import Path
 
     from pipeline.steps import step_errors
@@ -302,6 +308,7 @@ def tune_worker(
 ) -> int:
     """One parallel tuning worker: runs trials of the shared study until the study-wide budget is used."""
     import tempfile
+    from pathlib import Path
 
     from components.tune import tune as run_tuning
     from pipeline.steps import backbone_weights, keep_tune_reports, make_tune_config, step_errors
@@ -368,6 +375,7 @@ def select_best(
     Runs the same ``components.tune.tune`` as the workers: with the budget used up it starts no trial
     and only writes the reports for the whole study.
     """
+    import json
     import tempfile
     from pathlib import Path
 
@@ -548,6 +556,7 @@ def evaluate_model(
     """
     import tempfile
     from collections import namedtuple
+    from pathlib import Path
 
     from components.evaluate import AccuracyGate, range_text
     from components.evaluate import evaluate as run_evaluation
@@ -621,6 +630,7 @@ def challenge_model(
     """Score the model against the store's latest published version on the same test images; returns
     whether to publish it (the champion gate: True when nothing is published yet or the gate is off)."""
     import tempfile
+    from pathlib import Path
 
     from components.champion import GateRule, challenge, summary_rows
     from components.evaluate import difference_text
@@ -681,6 +691,7 @@ def publish_model(
 ) -> NamedTuple("PublishOutputs", [("storage_uri", str), ("version", str)]):
     """Copy the model to the store (KServe layout); ``inference_service`` is the rendered manifest (YAML)."""
     from collections import namedtuple
+    from pathlib import Path
 
     from components.publish import publish as run_publish
     from pipeline.steps import require_model_store, step_errors

@@ -227,7 +227,11 @@ def test_refit_runs_record_both_models_test_figures(
     r = json.loads((tmp_path / "out" / "train_gpu.json").read_text())
     (run,) = r["runs"]
     split = r["data"]["split"]
-    assert run["refit"]["images"] == split["train"] + split["val"]
+    # train + the validation selection part: the calibration part stays out, for the answers' thresholds
+    from components.training.config import TrainConfig
+
+    calibration = round(TrainConfig.calib_frac * split["val"])
+    assert run["refit"]["images"] == split["train"] + split["val"] - calibration
     assert run["refit"]["epochs"] == run["best_epoch"]
     assert set(run["refit"]["test_selected"]) == {"accuracy", "rmse", "mae", "n"}
     assert run["refit"]["test_selected"]["n"] == run["test"]["n"] == split["test"]
