@@ -170,7 +170,8 @@ def test_components_image_runs_a_step_as_its_non_root_user(
         [
             "run", "--rm", "--network", "none", "--entrypoint", "/opt/venv/bin/python", components_image,
             "-c", "import torch, torchvision, onnxruntime, kfp, optuna, components.quantize, "
-            "pipeline.components; import importlib.util as u, sys; sys.exit(u.find_spec('pip') is not None)",
+            "pipeline.steps, components.trainjob, components.ingest_merge; import importlib.util as u, sys; "
+            "sys.exit(u.find_spec('pip') is not None)",
         ],
         check=False,
     )  # fmt: skip
