@@ -299,3 +299,43 @@ def settings_table(cls: type) -> str:
 def _group_order(cls: type, group: str) -> int:
     order = list(dict.fromkeys(f.metadata["group"] for f in declared(cls)))
     return order.index(group)
+
+
+def to_argv(cfg: Any) -> list[str]:
+    """The command-line flags of a config of declared settings (``python -m components.train``'s for a
+    TrainConfig): every command-line setting that differs from its default (the required ones always).
+    Parsing them back gives the same config; a setting the command line cannot express (no flag, or
+    unset to None) is a :class:`ConfigError`."""
+    out: list[str] = []
+    for f in declared(type(cfg)):
+        value = getattr(cfg, f.name)
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if default is not dataclasses.MISSING and value == default:
+            continue
+        if not f.metadata.get("cli", True):
+            raise ConfigError(f"{f.name}={value!r} has no command-line flag: a command line cannot pass it")
+        flag = flag_of(f)
+        if isinstance(value, bool):
+            out.append(flag)
+        elif value is None:
+            raise ConfigError(f"{f.name} is None (default {default!r}): {flag} cannot unset it")
+        elif isinstance(value, tuple | list):
+            items = [_text(v) for v in value]
+            if f.metadata.get("nargs"):
+                if not items:
+                    raise ConfigError(f"{f.name} is empty (default {default!r}): {flag} cannot empty it")
+                out += [flag, *items]
+            else:
+                out += [flag, ",".join(items)]
+        else:
+            out += [flag, _text(value)]
+    return out
+
+
+def _text(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)

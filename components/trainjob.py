@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import ConfigError
+from components.settings import to_argv
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
@@ -226,10 +227,10 @@ def render_trainjob(
 ) -> dict[str, Any]:
     """The TrainJob (``trainer.kubeflow.org/v1alpha1``) for ``nodes`` x ``gpus_per_node``.
 
-    ``train_args`` are ``python -m components.train``'s flags (:func:`train_args`). Each node gets
-    requests = limits = ``cpu``, ``memory`` and ``gpus_per_node`` GPUs, and runs ``gpus_per_node``
-    processes (one on a CPU node). ``active_deadline_s`` lets the cluster stop the job even if the
-    waiting task is gone; ``node_selector`` goes in through ``spec.runtimePatches``.
+    ``train_args`` are ``python -m components.train``'s flags (:func:`components.settings.to_argv`).
+    Each node gets requests = limits = ``cpu``, ``memory`` and ``gpus_per_node`` GPUs, and runs
+    ``gpus_per_node`` processes (one on a CPU node). ``active_deadline_s`` lets the cluster stop the
+    job even if the waiting task is gone; ``node_selector`` goes in through ``spec.runtimePatches``.
     Raises :class:`ConfigError` (naming the pipeline parameter) before anything is built.
     """
     nodes = _check_int(nodes, "nodes", 1)
@@ -297,47 +298,6 @@ def render_trainjob(
         "metadata": {"name": name, "namespace": namespace, "labels": all_labels},
         "spec": spec,
     }
-
-
-def train_args(cfg: Any) -> list[str]:
-    """``python -m components.train``'s flags for a config: every command-line setting that differs from
-    its default (the required ones always). Parsing them back gives the same config; a setting the
-    command line cannot express (no flag, or unset to None) is a :class:`ConfigError`."""
-    from components.settings import declared, flag_of
-
-    out: list[str] = []
-    for f in declared(type(cfg)):
-        value = getattr(cfg, f.name)
-        if f.default is not dataclasses.MISSING:
-            default: Any = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
-        if default is not dataclasses.MISSING and value == default:
-            continue
-        if not f.metadata.get("cli", True):
-            raise ConfigError(f"{f.name}={value!r} has no command-line flag: a TrainJob cannot pass it")
-        flag = flag_of(f)
-        if isinstance(value, bool):
-            out.append(flag)
-        elif value is None:
-            raise ConfigError(f"{f.name} is None (default {default!r}): {flag} cannot unset it")
-        elif isinstance(value, tuple | list):
-            items = [_text(v) for v in value]
-            if f.metadata.get("nargs"):
-                if not items:
-                    raise ConfigError(f"{f.name} is empty (default {default!r}): {flag} cannot empty it")
-                out += [flag, *items]
-            else:
-                out += [flag, ",".join(items)]
-        else:
-            out += [flag, _text(value)]
-    return out
-
-
-def _text(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
 
 
 # --------------------------------------------------------------------------------------------- wait
@@ -686,7 +646,7 @@ def fit_on_trainjob(
         name,
         namespace=namespace or current_namespace(),
         image=image,
-        train_args=train_args(staged),
+        train_args=to_argv(staged),
         nodes=nodes,
         gpus_per_node=gpus_per_node,
         cpu=cpu,

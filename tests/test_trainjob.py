@@ -31,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from components import trainjob as tj
 from components.common import ConfigError
 from components.manifest import ManifestRow, read_manifest, write_manifest
-from components.settings import add_arguments, setting, values_from_args
+from components.settings import add_arguments, setting, to_argv, values_from_args
 from components.training.config import BACKBONE_FILE, TrainConfig
 from tests.test_k8s import K8S, REPO, close_schema, core_errors, render
 
@@ -249,12 +249,12 @@ def test_train_args_parse_back_to_the_same_config(tmp_path: Path) -> None:
         progress=False,
         model_name="counter",
     )
-    flags = tj.train_args(cfg)
+    flags = to_argv(cfg)
     assert "--no-amp" in flags and "--compile" in flags and "--no-progress" in flags
     assert flags[flags.index("--classes") + 1] == "1,2,3"
     assert parse_back(TrainConfig, flags) == cfg
     # the defaults are left out: a small command line
-    assert tj.train_args(TrainConfig(train_csv=Path("t"), val_csv=Path("v"), out_dir=Path("o"))) == [
+    assert to_argv(TrainConfig(train_csv=Path("t"), val_csv=Path("v"), out_dir=Path("o"))) == [
         "--train", "t", "--val", "v", "--out", "o",
     ]  # fmt: skip
 
@@ -269,15 +269,15 @@ def test_train_args_refuse_what_the_command_line_cannot_say() -> None:
         hidden: int = setting(0, help="not a flag", group="g", cli=False)
         models: tuple[str, ...] = setting(("a",), help="many", group="g", nargs="+")
 
-    assert tj.train_args(Settings(Path("p"), models=("x", "y"))) == ["--path", "p", "--models", "x", "y"]
-    assert parse_back(Settings, tj.train_args(Settings(Path("p"), models=("x", "y")))).models == ("x", "y")
+    assert to_argv(Settings(Path("p"), models=("x", "y"))) == ["--path", "p", "--models", "x", "y"]
+    assert parse_back(Settings, to_argv(Settings(Path("p"), models=("x", "y")))).models == ("x", "y")
     for bad, needle in [
         ({"limit": None}, "cannot unset"),
         ({"hidden": 3}, "has no command-line flag"),
         ({"models": ()}, "cannot empty"),
     ]:
         with pytest.raises(ConfigError, match=needle):
-            tj.train_args(Settings(Path("p"), **bad))
+            to_argv(Settings(Path("p"), **bad))
 
 
 # --------------------------------------------------------------------------------------------------
