@@ -228,15 +228,24 @@ def task_logs_to(path: Path, console: TextIO | None = None) -> Iterator[TaskLog]
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     original_print = builtins.print
+    last_resort = logging.lastResort
     with path.open("w", encoding="utf-8") as fh:
         stream = TaskLog(fh, console)
         handler = logging.StreamHandler(stream)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.handlers = [handler]
+        # kfp.local clears the root handlers and adds its own around every task; with tasks in parallel
+        # threads, one task's line can be logged in the instant another has cleared them, and logging
+        # then hands it to lastResort (stderr, warnings only): a task's end would vanish
+        gap = logging.StreamHandler(stream)
+        gap.setFormatter(logging.Formatter(LOG_FORMAT))
+        gap.setLevel(logging.INFO)
+        logging.lastResort = gap
         try:
             with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
                 yield stream
         finally:
+            logging.lastResort = last_resort
             stream.close_lines()
             # kfp.local indents task logs by swapping builtins.print per task; tasks that run in
             # parallel threads restore each other's swap, and the indent outlives the run

@@ -242,7 +242,8 @@ def test_pipeline_runs_end_to_end_and_publishes_a_servable_model(
     lines = out.splitlines()
     assert len(lines) <= 150, len(lines)
     assert f"the tasks' logs go to {run_dir / 'run.log'}" in out and "Streamed logs" not in out
-    assert sum(1 for line in lines if re.search(r"\btune-worker: done in \d+ s$", line)) == 2
+    ends = [line for line in lines if "tune-worker" in line]
+    assert sum(1 for line in ends if re.search(r"\btune-worker: done in \d+ s$", line)) == 2, ends
     log_text = (run_dir / "run.log").read_text()
     assert "Executing task 'train-model'" in log_text and "Streamed logs" in log_text
     assert "[KFP Executor" in log_text and "\x1b[" not in log_text
@@ -375,6 +376,25 @@ def test_task_lines_from_parallel_tasks_are_not_spliced(tmp_path: Path):
     logged = (tmp_path / "run.log").read_text().splitlines()
     assert sorted(logged[:2]) == [f"INFO  Task '{n}' finished with status SUCCESS" for n in "ab"]
     assert logged[2:] == ["no newline at the end"]
+
+
+def test_a_task_line_logged_while_another_task_has_cleared_the_handlers_is_kept(tmp_path: Path, capsys):
+    """kfp.local clears the root logger's handlers around each task; a parallel task's end logged in that
+    instant (logging then finds no handler and falls back to lastResort, warnings only) must still reach
+    the console and the log."""
+    import logging
+
+    last_resort = logging.lastResort
+    with run_local.task_logs_to(tmp_path / "run.log"):
+        root = logging.getLogger()
+        root.setLevel(logging.INFO)  # as kfp.local sets it for its tasks
+        # another task's local_logger_context clears the list while this record is on its way (the
+        # logger method, not logging.info, which would call basicConfig on an empty list)
+        root.handlers.clear()
+        root.info("Task 'tune-worker' finished with status SUCCESS")
+    assert logging.lastResort is last_resort
+    assert re.search(r" tune-worker: done in \d+ s$", capsys.readouterr().out.strip())
+    assert "Task 'tune-worker' finished with status SUCCESS" in (tmp_path / "run.log").read_text()
 
 
 def test_the_model_directory_keeps_the_train_steps_figures_and_reports_get_html_names(tmp_path: Path):
