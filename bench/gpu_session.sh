@@ -29,6 +29,10 @@
 #                                        #   Needs .gpu/abid_288_q75.npz
 #   bash bench/gpu_session.sh distill    # accuracy: two runs, their ensemble, and one ResNet18 taught
 #                                        #   by both. Needs .gpu/abid_224_q90.npz
+#   bash bench/gpu_session.sh stream     # speed: one epoch at 224 px with the training images held on
+#                                        #   the GPU vs streamed from the uint8 cache (--data-on-device
+#                                        #   always vs never; 20,000 random images, 3 GB; ~2 minutes).
+#                                        #   Needs no pack
 #
 # `make gpu-prep` makes these files; what one mode carries stays under the 64 MiB limit (tune: 60 MiB
 # with the repository).
@@ -152,8 +156,14 @@ case $mode in
       --compile-below 0 --epochs 150 --tta --ensemble --distill --budget-s 200 --distill-budget-s 330 \
       --result-name train_gpu_distill.json --runs "ordinal:seed=1" "ordinal:seed=2"
     ;;
+  stream)
+    # bench/stream.py: random pixels (the speed does not depend on them), made on the machine; each
+    # mode's first pass reads the disk (--cold drops the file's pages), twice each, alternating.
+    python3 bench/stream.py --device cuda --synthetic 20000 --image-size 224 --batch-size 256 --cold \
+      --work /tmp/bench_stream --out "$out/stream_gpu.json"
+    ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tune|tune-pretrained|pretrain|ensemble|decision|stages|refit|contrastive|resolution|distill" >&2
+    echo "usage: bash bench/gpu_session.sh tune|tune-pretrained|pretrain|ensemble|decision|stages|refit|contrastive|resolution|distill|stream" >&2
     exit 2
     ;;
 esac

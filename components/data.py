@@ -6,8 +6,10 @@ memory-mapped ``[N, S, S, 3]`` uint8 ``.npy`` file per (image set, size). Trials
 later fits reuse it. A JSON index beside it lists ids, labels and SHA-256s, so a cache built for other
 images is never picked up by mistake.
 
-Training moves uint8 batches (or the whole set, when it fits) to the device and augments and normalizes
-there, so the GPU is never waiting for the CPU. Normalization takes its numbers from
+Training holds the whole uint8 set on the device when it fits (:class:`DeviceImages`), else streams it
+from the cache a few batches at a time, read ahead by a background thread (:class:`StreamedImages`;
+:func:`open_images` chooses, ``--data-on-device``), and augments and normalizes batches on the device, so
+the GPU is never waiting for the CPU. Normalization takes its numbers from
 :func:`components.preprocess.normalize_constants`, as :func:`components.preprocess.normalize` does; the
 augmentations never crop the frame's content away on purpose (items at the edge count), and padding is
 black rather than mirrored, which would add items.
@@ -18,11 +20,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -299,46 +304,285 @@ def contrastive_view(
     return _normalize_unit(x, spec, channels_last)
 
 
-class DeviceImages:
-    """A cached image set, held on the training device when it fits, else read from the memmap."""
+# ------------------------------------------------------------------------------------- image sources
 
-    def __init__(self, cache: CachedImages, device: Any, *, max_device_fraction: float = 0.4) -> None:
+#: ``--data-on-device``: where training holds an image set (:func:`open_images`)
+DATA_ON_DEVICE = ("auto", "always", "never")
+#: ``auto`` holds a set on the device when it takes at most this share of the memory free there
+AUTO_DEVICE_FRACTION = 0.5
+#: batches a streamed set reads ahead of the one in use
+PREFETCH_BATCHES = 2
+#: threads reading one streamed batch's rows (parallel page faults: the disk serves several at once)
+READ_THREADS = 4
+#: a set held on the device is copied there this much at a time (host memory: a chunk, not the set)
+_LOAD_CHUNK_BYTES = 256 << 20
+_POLL_S = 0.05
+_END = object()
+
+
+class ImageSource(Protocol):
+    """What training and prediction draw batches from: :class:`DeviceImages` (the whole set on the
+    device) or :class:`StreamedImages` (read from the cache batch by batch). Both give the rows of an
+    index in its order, so a fit is the same with either."""
+
+    cache: CachedImages
+    device: Any
+    counts: Any
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: Any) -> tuple[Any, Any]: ...
+
+    def batches(self, indices: Iterable[Any]) -> Iterator[tuple[Any, Any]]: ...
+
+
+class DeviceImages:
+    """A cached image set held whole on the training device (in RAM on CPU)."""
+
+    def __init__(self, cache: CachedImages, device: Any) -> None:
         import torch
 
         self.cache = cache
         self.device = torch.device(device)
         self.counts = torch.as_tensor(cache.counts)
-        self._on_device: torch.Tensor | None = None
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if cache.images.nbytes < max_device_fraction * free:
-                self._on_device = torch.from_numpy(np.array(cache.images)).to(self.device)
-        elif cache.images.nbytes < (1 << 30):
-            # Small sets: one copy in RAM beats a page fault per batch.
-            self._on_device = torch.from_numpy(np.array(cache.images))
+        images = cache.images
+        self.images = torch.empty(images.shape, dtype=torch.uint8, device=self.device)
+        step = max(1, _LOAD_CHUNK_BYTES // max(1, int(np.prod(images.shape[1:]))))
+        for start in range(0, len(images), step):  # chunks: the host never holds the whole set twice
+            self.images[start : start + step].copy_(torch.from_numpy(np.array(images[start : start + step])))
 
     def __len__(self) -> int:
         return len(self.cache)
 
-    def batch_order(self, index: Any) -> Any:
-        """``index`` in the order :meth:`batch` returns its rows (sorted when read from the memmap)."""
-        import torch
-
-        if self._on_device is not None:
-            return index
-        return torch.from_numpy(np.sort(index.cpu().numpy()))
-
     def batch(self, index: Any) -> tuple[Any, Any]:
-        """uint8 NHWC images and class counts for ``index`` (a 1-D int64 tensor on any device)."""
-        import torch
-
-        if self._on_device is not None:
-            idx = index.to(self._on_device.device)
-            x = self._on_device.index_select(0, idx)
-        else:
-            order = np.sort(index.cpu().numpy())  # sorted reads are sequential on the memmap
-            index = torch.from_numpy(order)
-            x = torch.from_numpy(np.ascontiguousarray(self.cache.images[order]))
-        x = x.to(self.device, non_blocking=True)
+        """uint8 NHWC images and counts of ``index`` (a 1-D int64 tensor on any device), in its order."""
+        x = self.images.index_select(0, index.to(self.images.device))
         y = self.counts.index_select(0, index.cpu()).to(self.device, non_blocking=True)
         return x, y
+
+    def batches(self, indices: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        """:meth:`batch` of each index in turn."""
+        for index in indices:
+            yield self.batch(index)
+
+
+class StreamedImages:
+    """A cached image set read from its memmap batch by batch: host memory stays a few batches whatever
+    the set's size, and the device holds only the batches in use.
+
+    :meth:`batches` reads ahead in a background thread: each batch's rows go from the memmap (the page
+    cache, else the disk) straight into a reused host buffer (pinned on CUDA), split across
+    ``read_threads`` threads; at most ``prefetch`` batches wait ready, and the copy to the device is
+    non-blocking. Host buffers: ``prefetch + 2`` at most (those waiting, the one being read, the one in
+    use). Rows come in the index's order, as :class:`DeviceImages` gives them: a fit is the same.
+    """
+
+    def __init__(
+        self,
+        cache: CachedImages,
+        device: Any,
+        *,
+        prefetch: int = PREFETCH_BATCHES,
+        read_threads: int = READ_THREADS,
+    ) -> None:
+        import torch
+
+        if prefetch < 1 or read_threads < 1:
+            raise ValueError(f"prefetch and read_threads must be >= 1, got {prefetch} and {read_threads}")
+        self.cache = cache
+        self.device = torch.device(device)
+        self.counts = torch.as_tensor(cache.counts)
+        self.prefetch = prefetch
+        self.read_threads = read_threads
+        #: the most batches seen waiting in the read-ahead queue (never more than ``prefetch``)
+        self.peak_queued = 0
+        #: host buffers the latest :meth:`batches` allocated (never more than ``prefetch + 2``)
+        self.host_buffers = 0
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def _rows(self, index: Any) -> np.ndarray:
+        rows = np.asarray(index.cpu().numpy() if hasattr(index, "cpu") else index, dtype=np.int64).ravel()
+        n = len(self.cache)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"image index out of range [0, {n}): {rows.min()}..{rows.max()}")
+        return rows
+
+    def _read(self, rows: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None = None) -> None:
+        """``cache.images[rows]`` into ``out``, in that order (split across ``pool``'s threads)."""
+        images = self.cache.images
+        parts = min(self.read_threads, max(1, len(rows) // 4))
+        # mode "clip": the rows are checked; "raise" would read into a temporary, then copy
+        if pool is None or parts == 1:
+            np.take(images, rows, 0, out, "clip")
+            return
+        cuts = np.linspace(0, len(rows), parts + 1).astype(int)
+        jobs = [pool.submit(np.take, images, rows[a:b], 0, out[a:b], "clip") for a, b in pairwise(cuts)]
+        for job in jobs:
+            job.result()
+
+    def batch(self, index: Any) -> tuple[Any, Any]:
+        """uint8 NHWC images and counts of ``index``, in its order, read now (no read-ahead)."""
+        import torch
+
+        rows = self._rows(index)
+        out = np.empty((len(rows), *self.cache.images.shape[1:]), np.uint8)
+        self._read(rows, out)
+        y = self.counts.index_select(0, torch.from_numpy(rows))
+        return torch.from_numpy(out).to(self.device), y.to(self.device)
+
+    def batches(self, indices: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        """:meth:`batch` of each index in turn, read ahead by a background thread (which also iterates
+        ``indices``). On CPU a batch's images are valid until the next batch is drawn (its buffer is then
+        reused); on CUDA they are the device's copy. Closing the iterator early stops the thread."""
+        import torch
+
+        cuda = self.device.type == "cuda"
+        shape = self.cache.images.shape[1:]
+        ready: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        free: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        stop = threading.Event()
+        self.host_buffers = 0
+        gpu = None  # the reader's thread works on this thread's GPU (pinned buffers belong to its context)
+        if cuda:
+            gpu = self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=_POLL_S)
+                except queue.Full:
+                    continue
+                self.peak_queued = max(self.peak_queued, ready.qsize())
+                return True
+            return False
+
+        def buffer(n: int) -> Any:
+            """A host buffer for ``n`` rows: a free one, a new one while fewer than the bound exist."""
+            while not stop.is_set():
+                if free.empty() and self.host_buffers < self.prefetch + 2:
+                    self.host_buffers += 1
+                    return torch.empty((n, *shape), dtype=torch.uint8, pin_memory=cuda)
+                try:
+                    buf, copied = free.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                if copied is not None:
+                    copied.synchronize()  # its copy to the device has finished
+                if len(buf) < n:
+                    buf = torch.empty((n, *shape), dtype=torch.uint8, pin_memory=cuda)
+                return buf
+            return None
+
+        def produce() -> None:
+            try:
+                if gpu is not None:
+                    torch.cuda.set_device(gpu)
+                pool = ThreadPoolExecutor(self.read_threads, "image-read") if self.read_threads > 1 else None
+                try:
+                    for index in indices:
+                        rows = self._rows(index)
+                        buf = buffer(len(rows))
+                        if buf is None:
+                            return
+                        self._read(rows, buf.numpy()[: len(rows)], pool)
+                        if not put((buf, rows)):
+                            return
+                finally:
+                    if pool is not None:
+                        pool.shutdown()
+                put(_END)
+            except BaseException as e:  # raised again in the consumer's thread
+                put(e)
+
+        thread = threading.Thread(target=produce, name="image-prefetch", daemon=True)
+        thread.start()
+        held = None
+        try:
+            while True:
+                if held is not None:  # the previous batch is done with: its buffer may be refilled
+                    free.put((held, None))
+                    held = None
+                item = ready.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                buf, rows = item
+                y = self.counts.index_select(0, torch.from_numpy(rows))
+                if cuda:
+                    x = buf[: len(rows)].to(self.device, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(torch.cuda.current_stream(self.device))
+                    free.put((buf, copied))
+                    yield x, y.to(self.device, non_blocking=True)
+                else:
+                    held = buf
+                    yield buf[: len(rows)], y
+        finally:
+            stop.set()
+            thread.join()
+
+
+def free_memory(device: Any) -> int:
+    """Bytes an image set could take on ``device``: CUDA's free memory there (with torch's cached
+    blocks); on CPU the RAM the kernel
+    says is available (``MemAvailable``), or the physical memory where there is no /proc/meminfo."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # plus what torch's allocator keeps cached for reuse (e.g. a set freed since)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
+def open_images(
+    cache: CachedImages, device: Any, data_on_device: str = "auto", *, copies: int = 1
+) -> ImageSource:
+    """The image set as training draws it (``--data-on-device``): ``always`` held whole on ``device``
+    (:class:`DeviceImages`), ``never`` streamed from the cache (:class:`StreamedImages`), ``auto`` held
+    when ``copies`` of it (CPU under torchrun: one per process of the node, all in its RAM) take at most
+    :data:`AUTO_DEVICE_FRACTION` of :func:`free_memory`, else streamed. Streaming is logged, with why."""
+    import torch
+
+    if data_on_device not in DATA_ON_DEVICE:
+        raise ConfigError(
+            f"--data-on-device must be one of {', '.join(DATA_ON_DEVICE)}, got {data_on_device!r}"
+        )
+    device = torch.device(device)
+    size = cache.images.nbytes
+    if data_on_device == "always":
+        return DeviceImages(cache, device)
+    if data_on_device == "never":
+        why = "--data-on-device never"
+    else:
+        free, need = free_memory(device), size * max(1, copies)
+        if need <= AUTO_DEVICE_FRACTION * free:
+            return DeviceImages(cache, device)
+        what = f"{copies} copies ({_size(need)})" if copies > 1 else "that"
+        where = f"free on {device}" if device.type == "cuda" else "of RAM available"
+        why = (
+            f"{what} is over {AUTO_DEVICE_FRACTION:.0%} of the {_size(free)} {where} "
+            "(--data-on-device auto; always holds it there anyway)"
+        )
+    LOG.info("streaming %d images (%s) from the cache: %s; %s", len(cache), _size(size), why, cache.path)
+    return StreamedImages(cache, device)

@@ -128,6 +128,23 @@ def test_an_interrupted_run_resumes_to_the_same_result(
     assert _max_diff(_weights(out), _weights(ddp_model_dir)) < 1e-6
 
 
+def test_a_streamed_run_matches_the_in_memory_one(
+    ddp_model_dir: Path, tiny_split: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--data-on-device never``: each rank reads its rows of every global batch (and its share of the
+    validation images) from the cache, read ahead; the arithmetic is the in-memory run's."""
+    out = tmp_path / "model"
+    flags = _flags(tiny_split, out, tmp_path / "cache", "--data-on-device", "never")
+    wrote = _torchrun(tmp_path / "record", flags)
+    assert wrote[1] == [] and set(wrote[0]) >= ARTIFACTS
+    streamed, held = (json.loads((d / "metrics.json").read_text()) for d in (out, ddp_model_dir))
+    for got, want in zip(streamed["history"], held["history"], strict=True):
+        for key in ("train_loss", "val_loss", "val_accuracy", "val_rmse"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert (streamed["val"], streamed["test"]) == (held["val"], held["test"])
+    assert _max_diff(_weights(out), _weights(ddp_model_dir)) < 1e-6
+
+
 # --- one process: the helpers without a process group -------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from components.answers import (
     every_count_threshold,
     fit_answer_spec,
 )
-from components.data import DeviceImages, build_cache
+from components.data import build_cache, open_images
 from components.evaluate import answer_metrics, calibration_metrics
 from components.model import decode_outputs
 from components.training.config import TrainConfig
@@ -158,7 +158,7 @@ def fit_answers(
     cache = build_cache(
         rows, paths, cfg.image_size, cfg.cache_dir, workers=cfg.decode_workers, progress=cfg.progress
     )
-    pred = trainer.predict(DeviceImages(cache, trainer.device), tta=cfg.tta)
+    pred = trainer.predict(open_images(cache, trainer.device, cfg.data_on_device), tta=cfg.tta)
     out = graph_outputs(pred["raw"], cfg.head, cfg.classes, offsets, temperature)
     spec = fit_answer_spec(
         out["probabilities"],

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import ConfigError, parse_int_list
+from components.data import DATA_ON_DEVICE
 from components.modelspec import (
     DEFAULT_CLASSES,
     HEADS,
@@ -36,6 +37,7 @@ RESUME_MAY_CHANGE = frozenset(
         "out_dir",
         "data_root",
         "cache_dir",
+        "data_on_device",
         "device",
         "num_threads",
         "decode_workers",
@@ -185,6 +187,15 @@ class TrainConfig:
     cache_dir: Path | None = setting(
         None, help="uint8 image cache (default $INVENTORY_MONITOR_CACHE or ~/.cache/...)", group=RUNTIME
     )
+    data_on_device: str = setting(
+        "auto",
+        help="where training holds each image set: always on the training device (GPU memory; RAM on "
+        "CPU), never (streamed from the uint8 cache, a few batches read ahead by a background thread), or "
+        "auto: on the device when it takes at most half the memory free there (CUDA's free memory; on CPU "
+        "the RAM available), else streamed. The results are the same",
+        group=RUNTIME,
+        choices=DATA_ON_DEVICE,
+    )
     decode_workers: int | None = setting(None, help="processes decoding JPEGs into the cache", group=RUNTIME)
     compile: bool = setting(False, help="torch.compile the model", group=RUNTIME)
     channels_last: bool = setting(True, help="channels_last memory format on CUDA", group=RUNTIME, cli=False)
@@ -289,6 +300,10 @@ class TrainConfig:
             raise ConfigError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigError(f"--selection-metric must be one of {list(SELECTION_METRICS)}")
+        if self.data_on_device not in DATA_ON_DEVICE:
+            raise ConfigError(
+                f"--data-on-device must be one of {', '.join(DATA_ON_DEVICE)}, got {self.data_on_device!r}"
+            )
         if self.decision not in DECISIONS:
             raise ConfigError(f"--decision must be one of {list(DECISIONS)}, got {self.decision!r}")
         checks = [

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from components.common import ConfigError, read_json
-from components.data import DeviceImages, build_cache, contrastive_view, normalize_batch
+from components.data import ImageSource, build_cache, contrastive_view, normalize_batch, open_images
 from components.manifest import load_labelled
 from components.model import build_model
 from components.modelspec import STATE_DICT_FILE
@@ -102,15 +102,15 @@ def knn_accuracy(
 
 @torch.no_grad()
 def _features(
-    backbone: nn.Module, images: DeviceImages, index: torch.Tensor, spec: PreprocessSpec, cfg: TrainConfig
+    backbone: nn.Module, images: ImageSource, index: torch.Tensor, spec: PreprocessSpec, cfg: TrainConfig
 ) -> torch.Tensor:
     backbone.eval()
     out = []
     device = images.device
     amp = cfg.amp and device.type == "cuda"
     channels_last = cfg.channels_last and device.type == "cuda"
-    for start in range(0, len(index), cfg.eval_batch_size):
-        x_u8, _ = images.batch(index[start : start + cfg.eval_batch_size])
+    ebs = cfg.eval_batch_size
+    for x_u8, _ in images.batches([index[s : s + ebs] for s in range(0, len(index), ebs)]):
         x = normalize_batch(x_u8, spec, channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out.append(backbone(x).float())
@@ -152,8 +152,11 @@ def contrastive_pretrain(cfg: TrainConfig) -> TrainResult:
     ckpt = resume_checkpoint(cfg, out_dir, fingerprint)
 
     kw: dict[str, Any] = {"workers": cfg.decode_workers, "progress": cfg.progress}
-    images = DeviceImages(build_cache(rows, paths, cfg.image_size, cfg.cache_dir, **kw), device)
-    val_images = DeviceImages(build_cache(val_rows, val_paths, cfg.image_size, cfg.cache_dir, **kw), device)
+    images = open_images(
+        build_cache(rows, paths, cfg.image_size, cfg.cache_dir, **kw), device, cfg.data_on_device
+    )
+    val_cache = build_cache(val_rows, val_paths, cfg.image_size, cfg.cache_dir, **kw)
+    val_images = open_images(val_cache, device, cfg.data_on_device)
     first = cfg.classes[0]
     in_task = [i for i, r in enumerate(rows) if r.count in cfg.classes]
     ref_index = torch.as_tensor(in_task, dtype=torch.long)

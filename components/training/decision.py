@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.data import DeviceImages, build_cache
+from components.data import build_cache, open_images
 from components.evaluate import count_metrics, paired_difference
 from components.model import decode_outputs, fit_decision_offsets
 from components.training.config import TrainConfig
@@ -75,4 +75,5 @@ def test_prediction(
     cache = build_cache(
         rows, paths, cfg.image_size, cfg.cache_dir, workers=cfg.decode_workers, progress=cfg.progress
     )
-    return trainer.predict(DeviceImages(cache, device), tta=cfg.tta), np.asarray(cache.counts)
+    images = open_images(cache, device, cfg.data_on_device)
+    return trainer.predict(images, tta=cfg.tta), np.asarray(cache.counts)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from components.answers import AnswerSpec
-from components.data import DeviceImages, build_cache
+from components.data import build_cache, open_images
 from components.evaluate import answer_metrics, calibration_metrics, count_metrics
 from components.training import distributed
 from components.training.calibration import (
@@ -132,8 +132,10 @@ def fit(run: Run, weights: str, on_epoch: OnEpoch | None = None) -> Fitted:
             workers=cfg.decode_workers,
             progress=cfg.progress,
         )
-    train_images = DeviceImages(train_cache, run.device)
-    val_images = DeviceImages(val_cache, run.device)
+    # CPU under torchrun: each process of the node holds its copy in the same RAM
+    copies = distributed.world().local_world_size if run.device.type == "cpu" else 1
+    train_images = open_images(train_cache, run.device, cfg.data_on_device, copies=copies)
+    val_images = open_images(val_cache, run.device, cfg.data_on_device, copies=copies)
     _, steps = batch_plan(len(train_images), cfg)
     trainer = Trainer(replace(cfg, weights=weights), run.device, steps * cfg.epochs)
     selection = fit_epochs(

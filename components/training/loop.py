@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.data import DeviceImages, augment_batch, normalize_batch
+from components.data import ImageSource, augment_batch, normalize_batch
 from components.evaluate import count_metrics
 from components.model import build_model, decode_outputs
 from components.modelspec import STATE_DICT_FILE
@@ -157,19 +157,20 @@ class Trainer:
 
     @torch.no_grad()
     def predict(
-        self, images: DeviceImages, tta: bool = False, *, shard: bool = False
+        self, images: ImageSource, tta: bool = False, *, shard: bool = False
     ) -> dict[str, np.ndarray]:
         """Loss, class index, expected index and raw output per image (flip-averaged with ``tta``).
 
-        ``shard`` (distributed): each rank predicts its share of the images, and every rank gets all."""
+        ``shard`` (distributed): each rank predicts (and reads) its share of the images, and every rank
+        gets all."""
         model: nn.Module = self.eval_model().eval()
         if tta:
             model = AverageModel([model], flips=True)
         losses, idx, exp, raws = [], [], [], []
         order = torch.arange(len(images))
         lo, hi = distributed.rows_of(len(images)) if shard else (0, len(images))
-        for start in range(lo, hi, self.cfg.eval_batch_size):
-            x_u8, y = images.batch(order[start : min(start + self.cfg.eval_batch_size, hi)])
+        ebs = self.cfg.eval_batch_size
+        for x_u8, y in images.batches([order[s : min(s + ebs, hi)] for s in range(lo, hi, ebs)]):
             x = normalize_batch(x_u8, self.spec, self.channels_last)
             with self.autocast():
                 raw = model(x)
@@ -262,7 +263,7 @@ class EpochPass(NamedTuple):
 
 
 def train_epochs(
-    images: DeviceImages,
+    images: ImageSource,
     batch_size: int,
     steps: int,
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -278,7 +279,8 @@ def train_epochs(
     The shuffles come from their own seeded generator, replayed up to ``start_epoch``: a resumed run sees
     the batches of an uninterrupted one. The loss is synced once per epoch, not per step. ``part``
     (distributed): every rank draws the same global batches and steps on its part of each; the losses
-    are summed over the ranks, and the speed is the global batches'.
+    are summed over the ranks, and the speed is the global batches'. A streamed ``images`` reads each
+    batch (a rank: its part) ahead while the previous one trains.
     """
     device = images.device
     cuda = device.type == "cuda"
@@ -288,15 +290,14 @@ def train_epochs(
         torch.randperm(n, generator=perm_gen)
     for epoch in epochs:
         perm = torch.randperm(n, generator=perm_gen)
+        batches = [perm[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+        if part is not None:  # this rank's rows: all it reads
+            batches = [index[part.start : part.stop] for index in batches]
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        for s in range(steps):
-            index = perm[s * batch_size : (s + 1) * batch_size]
-            if part is not None:
-                index = images.batch_order(index)[part.start : part.stop]
-            x, y = images.batch(index)
+        for x, y in images.batches(batches):
             loss_sum += step(x, y)
         if part is not None:
             distributed.all_reduce_sum(loss_sum)
@@ -318,8 +319,8 @@ class Selection:
 
 def fit_epochs(
     trainer: Trainer,
-    train_images: DeviceImages,
-    val_images: DeviceImages,
+    train_images: ImageSource,
+    val_images: ImageSource,
     val_counts: np.ndarray,
     *,
     ckpt: dict[str, Any] | None,
