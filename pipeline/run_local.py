@@ -234,6 +234,11 @@ def task_logs_to(path: Path, console: TextIO | None = None) -> Iterator[TaskLog]
         handler = logging.StreamHandler(stream)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.handlers = [handler]
+        # kfp.local sets the root level to INFO around each task and restores the level it found; with
+        # tasks in parallel threads, one that started while another had already raised it restores INFO,
+        # and one that started first restores this level while the other is still running: so the level
+        # it finds is INFO, or a parallel task's end line (logged at INFO) is dropped
+        root.setLevel(logging.INFO)
         # kfp.local clears the root handlers and adds its own around every task; with tasks in parallel
         # threads, one task's line can be logged in the instant another has cleared them, and logging
         # then hands it to lastResort (stderr, warnings only): a task's end would vanish

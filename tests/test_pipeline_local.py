@@ -378,6 +378,29 @@ def test_task_lines_from_parallel_tasks_are_not_spliced(tmp_path: Path):
     assert logged[2:] == ["no newline at the end"]
 
 
+def test_the_second_of_two_parallel_tasks_keeps_its_end_line(tmp_path: Path, capsys):
+    """Two tasks in parallel threads, as kfp.local runs a ParallelFor: the first to start ends first and
+    restores the root level it found, while the second still has its end to log at INFO."""
+    import logging
+
+    from kfp.local import logging_utils
+
+    logging.getLogger().setLevel(logging.WARNING)  # what a process that never set a level has
+    with run_local.task_logs_to(tmp_path / "run.log"):
+        first, second = logging_utils.local_logger_context(), logging_utils.local_logger_context()
+        first.__enter__()
+        logging.info("Executing task 'tune-worker'")
+        second.__enter__()
+        logging.info("Executing task 'tune-worker'")
+        logging.info("Task 'tune-worker' finished with status SUCCESS")
+        first.__exit__(None, None, None)
+        logging.info("Task 'tune-worker' finished with status SUCCESS")
+        second.__exit__(None, None, None)
+    ends = [line for line in capsys.readouterr().out.splitlines() if "done in" in line]
+    assert len(ends) == 2, ends
+    assert (tmp_path / "run.log").read_text().count("finished with status SUCCESS") == 2
+
+
 def test_a_task_line_logged_while_another_task_has_cleared_the_handlers_is_kept(tmp_path: Path, capsys):
     """kfp.local clears the root logger's handlers around each task; a parallel task's end logged in that
     instant (logging then finds no handler and falls back to lastResort, warnings only) must still reach
